@@ -1,0 +1,104 @@
+"""`python -m export`: turn an SD1.x checkpoint into validated ONNX graphs for the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from runtime.errors import UserError
+
+from .exporter import PRECISIONS, TARGETS, ExportOptions, ExportReport, run_export
+from .sources import DEFAULT_MODEL
+
+log = logging.getLogger("export")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export an SD1.x checkpoint (diffusers folder, single .safetensors/.ckpt file or hub id) "
+        "to validated ONNX graphs with clip skip built into the text encoder.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"source checkpoint (default: {DEFAULT_MODEL})")
+    parser.add_argument("--output", required=True, type=Path, help="folder to write (must be empty or new)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="graph precision (default: fp16)")
+    parser.add_argument(
+        "--clip-skip",
+        type=int,
+        default=2,
+        help="A1111 counting: 1 = last layer; default 2, as ACertainThing's card asks",
+    )
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="cpu",
+        help="cpu: fusions both providers run (default); cuda: adds GPU-only fusions (GroupNorm, packed attention)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="read .ckpt pickle files (weights only; no code is run)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="diffusers config folder for a single file whose architecture is not shipped",
+    )
+    parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def summary_table(report: ExportReport) -> str:
+    header = (
+        f"{'graph':<13}{'precision':<11}{'export s':>9}{'optimize s':>11}{'validate s':>11}"
+        f"{'rel. error':>12}{'tolerance':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for graph in report.graphs:
+        seconds = graph.seconds
+        result = graph.validation
+        lines.append(
+            f"{graph.name:<13}{graph.precision:<11}{seconds.get('export', 0):>9.1f}{seconds.get('optimize', 0):>11.1f}"
+            f"{seconds.get('validate', 0):>11.1f}{result.relative_error:>12.2e}{result.tolerance:>11.0e}"
+            + (f"  ({graph.note})" if graph.note else "")
+        )
+    lines.append(f"wrote {report.output} in {report.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # onnxruntime's optimizer logs every fusion at INFO; keep ours readable.
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    options = ExportOptions(
+        model=args.model,
+        output=args.output,
+        precision=args.precision,
+        clip_skip=args.clip_skip,
+        target=args.target,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+        vae_encoder=not args.no_vae_encoder,
+    )
+
+    def progress(name: str, index: int, total: int) -> None:
+        log.info("[%d/%d] %s", index + 1, total, name)
+
+    try:
+        report = run_export(options, progress)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the output folder was not changed", file=sys.stderr)
+        return 130
+    print(summary_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

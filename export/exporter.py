@@ -1,0 +1,361 @@
+"""The export job: source -> validated ONNX graphs + tokenizer + scheduler config + manifest.
+
+Everything is written into a staging folder beside the output and moved into place only when
+every graph has passed validation, so a failure (bad graph, full disk, Ctrl-C) never leaves a
+half-written folder that looks finished, and an existing output is replaced only when asked to.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from runtime import model_folder as layout
+from runtime.errors import UserError
+from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
+
+from . import graphs
+from .sources import LoadedSource, file_sha256, load_source
+from .validate import ValidationResult, available_provider, validate_graph
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32")
+TARGETS = ("cpu", "cuda")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+TOKENIZER_CHECK_PROMPTS = ("a photo of a cat", "masterpiece, best quality, 1girl, (sky:1.2), Café 😀")
+
+
+class ExportError(UserError):
+    """The export cannot be done as asked (bad option, failed validation, no disk space)."""
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: Path
+    precision: str = "fp16"
+    clip_skip: int = 2
+    target: str = "cpu"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    config: Path | None = None
+    vae_encoder: bool = True
+
+
+@dataclass
+class GraphReport:
+    name: str
+    precision: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    validation: ValidationResult | None = None
+    note: str = ""
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    graphs: list[GraphReport]
+    seconds: float
+
+
+ProgressCallback = Callable[[str, int, int], None]  # (graph name, index, total)
+
+
+def check_options(options: ExportOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {options.precision!r}")
+    if options.target not in TARGETS:
+        raise ExportError(f"--target must be one of {', '.join(TARGETS)}, not {options.target!r}")
+    if options.clip_skip < 1:
+        raise ExportError(f"--clip-skip counts as A1111 does (1 = last layer); {options.clip_skip} is below 1")
+    output = options.output
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not options.overwrite:
+        raise ExportError(f"--output {output} is not empty; nothing was changed. Pass --overwrite to replace it")
+
+
+def _timed(report: GraphReport, stage: str, work: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    result = work()
+    report.seconds[stage] = report.seconds.get(stage, 0.0) + time.perf_counter() - start
+    return result
+
+
+def describe_values(values) -> list[dict[str, Any]]:
+    """name, dtype and shape (ints, or axis names for dynamic axes) of graph inputs or outputs."""
+    described = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        described.append({"name": value.name, "dtype": dtype, "shape": dims})
+    return described
+
+
+def graph_entry(folder: Path, name: str, files: list[str], result: ValidationResult, note: str) -> dict[str, Any]:
+    graph_file = folder / layout.graph_path(name)
+    model = onnx.load(str(graph_file), load_external_data=False)
+    return {
+        "path": str(layout.graph_path(name)),
+        "precision": result.precision,
+        "inputs": describe_values(model.graph.input),
+        "outputs": describe_values(model.graph.output),
+        "sha256": file_sha256(graph_file),
+        "files": {file: file_sha256(graph_file.parent / file) for file in files},
+        "validation": {
+            "max_abs_error": result.max_abs_error,
+            "relative_error": result.relative_error,
+            "tolerance": result.tolerance,
+            "provider": result.provider,
+            "note": note,
+        },
+    }
+
+
+def write_tokenizer(source: LoadedSource, folder: Path) -> ClipTokenizer:
+    """Copy the tokenizer files; build tokenizer.json when the source has only vocab + merges (as
+    ACertainThing's repository does). The result must tokenize like the pipeline's own tokenizer."""
+    target = folder / layout.TOKENIZER_DIR
+    target.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (source.tokenizer_dir / name).is_file():
+            shutil.copy(source.tokenizer_dir / name, target / name)
+    if not (target / "tokenizer.json").is_file():
+        load_tokenizer_files(target).save(str(target / "tokenizer.json"))
+    tokenizer = ClipTokenizer.from_folder(target)
+    for prompt in TOKENIZER_CHECK_PROMPTS:
+        ours = tokenizer.encode_padded(prompt)
+        theirs = source.pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        if ours != list(theirs):
+            raise ExportError(
+                f"the exported tokenizer disagrees with the model's own on {prompt!r}: {ours} != {theirs}"
+            )
+    return tokenizer
+
+
+def build_specs(source: LoadedSource, options: ExportOptions, tokenizer: ClipTokenizer) -> list[graphs.GraphSpec]:
+    pipe = source.pipe
+    prompt_ids = torch.tensor([tokenizer.encode_padded(p) for p in TOKENIZER_CHECK_PROMPTS], dtype=torch.int64)
+    try:
+        specs = [graphs.text_encoder_spec(pipe, options.clip_skip, prompt_ids)]
+    except ValueError as error:
+        raise ExportError(f"--clip-skip {options.clip_skip}: {error}") from None
+    # Realistic UNet conditioning: the text encoder's own output for real prompts.
+    context = torch.from_numpy(specs[0].cases[0].reference)
+    specs += [graphs.unet_spec(pipe, context), graphs.vae_decoder_spec(pipe)]
+    if options.vae_encoder:
+        specs.append(graphs.vae_encoder_spec(pipe))
+    return specs
+
+
+@dataclass
+class _GraphJob:
+    spec: graphs.GraphSpec
+    fp32_path: Path
+    final_path: Path
+    target: str
+    provider: str
+    twin_path: Path | None  # where the CPU-runnable twin of a CUDA graph is validated, if needed
+    report: GraphReport
+
+    def build(self, precision: str) -> tuple[list[str], ValidationResult]:
+        """Optimize at `precision`, save, and validate (the twin when the target's provider is missing)."""
+        model = _timed(
+            self.report, "optimize", lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision)
+        )
+        files = graphs.save_graph(model, self.final_path)
+        del model
+        checked = self.final_path
+        if self.twin_path is not None:
+            checked = self.twin_path
+            graphs.save_graph(graphs.optimize(self.fp32_path, self.spec, "cpu", precision), checked)
+        result = _timed(self.report, "validate", lambda: validate_graph(checked, self.spec, precision, self.provider))
+        return files, result
+
+
+def export_graph(
+    spec: graphs.GraphSpec, staging: Path, options: ExportOptions, report: GraphReport
+) -> tuple[list[str], ValidationResult, str]:
+    """Export, optimize, save and validate one graph. fp16 graphs that overflow or miss the
+    tolerance are kept in fp32 (recorded in the manifest) rather than shipped wrong."""
+    work = staging / "_work" / spec.name
+    provider = available_provider(options.target)
+    # CUDA-only fusions cannot run on the CPU provider: without a GPU, validate a twin graph made
+    # from the same weights and precision with the CPU-runnable fusions only.
+    twin = options.target == "cuda" and provider != "CUDAExecutionProvider"
+    job = _GraphJob(
+        spec=spec,
+        fp32_path=work / "fp32" / "model.onnx",
+        final_path=staging / layout.graph_path(spec.name),
+        target=options.target,
+        provider=provider,
+        twin_path=work / "twin" / "model.onnx" if twin else None,
+        report=report,
+    )
+    notes = ["validated on a CPU-runnable twin (same weights and precision, no CUDA-only fusions)"] if twin else []
+    _timed(report, "export", lambda: graphs.export_fp32(spec, job.fp32_path))
+    precision = options.precision
+    files, result = job.build(precision)
+    if precision == "fp16" and not result.passed:
+        problem = "overflows" if not result.finite else "is not accurate enough"
+        log.warning(
+            "%s: the fp16 graph %s (relative error %.3g); keeping it in fp32", spec.name, problem, result.relative_error
+        )
+        notes.append(f"kept fp32: fp16 relative error {result.relative_error:.3g}")
+        shutil.rmtree(job.final_path.parent)
+        precision = "fp32"
+        files, result = job.build(precision)
+    if not result.passed:
+        raise ExportError(
+            f"graph {spec.name} failed validation against torch: relative error {result.relative_error:.3g} "
+            f"exceeds the tolerance {result.tolerance:.0e}{'' if result.finite else ' (non-finite output)'}"
+        )
+    note = "; ".join(notes)
+    report.precision, report.validation, report.note = precision, result, note
+    return files, result, note
+
+
+def component_configs(pipe) -> dict[str, dict[str, Any]]:
+    return {
+        "text_encoder": pipe.text_encoder.config.to_dict(),
+        "unet": dict(pipe.unet.config),
+        "vae_decoder": dict(pipe.vae.config),
+        "vae_encoder": dict(pipe.vae.config),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda item: list(item) if isinstance(item, tuple) else str(item)))
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+    import onnxruntime
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def manifest(source: LoadedSource, options: ExportOptions, entries: dict[str, dict]) -> dict[str, Any]:
+    pipe = source.pipe
+    vae_levels = len(pipe.vae.config.block_out_channels)
+    vae_scale = 2 ** (vae_levels - 1)
+    return {
+        "format": layout.FORMAT_NAME,
+        "format_version": layout.FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_name": source.name,
+        "model_hash": source.model_hash,
+        "source": {"kind": source.kind, "model": options.model, "architecture": source.arch},
+        "precision": options.precision,
+        "target": options.target,
+        "clip_skip": options.clip_skip,
+        "opset": graphs.OPSET,
+        "vae_scale_factor": vae_scale,
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "latent_channels": int(pipe.unet.config.in_channels),
+        "text_width": int(pipe.text_encoder.config.hidden_size),
+        "text_max_length": int(pipe.text_encoder.config.max_position_embeddings),
+        "default_image_size": int(pipe.unet.config.sample_size) * vae_scale,
+        "graphs": entries,
+        "library_versions": library_versions(),
+    }
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(value), indent=2) + "\n", encoding="utf-8")
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Swap the finished staging folder in; an old output is removed only after the swap."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
+    started = time.perf_counter()
+    check_options(options)
+    source = load_source(options.model, options.allow_pickle, options.config)
+    output = options.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    reports: list[GraphReport] = []
+    try:
+        tokenizer = write_tokenizer(source, staging)
+        specs = build_specs(source, options, tokenizer)
+        entries = {}
+        for index, spec in enumerate(specs):
+            if progress:
+                progress(spec.name, index, len(specs))
+            report = GraphReport(spec.name, options.precision)
+            reports.append(report)
+            files, result, note = export_graph(spec, staging, options, report)
+            entries[spec.name] = graph_entry(staging, spec.name, files, result, note)
+            log.info("%s done in %.1f s", spec.name, sum(report.seconds.values()))
+        shutil.rmtree(staging / "_work")
+        write_json(staging / layout.SCHEDULER_CONFIG, source.scheduler_config)
+        for name, config in component_configs(source.pipe).items():
+            if name in entries:
+                write_json(staging / name / "config.json", config)
+        write_json(staging / "model_index.json", model_index(options))
+        write_json(staging / layout.MANIFEST_FILE, manifest(source, options, entries))
+        move_into_place(staging, output)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise ExportError(
+                f"no space left on the device while writing the export; {output} was not changed"
+            ) from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportReport(output, reports, time.perf_counter() - started)
+
+
+def model_index(options: ExportOptions) -> dict[str, Any]:
+    """optimum's ONNX pipeline layout, so the folder reads like an `ORTStableDiffusionPipeline`."""
+    return {
+        "_class_name": "ORTStableDiffusionPipeline",
+        "_acertain_onnx_format": layout.FORMAT_VERSION,
+        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+        "text_encoder": ["onnxruntime", "ORTModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["onnxruntime", "ORTModel"],
+        "vae_decoder": ["onnxruntime", "ORTModel"],
+        **({"vae_encoder": ["onnxruntime", "ORTModel"]} if options.vae_encoder else {}),
+    }

@@ -1,0 +1,257 @@
+"""Per-graph export: torch.onnx.export to fp32, then ONNX Runtime's transformers optimizer (fusions
+for the chosen target) and its float16 converter.
+
+Why `torch.onnx.export(dynamo=False)` rather than optimum's exporter: optimum-onnx 0.1.0 pins
+transformers < 4.58 and diffusers 0.39, and its graphs would still need a clip-skip wrapper; the
+TorchScript exporter produces the graph patterns that onnxruntime's SD fusions are written for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from runtime.model_folder import (
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    UNET_CONTEXT,
+    UNET_OUTPUT,
+    UNET_SAMPLE,
+    UNET_TIMESTEP,
+    VAE_DECODER_INPUT,
+    VAE_DECODER_OUTPUT,
+    VAE_ENCODER_INPUT,
+    VAE_ENCODER_OUTPUT,
+)
+
+from .modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is a standard op from 17 on
+# Fusions whose ops have CUDA kernels only (measured on onnxruntime 1.32's CPU provider).
+GPU_ONLY_FUSIONS = (
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_bias_add",
+    "enable_nhwc_conv",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+)
+# The protobuf limit: bigger graphs keep their weights in one external file beside model.onnx.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+EXTERNAL_DATA_FILE = "model.onnx_data"
+
+
+@dataclass
+class ValidationCase:
+    inputs: dict[str, np.ndarray]  # float32 / int64 inputs; cast to the graph's dtypes when run
+    reference: np.ndarray  # the torch module's output on the same inputs
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: torch.nn.Module
+    trace_inputs: dict[str, torch.Tensor]
+    output_name: str
+    dynamic_axes: dict[str, dict[int, str]]
+    optimizer_type: str  # onnxruntime.transformers model type: "clip" | "unet" | "vae"
+    keep_fp32_io: list[str] = field(default_factory=list)
+    cases: list[ValidationCase] = field(default_factory=list)
+
+
+def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return fn(*args).float().numpy()
+
+
+def text_encoder_spec(pipe, clip_skip: int, prompt_ids: torch.Tensor) -> GraphSpec:
+    module = ClipSkipTextEncoder(pipe.text_encoder, clip_skip).eval()
+    random_ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, prompt_ids.shape[1]))
+    cases = [
+        ValidationCase(
+            {TEXT_INPUT: ids.numpy()},
+            _run(lambda x: clip_skip_reference(pipe.text_encoder, x, clip_skip), ids),
+        )
+        for ids in (prompt_ids, random_ids)
+    ]
+    return GraphSpec(
+        name="text_encoder",
+        module=module,
+        trace_inputs={TEXT_INPUT: prompt_ids},
+        output_name=TEXT_OUTPUT,
+        dynamic_axes={TEXT_INPUT: {0: "batch"}, TEXT_OUTPUT: {0: "batch"}},
+        optimizer_type="clip",
+        cases=cases,
+    )
+
+
+def unet_spec(pipe, context: torch.Tensor) -> GraphSpec:
+    """Traced on a latent size that is not a multiple of 8 so that diffusers takes its general
+    upsampling path (sizes read from the skip connections): the graph then serves every size."""
+    module = UNetForOnnx(pipe.unet).eval()
+    channels = pipe.unet.config.in_channels
+    batch = context.shape[0]
+    trace = {
+        UNET_SAMPLE: torch.randn(batch, channels, 9, 7),
+        UNET_TIMESTEP: torch.tensor([500.0] * batch),
+        UNET_CONTEXT: torch.cat([context, context], dim=1),
+    }
+    cases = []
+    for sample, timestep, ctx in (
+        (torch.randn(batch, channels, 8, 8), torch.tensor([961.5] * batch), context),
+        (torch.randn(1, channels, 6, 10), torch.tensor([21.0]), torch.cat([context[:1], context[1:]], dim=1)),
+    ):
+        inputs = {UNET_SAMPLE: sample.numpy(), UNET_TIMESTEP: timestep.numpy(), UNET_CONTEXT: ctx.numpy()}
+        cases.append(ValidationCase(inputs, _run(module, sample, timestep, ctx)))
+    return GraphSpec(
+        name="unet",
+        module=module,
+        trace_inputs=trace,
+        output_name=UNET_OUTPUT,
+        dynamic_axes={
+            UNET_SAMPLE: {0: "batch", 2: "height", 3: "width"},
+            UNET_TIMESTEP: {0: "batch"},
+            UNET_CONTEXT: {0: "batch", 1: "sequence"},
+            UNET_OUTPUT: {0: "batch", 2: "height", 3: "width"},
+        },
+        optimizer_type="unet",
+        # timesteps such as 961.5 are not representable in float16; diffusers keeps them float32.
+        keep_fp32_io=[UNET_TIMESTEP],
+        cases=cases,
+    )
+
+
+def vae_decoder_spec(pipe) -> GraphSpec:
+    module = VaeDecoder(pipe.vae).eval()
+    channels = pipe.vae.config.latent_channels
+    scale = pipe.vae.config.scaling_factor
+    cases = [
+        ValidationCase({VAE_DECODER_INPUT: latent.numpy()}, _run(module, latent))
+        for latent in (torch.randn(1, channels, 8, 8) / scale, torch.randn(2, channels, 6, 10) / scale)
+    ]
+    return GraphSpec(
+        name="vae_decoder",
+        module=module,
+        trace_inputs={VAE_DECODER_INPUT: torch.randn(1, channels, 9, 7) / scale},
+        output_name=VAE_DECODER_OUTPUT,
+        dynamic_axes={
+            VAE_DECODER_INPUT: {0: "batch", 2: "latent_height", 3: "latent_width"},
+            VAE_DECODER_OUTPUT: {0: "batch", 2: "height", 3: "width"},
+        },
+        optimizer_type="vae",
+        cases=cases,
+    )
+
+
+def vae_encoder_spec(pipe) -> GraphSpec:
+    module = VaeEncoder(pipe.vae).eval()
+    cases = [
+        ValidationCase({VAE_ENCODER_INPUT: image.numpy()}, _run(module, image))
+        for image in (torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 48, 80) * 2 - 1)
+    ]
+    return GraphSpec(
+        name="vae_encoder",
+        module=module,
+        trace_inputs={VAE_ENCODER_INPUT: torch.rand(1, 3, 72, 56) * 2 - 1},
+        output_name=VAE_ENCODER_OUTPUT,
+        dynamic_axes={
+            VAE_ENCODER_INPUT: {0: "batch", 2: "height", 3: "width"},
+            VAE_ENCODER_OUTPUT: {0: "batch", 2: "latent_height", 3: "latent_width"},
+        },
+        optimizer_type="vae",
+        cases=cases,
+    )
+
+
+def export_fp32(spec: GraphSpec, path: Path) -> None:
+    """TorchScript-based export; graphs over 2 GB get their weights written beside the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            spec.module,
+            tuple(spec.trace_inputs.values()),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(spec.trace_inputs),
+            output_names=[spec.output_name],
+            dynamic_axes=spec.dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def fusion_options(optimizer_type: str, target: str):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(optimizer_type)
+    if target == "cpu":
+        for name in GPU_ONLY_FUSIONS:
+            setattr(options, name, False)
+    return options
+
+
+def optimize(fp32_path: Path, spec: GraphSpec, target: str, precision: str) -> onnx.ModelProto:
+    """ONNX Runtime's transformers optimizer, then (fp16) its float16 converter. `target` picks the
+    fusions: "cpu" keeps only ops the CPU provider has kernels for, "cuda" adds GroupNorm,
+    BiasSplitGelu, packed attention and NHWC convolutions."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(
+        str(fp32_path),
+        model_type=spec.optimizer_type,
+        num_heads=0,  # deduced from the graph
+        hidden_size=0,
+        opt_level=0,  # our own fusions only: ORT's runtime-level optimizations run at session load
+        optimization_options=fusion_options(spec.optimizer_type, target),
+        use_gpu=target == "cuda",
+    )
+    log.debug("%s fused operators: %s", spec.name, model.get_fused_operator_statistics())
+    if precision == "fp16":
+        model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io)
+    set_output_shape(model.model, spec)
+    return model.model
+
+
+def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Shape inference names every axis it cannot prove constant (a text encoder's 77 becomes
+    "LayerNormalizationlast_hidden_state_dim_1"); state the output shape plainly: our dynamic
+    axis names, and the sizes seen in validation for the fixed axes."""
+    names = spec.dynamic_axes.get(spec.output_name, {})
+    sizes = spec.cases[0].reference.shape
+    for value in model.graph.output:
+        if value.name != spec.output_name:
+            continue
+        shape = value.type.tensor_type.shape
+        shape.ClearField("dim")
+        for axis, size in enumerate(sizes):
+            dim = shape.dim.add()
+            if axis in names:
+                dim.dim_param = names[axis]
+            else:
+                dim.dim_value = size
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Write the graph (weights external when over the protobuf limit); return the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
+    return [path.name, EXTERNAL_DATA_FILE]

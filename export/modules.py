@@ -1,0 +1,80 @@
+"""The torch modules that become the ONNX graphs: each wraps one pipeline component so that its
+graph has plain tensor inputs and outputs under the names the runtime expects."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class ClipSkipTextEncoder(torch.nn.Module):
+    """CLIP text model that stops early: clip skip N (A1111's counting, 1 = last layer) returns the
+    hidden state N layers from the end passed through the final layer norm, which is what A1111
+    and diffusers' `clip_skip=N-1` compute. The layers after that point are dropped, so they are
+    neither in the graph nor run."""
+
+    def __init__(self, text_encoder: torch.nn.Module, clip_skip: int) -> None:
+        super().__init__()
+        layers = text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip < layers:
+            raise ValueError(f"clip skip must be between 1 and {layers - 1} for a {layers}-layer text encoder")
+        self.model = copy.deepcopy(text_encoder)
+        keep = layers - (clip_skip - 1)
+        encoder = text_model(self.model).encoder
+        encoder.layers = encoder.layers[:keep]
+        self.model.config.num_hidden_layers = keep
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+def text_model(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embeddings/encoder/final_layer_norm: transformers 4 nests it under
+    `.text_model`, transformers 5 does not."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+@torch.no_grad()
+def clip_skip_reference(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """The reference the graph is validated against: the full model's hidden_states[-clip_skip]
+    through the final layer norm (for clip skip 1 that is last_hidden_state)."""
+    output = text_encoder(input_ids=input_ids, output_hidden_states=True)
+    return text_model(text_encoder).final_layer_norm(output.hidden_states[-clip_skip])
+
+
+class UNetForOnnx(torch.nn.Module):
+    """noise prediction from (sample, timestep per batch item, text embeddings of any length)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    """Scaled latents (already divided by the scaling factor) to images in [-1, 1] (unclamped)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    """Images in [-1, 1] to the latent distribution's parameters (mean and log-variance stacked on
+    the channel axis, as diffusers' DiagonalGaussianDistribution holds them), so the caller picks
+    the mean or samples with its own generator."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample, return_dict=False)[0].parameters

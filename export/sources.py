@@ -1,0 +1,303 @@
+"""Turn what the user points at (diffusers folder, single checkpoint file, hub id) into a loaded
+torch pipeline, and refuse anything that is not an SD1.x text-to-image model with a clear reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.errors import UserError
+
+from .shipped import ARCHITECTURES, config_dir, tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "JosephusCheung/ACertainThing"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class SourceError(UserError):
+    """The model source is missing, unreadable, or not an SD1.x text-to-image checkpoint."""
+
+
+@dataclass
+class LoadedSource:
+    pipe: Any  # diffusers StableDiffusionPipeline, fp32, eval mode
+    kind: str  # "diffusers" | "single_file" | "hub"
+    name: str  # shown as "Model:" in A1111 infotexts
+    model_hash: str | None  # A1111's short hash (sha256[:10]) of a single-file checkpoint
+    scheduler_config: dict[str, Any]  # as shipped, not re-serialised (see _read_scheduler_config)
+    tokenizer_dir: Path
+    arch: str | None  # shipped architecture a single file was matched to
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{path} is missing") from None
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path} is not valid JSON: {error}") from None
+
+
+def _read_scheduler_config(folder: Path) -> dict[str, Any]:
+    """The scheduler config exactly as the source has it. Re-saving it through diffusers would add
+    every default of the original class (e.g. PNDM's timestep_spacing="leading"), which Euler then
+    would inherit; users who call `EulerAncestralDiscreteScheduler.from_config` get Euler's own
+    defaults for keys the file lacks, and so must we."""
+    return _read_json(folder / "scheduler" / "scheduler_config.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+def check_diffusers_folder(folder: Path) -> None:
+    """Refuse SDXL, SD2, inpainting and v-prediction models before loading gigabytes."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        weights = [p.name for p in folder.iterdir() if p.suffix in SINGLE_FILE_SUFFIXES]
+        hint = f"; it holds {', '.join(weights[:3])}: pass that file instead" if weights else ""
+        config = folder / "config.json"
+        if config.is_file():
+            found = _read_json(config).get("_class_name") or _read_json(config).get("architectures")
+            hint = f"; it holds a single {found} model, not a Stable Diffusion pipeline" + hint
+        raise SourceError(f"{folder} is not a diffusers pipeline folder (no model_index.json){hint}")
+    pipeline_class = _read_json(index_path).get("_class_name", "?")
+    if "XL" in pipeline_class:
+        raise SourceError(f"{folder} is an SDXL pipeline ({pipeline_class}); only SD1.x models are supported")
+    if pipeline_class.startswith(("OnnxStableDiffusion", "ORTStableDiffusion")):
+        raise SourceError(f"{folder} is already an ONNX pipeline ({pipeline_class}); export needs the torch weights")
+    if pipeline_class != "StableDiffusionPipeline":
+        raise SourceError(f"{folder} holds a {pipeline_class}, not an SD1.x StableDiffusionPipeline")
+    unet = _read_json(folder / "unet" / "config.json")
+    _check_unet_config(unet, str(folder))
+    scheduler = _read_scheduler_config(folder)
+    _check_prediction_type(scheduler, str(folder))
+
+
+def _check_unet_config(unet: dict[str, Any], where: str) -> None:
+    width = unet.get("cross_attention_dim")
+    if unet.get("in_channels", 4) != 4:
+        raise SourceError(
+            f"{where}: the UNet takes {unet['in_channels']} input channels (an inpainting or "
+            "depth model); only SD1.x text-to-image models (4 channels) are supported"
+        )
+    if width == 1024:
+        raise SourceError(f"{where} is an SD2.x model (text width 1024); only SD1.x models are supported")
+    if isinstance(width, list | tuple) or unet.get("addition_embed_type"):
+        raise SourceError(f"{where} is an SDXL-style UNet; only SD1.x models are supported")
+
+
+def _check_prediction_type(scheduler: dict[str, Any], where: str) -> None:
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise SourceError(f"{where}: prediction_type {prediction!r} (SD2-v style) is not supported; SD1.x uses epsilon")
+
+
+def load_diffusers_folder(folder: Path, kind: str, name: str) -> LoadedSource:
+    from diffusers import StableDiffusionPipeline
+
+    check_diffusers_folder(folder)
+    log.info("loading diffusers pipeline from %s", folder)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder),
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    return LoadedSource(
+        pipe=pipe,
+        kind=kind,
+        name=name,
+        model_hash=None,
+        scheduler_config=_read_scheduler_config(folder),
+        tokenizer_dir=folder / "tokenizer",
+        arch=None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# single files (LDM layout, as the A1111 web UI keeps them)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise SourceError(f"{path} is not a readable .safetensors file: {error}") from None
+
+
+def _load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights only: `weights_only=True` refuses any pickled object that is not a tensor container,
+    so a malicious checkpoint cannot run code here."""
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SourceError(f"{path} could not be read as a weights-only checkpoint: {error}") from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise SourceError(f"{path} holds no state dict")
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def classify_ldm_checkpoint(shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Say what a single file is when it is not an SD1.x text-to-image checkpoint."""
+    if any(key.startswith("conditioner.embedders") for key in shapes):
+        raise SourceError(f"{where} is an SDXL checkpoint; only SD1.x models are supported")
+    if any(key.startswith("cond_stage_model.model.") for key in shapes):
+        raise SourceError(f"{where} is an SD2.x checkpoint (OpenCLIP text encoder); only SD1.x models are supported")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None:
+        sample = ", ".join(list(shapes)[:3])
+        raise SourceError(
+            f"{where} is not a Stable Diffusion checkpoint: {len(shapes)} tensors and no LDM UNet "
+            f"(model.diffusion_model.*); first keys: {sample}"
+        )
+    if conv_in[1] != 4:
+        raise SourceError(
+            f"{where}: the UNet takes {conv_in[1]} input channels (an inpainting or depth model); "
+            "only SD1.x text-to-image models are supported"
+        )
+
+
+def expected_ldm_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """LDM key -> shape of a shipped architecture, from its configs on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .ldm_layout import to_ldm_state_dict
+
+    configs = config_dir(arch)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_read_json(configs / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_read_json(configs / "vae" / "config.json"))
+        text = CLIPTextModel(CLIPTextConfig(**_read_json(configs / "text_encoder" / "config.json")))
+    return {key: tuple(value.shape) for key, value in to_ldm_state_dict(unet, vae, text).items()}
+
+
+def match_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> str:
+    """The shipped architecture whose every tensor the checkpoint has with the same shape."""
+    mismatches = {}
+    for arch in ARCHITECTURES:
+        expected = expected_ldm_shapes(arch)
+        wrong = [key for key, shape in expected.items() if shapes.get(key) != shape]
+        if not wrong:
+            return arch
+        mismatches[arch] = wrong[0]
+    detail = "; ".join(f"{arch}: {key} differs" for arch, key in mismatches.items())
+    raise SourceError(
+        f"{where} does not match a shipped SD1.x architecture ({detail}); pass --config with a "
+        "diffusers config folder (model_index.json, unet/, vae/, text_encoder/ configs) for this model"
+    )
+
+
+@contextmanager
+def _as_safetensors(path: Path, allow_pickle: bool) -> Iterator[tuple[Path, dict[str, tuple[int, ...]]]]:
+    """Yield a .safetensors path for the checkpoint (converting a pickle, weights only) and its shapes."""
+    if path.suffix == ".safetensors":
+        yield path, _safetensors_shapes(path)
+        return
+    if not allow_pickle:
+        raise SourceError(
+            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it "
+            "to .safetensors, or pass --allow-pickle to load its weights only (no code is run)"
+        )
+    from safetensors.torch import save_file
+
+    state = _load_pickle_weights(path)
+    with tempfile.TemporaryDirectory(prefix="acertain-ckpt-") as scratch:
+        converted = Path(scratch) / (path.stem + ".safetensors")
+        save_file({key: value.contiguous() for key, value in state.items()}, str(converted))
+        yield converted, {key: tuple(value.shape) for key, value in state.items()}
+
+
+def load_single_file(path: Path, allow_pickle: bool, config: Path | None) -> LoadedSource:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    model_hash = file_sha256(path)[:10]
+    with _as_safetensors(path, allow_pickle) as (weights, shapes):
+        classify_ldm_checkpoint(shapes, path.name)
+        arch = None
+        if config is None:
+            arch = match_architecture(shapes, path.name)
+            config = config_dir(arch)
+        tokenizer_folder = config / "tokenizer" if (config / "tokenizer").is_dir() else tokenizer_dir()
+        log.info("converting %s with the %s configs (offline)", path.name, arch or config)
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(weights),
+            config=str(config),
+            tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            torch_dtype=torch.float32,
+            local_files_only=True,
+        )
+    return LoadedSource(
+        pipe=pipe,
+        kind="single_file",
+        name=path.stem,
+        model_hash=model_hash,
+        scheduler_config=_read_scheduler_config(config),
+        tokenizer_dir=tokenizer_folder,
+        arch=arch,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# hub ids
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The repository's pipeline files in the local hub cache (downloading them if the hub answers)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return Path(StableDiffusionPipeline.download(repo_id))
+    except Exception as error:  # huggingface_hub raises several unrelated types when offline
+        raise SourceError(
+            f"could not get {repo_id} from the Hugging Face hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}). If this machine is offline, "
+            f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`), copy DIR "
+            "here and run `python -m export --model DIR`, or pass a single .safetensors file"
+        ) from None
+
+
+def load_source(model: str, allow_pickle: bool = False, config: Path | None = None) -> LoadedSource:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path, "diffusers", path.resolve().name)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise SourceError(f"{path} is not a checkpoint file (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
+        return load_single_file(path, allow_pickle, config)
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        folder = download_from_hub(model)
+        return load_diffusers_folder(folder, "hub", model.split("/")[-1])
+    raise SourceError(f"{model} does not exist (expected a diffusers folder, a checkpoint file or a hub id)")

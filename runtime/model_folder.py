@@ -1,0 +1,171 @@
+"""The exported model folder: its layout, its manifest, and the checks made before loading it.
+
+The exporter writes this layout and the runtime reads it; both use the names defined here so the
+two sides cannot drift apart. Layout (optimum-style, plus our manifest):
+
+    model_index.json  manifest.json  scheduler/scheduler_config.json  tokenizer/tokenizer.json
+    text_encoder/model.onnx  unet/model.onnx  vae_decoder/model.onnx  vae_encoder/model.onnx
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFolderError
+
+FORMAT_NAME = "acertain-onnx"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")  # the encoder only serves img2img
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+# Graph input/output names, shared by exporter and runtime.
+TEXT_INPUT, TEXT_OUTPUT = "input_ids", "last_hidden_state"
+UNET_SAMPLE, UNET_TIMESTEP, UNET_CONTEXT, UNET_OUTPUT = (
+    "sample",
+    "timestep",
+    "encoder_hidden_states",
+    "out_sample",
+)
+VAE_DECODER_INPUT, VAE_DECODER_OUTPUT = "latent_sample", "sample"
+VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUT = "sample", "latent_parameters"
+
+ONNX_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
+
+
+def graph_path(name: str) -> Path:
+    return Path(name) / "model.onnx"
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the manifest says about one graph."""
+
+    name: str
+    path: Path
+    precision: str
+    inputs: dict[str, str]  # name -> dtype ("float16", "float32", "int64")
+    outputs: dict[str, str]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    raw: dict[str, Any]
+    graphs: dict[str, GraphInfo]
+
+    @property
+    def precision(self) -> str:
+        return self.raw["precision"]
+
+    @property
+    def clip_skip(self) -> int:
+        return int(self.raw["clip_skip"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.raw["vae_scale_factor"])
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.raw["vae_scaling_factor"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.raw["latent_channels"])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.raw["text_width"])
+
+    @property
+    def default_size(self) -> int:
+        return int(self.raw.get("default_image_size", 512))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.raw.get("model_name") or self.folder.name)
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.raw.get("model_hash")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} is missing: {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{path} is not valid JSON ({error}): {what}") from None
+
+
+def _graph_info(folder: Path, name: str, entry: dict[str, Any]) -> GraphInfo:
+    try:
+        return GraphInfo(
+            name=name,
+            path=folder / entry["path"],
+            precision=entry["precision"],
+            inputs={item["name"]: item["dtype"] for item in entry["inputs"]},
+            outputs={item["name"]: item["dtype"] for item in entry["outputs"]},
+            sha256=entry["sha256"],
+        )
+    except (KeyError, TypeError) as error:
+        raise ModelFolderError(f"manifest entry for graph {name!r} is incomplete (missing {error})") from None
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read and check a model folder's manifest; every problem is one clear ModelFolderError."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ModelFolderError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder} is not a folder: give the folder that `python -m export` wrote")
+    raw = _read_json(folder / MANIFEST_FILE, "not a folder written by `python -m export`")
+    if raw.get("format") != FORMAT_NAME:
+        raise ModelFolderError(f"{folder / MANIFEST_FILE} is not an {FORMAT_NAME} manifest")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFolderError(
+            f"manifest format version {version!r} is not supported by this runtime (it reads version "
+            f"{FORMAT_VERSION}); re-export the model with the matching `python -m export`"
+        )
+    entries = raw.get("graphs")
+    if not isinstance(entries, dict):
+        raise ModelFolderError(f"{folder / MANIFEST_FILE} lists no graphs")
+    missing = [name for name in REQUIRED_GRAPHS if name not in entries]
+    if missing:
+        raise ModelFolderError(f"manifest lists no {', '.join(missing)} graph: the export is incomplete")
+    graphs = {name: _graph_info(folder, name, entry) for name, entry in entries.items()}
+    for info in graphs.values():
+        if not info.path.is_file():
+            raise ModelFolderError(f"{info.path} is missing: the model folder is incomplete")
+    for relative, what in ((SCHEDULER_CONFIG, "scheduler config"), (Path(TOKENIZER_DIR), "tokenizer")):
+        if not (folder / relative).exists():
+            raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
+    for key in (
+        "precision",
+        "clip_skip",
+        "vae_scale_factor",
+        "vae_scaling_factor",
+        "latent_channels",
+        "text_width",
+    ):
+        if key not in raw:
+            raise ModelFolderError(f"{folder / MANIFEST_FILE} has no {key!r}: the export is incomplete")
+    return Manifest(folder=folder, raw=raw, graphs=graphs)
+
+
+def read_scheduler_config(folder: str | Path) -> dict[str, Any]:
+    return _read_json(Path(folder) / SCHEDULER_CONFIG, "the model folder has no scheduler config")
