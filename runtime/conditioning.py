@@ -1,0 +1,184 @@
+"""Prompts as 75-token chunks with per-token weights, and A1111's "Original" emphasis.
+
+This mirrors the web UI's modules/sd_hijack_clip.py (FrozenCLIPEmbedderWithCustomWordsBase:
+tokenize_line, empty_chunk, process_tokens) and modules/sd_emphasis.py (EmphasisOriginal), so
+that long and weighted prompts condition the UNet exactly as they do there:
+
+- the prompt is parsed into weighted pieces (prompt_parser), every piece is tokenized on its own
+  without BOS/EOS, and each token carries its piece's weight;
+- tokens fill chunks of 75; when a chunk is full and a comma sits at most
+  `comma_padding_backtrack` tokens back, the tokens after that comma move to the next chunk;
+- a BREAK marker closes the current chunk, even an empty one;
+- each chunk is padded to 75 and wrapped as BOS + 75 + EOS = 77 ids, with weight 1.0 on every
+  added id; each chunk is encoded by CLIP on its own and the results are concatenated.
+
+Textual-inversion embeddings, which the web UI also splices in here, are not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prompt_parser import is_break, parse_prompt_attention
+from .tokenizer import ClipTokenizer
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk
+CHUNK_IDS = CHUNK_LENGTH + 2  # with BOS and EOS: CLIP's 77
+
+
+@dataclass(frozen=True, eq=False)
+class PromptChunks:
+    """One prompt as k chunks of 77 ids. (eq=False: numpy arrays have no single truth value.)"""
+
+    token_ids: np.ndarray  # (k, 77) int64: BOS + 75 tokens or padding + EOS per chunk
+    weights: np.ndarray  # (k, 77) float32: each token's emphasis, 1.0 on BOS/EOS/padding
+
+    @property
+    def count(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def _split_into_chunks(
+    token_lists: list[list[int]],
+    pieces: list[tuple[str, float]],
+    comma_id: int | None,
+    comma_padding_backtrack: int,
+) -> list[tuple[list[int], list[float]]]:
+    """The web UI's tokenize_line loop: distribute weighted tokens over chunks of at most 75."""
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1  # index in `tokens` of the latest comma of the open chunk, -1 if none
+
+    def close_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append((tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for ids, (text, weight) in zip(token_lists, pieces, strict=True):
+        if is_break(text, weight):
+            close_chunk()  # unconditionally: "BREAK BREAK" or a leading BREAK gives empty chunks
+            continue
+        for token in ids:
+            if token == comma_id:
+                # Where the comma is about to go. If the chunk is full this is 75 and the
+                # close_chunk() below forgets it, so a comma that opens a chunk is never a
+                # backtrack point: the web UI behaves the same way.
+                last_comma = len(tokens)
+            elif (
+                comma_padding_backtrack != 0
+                and len(tokens) == CHUNK_LENGTH
+                and last_comma != -1
+                and len(tokens) - last_comma <= comma_padding_backtrack
+            ):
+                # The chunk is full and the next token is not a comma: end the chunk at the last
+                # comma (within reach) and carry what followed it over, weights included.
+                cut = last_comma + 1
+                moved_tokens, moved_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close_chunk()
+                tokens, weights = moved_tokens, moved_weights
+            if len(tokens) == CHUNK_LENGTH:
+                close_chunk()
+            tokens.append(token)
+            weights.append(weight)
+
+    # A trailing partial chunk, or the single empty chunk of a prompt without tokens; not an
+    # empty chunk after a final BREAK ("a BREAK" is one chunk).
+    if tokens or not chunks:
+        close_chunk()
+    return chunks
+
+
+def _chunk_row(tokens: list[int], weights: list[float], tokenizer: ClipTokenizer) -> tuple[list[int], list[float]]:
+    """BOS + tokens + EOS, then padding to 77.
+
+    The web UI pads with the end id and, where a model's pad id differs (SD2), turns everything
+    after the first end id into pad ids (process_tokens); both give this layout. For SD1, where
+    pad == eos, that is BOS, the tokens, then EOS up to the 77th id.
+    """
+    fill = CHUNK_LENGTH - len(tokens)
+    ids = [tokenizer.bos_id, *tokens, tokenizer.eos_id] + [tokenizer.pad_id] * fill
+    return ids, [1.0, *weights, 1.0] + [1.0] * fill
+
+
+def _to_chunks(rows: list[tuple[list[int], list[float]]]) -> PromptChunks:
+    return PromptChunks(
+        token_ids=np.array([ids for ids, _ in rows], dtype=np.int64).reshape(len(rows), CHUNK_IDS),
+        weights=np.array([weights for _, weights in rows], dtype=np.float32).reshape(len(rows), CHUNK_IDS),
+    )
+
+
+def prompt_to_chunks(tokenizer: ClipTokenizer, prompt: str, comma_padding_backtrack: int = 20) -> PromptChunks:
+    """Token ids and weights of one prompt, as many 77-id chunks as it needs (at least one).
+
+    `comma_padding_backtrack` is the web UI's option of that name (default 20, 0 turns it off).
+    """
+    pieces = parse_prompt_attention(prompt)
+    # One batch call, one text per piece: pieces are tokenized separately, as in the web UI, so
+    # "cat(dog)" gives the tokens of "cat" and "dog", not those of the word "catdog".
+    token_lists = tokenizer.tokenize([text for text, _ in pieces])
+    chunks = _split_into_chunks(token_lists, pieces, tokenizer.comma_id, comma_padding_backtrack)
+    return _to_chunks([_chunk_row(tokens, weights, tokenizer) for tokens, weights in chunks])
+
+
+def empty_chunks(count: int, tokenizer: ClipTokenizer) -> PromptChunks:
+    """`count` empty chunks (BOS, EOS, padding; SD1: BOS + 76 x EOS), all weights 1."""
+    return _to_chunks([_chunk_row([], [], tokenizer) for _ in range(count)])
+
+
+def pad_to_chunk_count(chunks: PromptChunks, count: int, tokenizer: ClipTokenizer) -> PromptChunks:
+    """Append empty chunks up to `count`; an empty chunk encodes to the empty prompt's states."""
+    if count < chunks.count:
+        raise ValueError(f"cannot pad {chunks.count} chunks down to {count}")
+    if count == chunks.count:
+        return chunks
+    extra = empty_chunks(count - chunks.count, tokenizer)
+    return PromptChunks(
+        token_ids=np.concatenate([chunks.token_ids, extra.token_ids]),
+        weights=np.concatenate([chunks.weights, extra.weights]),
+    )
+
+
+def chunks_for_pair(
+    tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, comma_padding_backtrack: int = 20
+) -> tuple[PromptChunks, PromptChunks]:
+    """Chunks of a prompt and its negative prompt, the shorter padded with empty chunks.
+
+    This is the web UI's "Pad prompt/negative prompt" option (pad_cond_uncond), which is off by
+    default there: by default, prompts of different lengths go through the UNet in separate calls,
+    each attending only over its own tokens. Padding gives the same shape for one batched call;
+    the extra empty-prompt tokens change cross-attention a little, so results differ slightly from
+    the web UI's default whenever the two chunk counts differ.
+    """
+    positive = prompt_to_chunks(tokenizer, prompt, comma_padding_backtrack)
+    negative = prompt_to_chunks(tokenizer, negative_prompt, comma_padding_backtrack)
+    count = max(positive.count, negative.count)
+    return pad_to_chunk_count(positive, count, tokenizer), pad_to_chunk_count(negative, count, tokenizer)
+
+
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The web UI's "Original" emphasis on one prompt's encoder states (k, 77, C) -> float32.
+
+    Per chunk: remember the mean of all its values, multiply each token's vector by its weight,
+    then rescale the chunk so its mean is the remembered one. The web UI does this on the batch
+    tensor of a chunk (batch, 77, C), taking one mean over the whole batch; for a batch of one
+    prompt repeated (the only case here: one prompt per call), that mean is the mean of this
+    chunk's (77, C) values.
+
+    Elementwise products are in float32 as in torch; the two means are accumulated in float64,
+    which only removes summation-order rounding. All weights 1 returns the input unchanged.
+    """
+    hidden = np.asarray(hidden, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    if hidden.ndim != 3 or weights.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden states {hidden.shape} and weights {weights.shape} do not match")
+    weighted = hidden * weights[:, :, None]
+    original_mean = hidden.mean(axis=(1, 2), dtype=np.float64)
+    new_mean = weighted.mean(axis=(1, 2), dtype=np.float64)
+    # The ratio is a float32 scalar in torch; a zero new mean gives inf/NaN there and here alike.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = (original_mean / new_mean).astype(np.float32)
+    return (weighted * scale[:, None, None]).astype(np.float32, copy=False)
