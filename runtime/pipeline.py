@@ -1,0 +1,351 @@
+"""Text-to-image on ONNX Runtime: prompt -> text conditioning -> sampler loop with CFG -> VAE.
+
+The API follows diffusers' StableDiffusionPipeline (`Pipeline.from_pretrained(folder)`, then call
+it with a prompt) and its defaults follow ACertainThing's model card (28 steps, Euler a, CFG 11).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import __version__, samplers
+from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from .errors import InvalidRequestError
+from .metadata import format_infotext
+from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .rng import NoiseGenerator, make_generator
+from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
+from .sessions import SessionConfig, Sessions, load_sessions
+from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+SAMPLER_LABELS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
+SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}  # None: A1111's "Automatic"
+RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
+MIN_SIZE = 64
+MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
+OUTPUT_TYPES = ("pil", "np")
+
+StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
+
+
+@dataclass
+class PipelineOutput:
+    images: list  # PIL images, or float32 (H, W, 3) arrays in [0, 1] for output_type="np"
+    infotexts: list[str]
+    seeds: list[int]
+    interrupted: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    cond: np.ndarray
+    uncond: np.ndarray | None
+    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
+
+
+@dataclass
+class SampleResult:
+    latents: np.ndarray  # VP latents ready for the VAE
+    interrupted: bool
+    pad_conds: bool
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seeds: list[int]
+    sampler: str
+    schedule: str
+    rng: str
+    eta_noise_seed_delta: int
+
+
+def _require_int(field_name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidRequestError(field_name, f"must be an integer, not {value!r}")
+    return int(value)
+
+
+def check_size(field_name: str, value: Any, multiple: int) -> int:
+    value = _require_int(field_name, value)
+    if value < MIN_SIZE or value % multiple:
+        raise InvalidRequestError(field_name, f"must be a multiple of {multiple} and at least {MIN_SIZE}, not {value}")
+    return value
+
+
+def resolve_seeds(seed: int | None, count: int) -> list[int]:
+    """A1111: seed -1 (or None) picks a random one; image i of a batch uses seed + i."""
+    seed = -1 if seed is None else _require_int("seed", seed)
+    if seed == -1:
+        seed = secrets.randbelow(MAX_SEED)
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequestError("seed", f"must be -1 (random) or between 0 and {MAX_SEED}, not {seed}")
+    return [seed + index for index in range(count)]
+
+
+class Pipeline:
+    """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
+
+    def __init__(
+        self, manifest: Manifest, sessions: Sessions, tokenizer: ClipTokenizer, scheduler_config: dict
+    ) -> None:
+        self.manifest = manifest
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        cuda_graph: bool = False,
+    ) -> Pipeline:
+        manifest = read_manifest(folder)
+        sessions = load_sessions(manifest, SessionConfig(provider=provider, threads=threads, cuda_graph=cuda_graph))
+        tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+        return cls(manifest, sessions, tokenizer, read_scheduler_config(manifest.folder))
+
+    @property
+    def provider(self) -> str:
+        return self.sessions.provider
+
+    # -- request checking ---------------------------------------------------------------------
+
+    def make_request(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        width: int | None,
+        height: int | None,
+        seed: int | None,
+        num_images_per_prompt: int,
+        sampler: str,
+        schedule: str,
+        rng: str,
+        eta_noise_seed_delta: int,
+    ) -> GenerationRequest:
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+        steps = _require_int("steps", num_inference_steps)
+        if steps < 1:
+            raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, int | float)
+            or not np.isfinite(guidance_scale)
+        ):
+            raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
+        if guidance_scale < 0:
+            raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+        multiple = self.manifest.vae_scale_factor
+        width = check_size("width", self.manifest.default_size if width is None else width, multiple)
+        height = check_size("height", self.manifest.default_size if height is None else height, multiple)
+        count = _require_int("batch_size", num_images_per_prompt)
+        if count < 1:
+            raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if schedule not in SCHEDULES:
+            raise InvalidRequestError(
+                "schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if rng not in RNG_LABELS:
+            raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
+        delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
+        if delta < 0:
+            raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+        return GenerationRequest(
+            prompt, negative_prompt, steps, float(guidance_scale), width, height,
+            resolve_seeds(seed, count), sampler, schedule, rng, delta,
+        )  # fmt: skip
+
+    # -- the stages -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
+        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
+        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
+        on the token axis. The shorter prompt is padded with empty chunks so one UNet call serves
+        both halves (A1111's "Pad conds" option; noted in the infotext when it changes anything)."""
+        prompts = [prompt, negative_prompt] if with_negative else [prompt]
+        chunks = [prompt_to_chunks(self.tokenizer, text) for text in prompts]
+        count = max(item.count for item in chunks)
+        padded = any(item.count != count for item in chunks)
+        chunks = [pad_to_chunk_count(item, count, self.tokenizer) for item in chunks]
+        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
+        states = []
+        for index, item in enumerate(chunks):
+            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
+            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
+        return EncodedPrompt(cond=states[0], uncond=states[1] if with_negative else None, padded=padded)
+
+    def denoiser(
+        self,
+        schedule: Schedule,
+        cond: np.ndarray,
+        uncond: np.ndarray | None,
+        scale: float,
+        latent_shape: tuple,
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+        With guidance one UNet call runs the uncond and cond halves together (as diffusers does:
+        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond."""
+        batch = latent_shape[0]
+        halves = [uncond, cond] if uncond is not None else [cond]
+        context = np.stack([half for half in halves for _ in range(batch)])
+        unet = self.sessions.unet
+        unet.begin(context, (len(context), *latent_shape[1:]))
+
+        def denoise(x: np.ndarray, step: int) -> np.ndarray:
+            sigma = np.float32(schedule.sigmas[step])
+            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
+            model_input = np.concatenate([scaled] * len(halves))
+            timesteps = np.full((len(context),), schedule.timesteps[step], dtype=np.float32)
+            eps = unet(model_input, timesteps)
+            if uncond is not None:
+                eps_uncond, eps_cond = eps[:batch], eps[batch:]
+                eps = eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+            return x - sigma * eps
+
+        return denoise
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
+        pixels = np.concatenate(images)
+        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
+        params = {
+            "Steps": request.steps,
+            "Sampler": SAMPLER_LABELS[request.sampler],
+            "Schedule type": SCHEDULE_LABELS[request.schedule],
+            "CFG scale": _number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": self.manifest.model_hash,
+            "Model": self.manifest.model_name,
+            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "ENSD": request.eta_noise_seed_delta or None,
+            "RNG": RNG_LABELS[request.rng],
+            "Pad conds": True if pad_conds else None,
+            "Version": f"acertain-onnx {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+    # -- the whole run --------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_inference_steps: int = 28,
+        guidance_scale: float = 11.0,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = -1,
+        num_images_per_prompt: int = 1,
+        sampler: str = "euler_a",
+        schedule: str = "model",
+        rng: str = "cpu",
+        eta_noise_seed_delta: int = 0,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> PipelineOutput:
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+        request = self.make_request(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, width, height, seed,
+            num_images_per_prompt, sampler, schedule, rng, eta_noise_seed_delta,
+        )  # fmt: skip
+        result = self.sample(request, callback, cancel_event)
+        pixels = self.decode(result.latents)
+        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
+        infotexts = [self.infotext(request, seed, result.pad_conds) for seed in request.seeds]
+        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.__dict__.copy())
+
+    def sample(
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> SampleResult:
+        """Run the sampler. An interrupted run returns the last prediction of the clean image, as
+        the A1111 web UI shows on Interrupt."""
+        schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
+        with_negative = request.guidance_scale > 1.0
+        encoded = self.encode_prompt(request.prompt, request.negative_prompt, with_negative)
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
+                 request.width // self.manifest.vae_scale_factor)  # fmt: skip
+        x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
+        if request.eta_noise_seed_delta > 0:
+            # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
+            generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
+        denoise = self.denoiser(schedule, encoded.cond, encoded.uncond, request.guidance_scale, x.shape)
+        last_denoised: dict[str, np.ndarray] = {}
+
+        def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
+            last_denoised["x"] = denoise(x_in, step)
+            return last_denoised["x"]
+
+        def on_step(step: int, latents: np.ndarray) -> None:
+            stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
+            if stop or (cancel_event is not None and cancel_event.is_set()):
+                raise _Stop
+
+        try:
+            noise = per_image_noise(generators, shape)
+            x = samplers.sample(request.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+        except _Stop:
+            log.info("generation interrupted; decoding the last prediction")
+            # A clean-image prediction sits at noise level 0: nothing to rescale.
+            return SampleResult(last_denoised.get("x", x), True, encoded.padded)
+        return SampleResult(final_latents(x, schedule), False, encoded.padded)
+
+
+class _Stop(Exception):
+    """Raised inside the sampler loop to leave it at a step boundary."""
+
+
+def _number(value: float) -> int | float:
+    """11.0 -> 11: A1111 writes whole CFG scales without a decimal point."""
+    return int(value) if float(value).is_integer() else value
+
+
+def per_image_noise(generators: list[NoiseGenerator], shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """Each image draws from its own generator, so image i of a batch equals a single run with
+    seed + i (A1111's batch rule; diffusers with a list of generators does the same)."""
+
+    def draw() -> np.ndarray:
+        return np.concatenate([generator.randn(shape) for generator in generators])
+
+    return draw
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """As diffusers' numpy_to_pil: scale to 0..255 and round."""
+    return Image.fromarray((image * 255).round().astype(np.uint8))

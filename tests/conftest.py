@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny random-weight SD1.x model (both layouts) and its exports, built once
+per test session. Nothing is downloaded; the hub is kept offline for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> dict[str, Path]:
+    """{'diffusers': folder, 'single_file': LDM .safetensors} of the tiny model, seed 0."""
+    pytest.importorskip("torch")
+    from export.random_model import build_and_save
+
+    return build_and_save("tiny", tmp_path_factory.mktemp("tiny-source"), seed=0)
+
+
+def _export(source: Path, output: Path, precision: str) -> Path:
+    from export.exporter import ExportOptions, run_export
+
+    run_export(ExportOptions(model=str(source), output=output, precision=precision))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_source, tmp_path_factory) -> Path:
+    return _export(tiny_source["diffusers"], tmp_path_factory.mktemp("export") / "tiny-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tiny_source, tmp_path_factory) -> Path:
+    return _export(tiny_source["single_file"], tmp_path_factory.mktemp("export") / "tiny-fp16", "fp16")

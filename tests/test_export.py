@@ -1,0 +1,358 @@
+"""`python -m export` on the tiny random-weight model: every graph against torch/transformers, the
+clip-skip graph against CLIPTextModel's hidden states, both source layouts, fp32 and fp16, and
+every bad input the issue lists."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import REPO  # noqa: E402
+
+from export.exporter import ExportError, ExportOptions, run_export  # noqa: E402
+from export.sources import SourceError  # noqa: E402
+from runtime.model_folder import read_manifest  # noqa: E402
+
+# Tolerances of this test file (max abs difference / max(1, max |reference|)):
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 3e-2
+
+
+def session(folder: Path, graph: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(folder / graph / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours.astype(np.float32) - reference).max() / max(1.0, np.abs(reference).max()))
+
+
+def float_type(precision: str) -> type:
+    return np.float16 if precision == "fp16" else np.float32
+
+
+def prompt_ids(text_encoder_folder: Path, prompts: list[str]) -> torch.Tensor:
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(REPO / "models" / "tokenizer"))
+    return tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+
+def clip_reference(source: Path, ids: torch.Tensor, clip_skip: int) -> np.ndarray:
+    """transformers' CLIPTextModel: hidden_states[-clip_skip] + final layer norm (A1111 counting)."""
+    model = transformers.CLIPTextModel.from_pretrained(str(source / "text_encoder")).eval()
+    with torch.no_grad():
+        output = model(input_ids=ids, output_hidden_states=True)
+        if clip_skip == 1:
+            return output.last_hidden_state.numpy()
+        norm = getattr(model, "text_model", model).final_layer_norm
+        return norm(output.hidden_states[-clip_skip]).numpy()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_text_encoder_equals_clip_skip_2_reference(request, tiny_source, precision):
+    folder = request.getfixturevalue(f"tiny_{precision}")
+    ids = prompt_ids(tiny_source["diffusers"], ["masterpiece, best quality, 1girl", "", "a photo of a cat"])
+    reference = clip_reference(tiny_source["diffusers"], ids, clip_skip=2)
+    ours = session(folder, "text_encoder").run(None, {"input_ids": ids.numpy()})[0]
+    assert ours.dtype == float_type(precision)
+    assert ours.shape == (3, 77, 32)
+    tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
+    assert relative_error(ours, reference) <= tolerance
+    # The layer after the skipped one is not in the graph: it differs from the last layer.
+    assert relative_error(ours, clip_reference(tiny_source["diffusers"], ids, clip_skip=1)) > 10 * tolerance
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_unet_and_vae_graphs_match_diffusers(request, tiny_source, precision):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = request.getfixturevalue(f"tiny_{precision}")
+    dtype, tolerance = float_type(precision), (FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE)
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_source["diffusers"] / "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(str(tiny_source["diffusers"] / "vae")).eval()
+    generator = torch.Generator().manual_seed(7)
+    # Sizes the export never traced: batch 3, a non-square latent, a 3-chunk (231-token) context.
+    sample = torch.randn(3, 4, 10, 6, generator=generator)
+    timestep = torch.tensor([999.0, 500.25, 1.0])
+    context = torch.randn(3, 231, 32, generator=generator)
+    with torch.no_grad():
+        noise = unet(sample, timestep, context).sample.numpy()
+    ours = session(folder, "unet").run(
+        None,
+        {
+            "sample": sample.numpy().astype(dtype),
+            "timestep": timestep.numpy(),
+            "encoder_hidden_states": context.numpy().astype(dtype),
+        },
+    )[0]
+    assert relative_error(ours, noise) <= tolerance
+
+    latents = torch.randn(2, 4, 10, 6, generator=generator) / 0.18215
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample.numpy()
+    ours = session(folder, "vae_decoder").run(None, {"latent_sample": latents.numpy().astype(dtype)})[0]
+    assert ours.shape == (2, 3, 80, 48)
+    assert relative_error(ours, decoded) <= tolerance
+
+    image = torch.rand(1, 3, 80, 48, generator=generator) * 2 - 1
+    with torch.no_grad():
+        moments = vae.encode(image).latent_dist.parameters.numpy()
+    ours = session(folder, "vae_encoder").run(None, {"sample": image.numpy().astype(dtype)})[0]
+    assert relative_error(ours, moments) <= tolerance
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_manifest_describes_the_export(request, precision):
+    folder = request.getfixturevalue(f"tiny_{precision}")
+    manifest = read_manifest(folder)
+    raw = manifest.raw
+    assert raw["precision"] == precision and raw["clip_skip"] == 2 and raw["opset"] == 17
+    assert (raw["vae_scale_factor"], raw["vae_scaling_factor"], raw["latent_channels"], raw["text_width"]) == (
+        8, 0.18215, 4, 32,
+    )  # fmt: skip
+    assert {"torch", "diffusers", "transformers", "onnx", "onnxruntime"} <= set(raw["library_versions"])
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        entry = raw["graphs"][name]
+        assert entry["precision"] == precision
+        assert entry["validation"]["relative_error"] <= entry["validation"]["tolerance"]
+        assert len(entry["sha256"]) == 64
+    unet_inputs = {item["name"]: item for item in raw["graphs"]["unet"]["inputs"]}
+    assert unet_inputs["sample"]["shape"] == ["batch", 4, "height", "width"]
+    assert unet_inputs["encoder_hidden_states"]["shape"] == ["batch", "sequence", 32]
+    assert unet_inputs["timestep"]["dtype"] == "float32"
+    assert unet_inputs["sample"]["dtype"] == ("float16" if precision == "fp16" else "float32")
+    text_output = raw["graphs"]["text_encoder"]["outputs"][0]
+    assert text_output["shape"] == ["batch", 77, 32]
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert "timestep_spacing" not in scheduler  # copied as shipped, not re-serialised
+
+
+def test_clip_skip_1_is_the_last_layer(tiny_source, tmp_path):
+    out = tmp_path / "skip1"
+    run_export(
+        ExportOptions(model=str(tiny_source["diffusers"]), output=out, precision="fp32", clip_skip=1, vae_encoder=False)
+    )
+    ids = prompt_ids(tiny_source["diffusers"], ["masterpiece, best quality, 1girl"])
+    ours = session(out, "text_encoder").run(None, {"input_ids": ids.numpy()})[0]
+    assert relative_error(ours, clip_reference(tiny_source["diffusers"], ids, clip_skip=1)) <= FP32_TOLERANCE
+    assert read_manifest(out).clip_skip == 1
+    assert not (out / "vae_encoder").exists()
+
+
+def test_tokenizer_json_is_built_from_vocab_and_merges(tiny_source, tmp_path):
+    """ACertainThing's repository has only vocab.json + merges.txt."""
+    source = tmp_path / "vocab-only"
+    shutil.copytree(tiny_source["diffusers"], source)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (source / "tokenizer" / name).unlink()
+    out = tmp_path / "out"
+    run_export(ExportOptions(model=str(source), output=out, precision="fp32", vae_encoder=False))
+    built = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    shipped = json.loads((REPO / "models" / "tokenizer" / "tokenizer.json").read_text())
+    assert built["model"]["vocab"] == shipped["model"]["vocab"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_export_into_the_same_folder_is_refused_and_changes_nothing(tiny_source, tiny_fp32, tmp_path):
+    before = _tree(tiny_fp32)
+    with pytest.raises(ExportError, match="not empty"):
+        run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=tiny_fp32, precision="fp32"))
+    assert _tree(tiny_fp32) == before
+
+
+def test_overwrite_replaces_a_folder(tiny_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("user data")
+    run_export(
+        ExportOptions(
+            model=str(tiny_source["diffusers"]),
+            output=out,
+            precision="fp32",
+            overwrite=True,
+            vae_encoder=False,
+        )
+    )
+    assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
+    assert not list(tmp_path.glob(".out.*"))  # no staging or old copy left beside it
+
+
+def test_full_disk_leaves_nothing_behind(tiny_source, tmp_path, monkeypatch):
+    from export import graphs
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(graphs, "save_graph", no_space)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="no space left"):
+        run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=out, precision="fp32"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def _fake_pipeline_folder(root: Path, pipeline_class: str, unet: dict, scheduler: dict | None = None) -> Path:
+    _write_json(root / "model_index.json", {"_class_name": pipeline_class})
+    _write_json(root / "unet" / "config.json", unet)
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler or {"_class_name": "PNDMScheduler"})
+    return root
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: _fake_pipeline_folder(root, "StableDiffusionXLPipeline", {}), "SDXL"),
+        (
+            lambda root: _fake_pipeline_folder(root, "StableDiffusionPipeline", {"cross_attention_dim": 1024}),
+            "SD2",
+        ),
+        (
+            lambda root: _fake_pipeline_folder(root, "StableDiffusionPipeline", {"in_channels": 9}),
+            "inpainting",
+        ),
+        (
+            lambda root: _fake_pipeline_folder(
+                root,
+                "StableDiffusionPipeline",
+                {"cross_attention_dim": 768},
+                {"prediction_type": "v_prediction"},
+            ),
+            "v_prediction",
+        ),
+        (lambda root: _fake_pipeline_folder(root, "KandinskyPipeline", {}), "not an SD1.x"),
+        (
+            lambda root: (_write_json(root / "config.json", {"architectures": ["BertModel"]}), root)[1],
+            "BertModel",
+        ),
+    ],
+)
+def test_bad_sources_are_refused_with_what_was_found(tmp_path, make, message):
+    source = make(tmp_path / "src")
+    with pytest.raises(SourceError, match=message):
+        run_export(ExportOptions(model=str(source), output=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (
+            {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (4, 4)},
+            "SDXL",
+        ),
+        ({"cond_stage_model.model.token_embedding.weight": (4, 4)}, "SD2"),
+        ({"bert.embeddings.word_embeddings.weight": (4, 4)}, "not a Stable Diffusion checkpoint"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (32, 9, 3, 3)}, "9 input channels"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (48, 4, 3, 3)}, "does not match a shipped"),
+    ],
+)
+def test_bad_single_files_are_refused(tmp_path, keys, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    with pytest.raises(SourceError, match=message):
+        run_export(ExportOptions(model=str(path), output=tmp_path / "out"))
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pickle_checkpoints_need_allow_pickle_and_never_run_code(tiny_source, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_source["single_file"]))}, str(ckpt))
+    with pytest.raises(SourceError, match="--allow-pickle"):
+        run_export(ExportOptions(model=str(ckpt), output=tmp_path / "out"))
+    run_export(
+        ExportOptions(model=str(ckpt), output=tmp_path / "out", precision="fp32", allow_pickle=True, vae_encoder=False)
+    )
+    assert read_manifest(tmp_path / "out").raw["source"]["architecture"] == "tiny"
+
+    marker = tmp_path / "marker.txt"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Exploit(marker)}))
+    with pytest.raises(SourceError, match="weights-only"):
+        run_export(ExportOptions(model=str(evil), output=tmp_path / "out2", allow_pickle=True))
+    assert not marker.exists()
+
+
+def test_hub_id_offline_says_how_to_export_a_local_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(SourceError, match="--model DIR"):
+        run_export(ExportOptions(model="JosephusCheung/ACertainThing", output=tmp_path / "out"))
+
+
+def test_hub_id_exports_from_the_local_hub_cache(tiny_source, tmp_path):
+    """The hub path is real: a repository already in the hub cache exports with the hub offline."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acertain--tiny-test"
+    shutil.copytree(tiny_source["diffusers"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "out"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    result = _run_cli(
+        ["--model", "acertain/tiny-test", "--output", str(out), "--precision", "fp32", "--no-vae-encoder"],
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out).raw
+    assert manifest["source"]["kind"] == "hub" and manifest["model_name"] == "tiny-test"
+
+
+def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    result = _run_cli(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_non_empty_output(tiny_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run_cli(["--model", str(tiny_source["diffusers"]), "--output", str(out)])
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
