@@ -73,15 +73,19 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
-    from .pipeline import Pipeline
+    """Check everything cheap first (manifest, parameters, output paths), then load and run."""
+    from .model_folder import read_manifest
+    from .pipeline import Pipeline, build_request
+    from .sessions import resolve_provider
 
-    paths = output_paths(args.output, args.batch_size if args.batch_size > 0 else 1)
+    request = build_request(
+        read_manifest(args.model), args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.width,
+        args.height, args.seed, args.batch_size, args.sampler, args.schedule, args.rng, args.eta_noise_seed_delta,
+    )  # fmt: skip
+    resolve_provider(args.provider)
+    paths = output_paths(args.output, len(request.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider, threads=args.threads)
-    request = pipe.make_request(
-        args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.width, args.height, args.seed,
-        args.batch_size, args.sampler, args.schedule, args.rng, args.eta_noise_seed_delta,
-    )  # fmt: skip
     with tqdm(total=request.steps, desc="sampling", unit="step") as bar:
         result = pipe.sample(request, callback=lambda step, total, latents: bar.update(1))
     pixels = pipe.decode(result.latents)

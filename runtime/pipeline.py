@@ -100,6 +100,57 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
     return [seed + index for index in range(count)]
 
 
+def build_request(
+    manifest: Manifest,
+    prompt: str,
+    negative_prompt: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    width: int | None,
+    height: int | None,
+    seed: int | None,
+    num_images_per_prompt: int,
+    sampler: str,
+    schedule: str,
+    rng: str,
+    eta_noise_seed_delta: int,
+) -> GenerationRequest:
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+    steps = _require_int("steps", num_inference_steps)
+    if steps < 1:
+        raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, int | float)
+        or not np.isfinite(guidance_scale)
+    ):
+        raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
+    if guidance_scale < 0:
+        raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+    multiple = manifest.vae_scale_factor
+    width = check_size("width", manifest.default_size if width is None else width, multiple)
+    height = check_size("height", manifest.default_size if height is None else height, multiple)
+    count = _require_int("batch_size", num_images_per_prompt)
+    if count < 1:
+        raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
+    if sampler not in SAMPLERS:
+        raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if schedule not in SCHEDULES:
+        raise InvalidRequestError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if rng not in RNG_LABELS:
+        raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
+    delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
+    if delta < 0:
+        raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    return GenerationRequest(
+        prompt, negative_prompt, steps, float(guidance_scale), width, height,
+        resolve_seeds(seed, count), sampler, schedule, rng, delta,
+    )  # fmt: skip
+
+
 class Pipeline:
     """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
 
@@ -130,56 +181,9 @@ class Pipeline:
 
     # -- request checking ---------------------------------------------------------------------
 
-    def make_request(
-        self,
-        prompt: str,
-        negative_prompt: str,
-        num_inference_steps: int,
-        guidance_scale: float,
-        width: int | None,
-        height: int | None,
-        seed: int | None,
-        num_images_per_prompt: int,
-        sampler: str,
-        schedule: str,
-        rng: str,
-        eta_noise_seed_delta: int,
-    ) -> GenerationRequest:
-        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if not isinstance(text, str):
-                raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
-        steps = _require_int("steps", num_inference_steps)
-        if steps < 1:
-            raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, int | float)
-            or not np.isfinite(guidance_scale)
-        ):
-            raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
-        if guidance_scale < 0:
-            raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
-        multiple = self.manifest.vae_scale_factor
-        width = check_size("width", self.manifest.default_size if width is None else width, multiple)
-        height = check_size("height", self.manifest.default_size if height is None else height, multiple)
-        count = _require_int("batch_size", num_images_per_prompt)
-        if count < 1:
-            raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
-        if sampler not in SAMPLERS:
-            raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if schedule not in SCHEDULES:
-            raise InvalidRequestError(
-                "schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
-            )
-        if rng not in RNG_LABELS:
-            raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
-        delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
-        if delta < 0:
-            raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
-        return GenerationRequest(
-            prompt, negative_prompt, steps, float(guidance_scale), width, height,
-            resolve_seeds(seed, count), sampler, schedule, rng, delta,
-        )  # fmt: skip
+    def make_request(self, *args: Any, **kwargs: Any) -> GenerationRequest:
+        """Check the parameters against this model; see build_request."""
+        return build_request(self.manifest, *args, **kwargs)
 
     # -- the stages -----------------------------------------------------------------------------
 

@@ -46,9 +46,9 @@ class SessionConfig:
 
 
 def resolve_provider(requested: str) -> str:
-    """ "auto" takes CUDA when onnxruntime-gpu can use it and falls back to the CPU with one
-    warning; an explicit "cuda" that cannot be had is an error rather than a silently slow run."""
-    global _warned_cpu_fallback
+    """ "auto" takes CUDA when onnxruntime-gpu can use it and falls back to the CPU (with one
+    warning, see warn_cpu_fallback); an explicit "cuda" that cannot be had is an error rather than
+    a silently slow run."""
     if requested not in PROVIDERS:
         raise InvalidRequestError("provider", f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
@@ -62,10 +62,15 @@ def resolve_provider(requested: str) -> str:
             "the CUDA execution provider is not available (install onnxruntime-gpu instead of onnxruntime, "
             "with CUDA and cuDNN libraries that match it)",
         )
-    if not _warned_cpu_fallback:
+    return CPU
+
+
+def warn_cpu_fallback(requested: str, provider: str) -> None:
+    """Once per process, after the model loaded (so a bad folder's error stays the only line)."""
+    global _warned_cpu_fallback
+    if requested == "auto" and provider == CPU and not _warned_cpu_fallback:
         log.warning("CUDA execution provider not available; running on the CPU (much slower)")
         _warned_cpu_fallback = True
-    return CPU
 
 
 def session_options(config: SessionConfig, graph_path: Path, provider: str) -> ort.SessionOptions:
@@ -221,9 +226,11 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
         )
     if config.threads is None and provider == CPU:
         log.debug("onnxruntime picks intra-op threads itself (%s logical CPUs)", os.cpu_count())
-    return Sessions(
+    sessions = Sessions(
         text_encoder=GraphSession(manifest.graphs["text_encoder"], provider, config),
         unet=UNetSession(manifest.graphs["unet"], provider, config),
         vae_decoder=GraphSession(manifest.graphs["vae_decoder"], provider, config),
         provider=provider,
     )
+    warn_cpu_fallback(config.provider, provider)
+    return sessions

@@ -20,7 +20,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import REPO  # noqa: E402
-
 from export.exporter import ExportError, ExportOptions, run_export  # noqa: E402
 from export.sources import SourceError  # noqa: E402
 from runtime.model_folder import read_manifest  # noqa: E402

@@ -1,0 +1,33 @@
+"""Build a random-weight SD1.x pipeline from the shipped configs (no download), in diffusers layout
+and as one LDM-layout .safetensors file.
+
+    python scripts/build_random_model.py --arch tiny --out build/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.random_model import build_and_save
+from export.shipped import ARCHITECTURES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="tiny")
+    parser.add_argument("--out", type=Path, default=Path("build/models"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-single-file", action="store_true", help="skip the LDM .safetensors file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for layout, path in build_and_save(args.arch, args.out, args.seed, single_file=not args.no_single_file).items():
+        print(f"{layout}: {path}")
+
+
+if __name__ == "__main__":
+    main()

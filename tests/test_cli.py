@@ -1,0 +1,139 @@
+"""`python -m runtime` as a user runs it: a PNG with A1111's parameters text, and for every bad
+input one line on stderr, exit code 2, and no file written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from runtime.metadata import read_infotext
+
+PROMPT = "masterpiece, best quality, 1girl"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_card_recipe_writes_a_png_with_its_parameters(tiny_fp32, tmp_path):
+    out = tmp_path / "out.png"
+    result = run_cli(
+        "--model", str(tiny_fp32), "--prompt", PROMPT, "--negative-prompt", "lowres",
+        "--seed", "114514", "--width", "64", "--height", "64", "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{out}  (seed 114514)" in result.stdout
+    text = read_infotext(out)
+    assert text.startswith(f"{PROMPT}\nNegative prompt: lowres\n")
+    assert "Steps: 28, Sampler: Euler a, " in text
+    assert "CFG scale: 11, Seed: 114514, Size: 64x64, " in text
+    assert "Clip skip: 2" in text
+    assert "sampling" in result.stderr  # the tqdm progress bar
+
+
+def test_batch_writes_one_file_per_seed(tiny_fp32, tmp_path):
+    out = tmp_path / "img.png"
+    result = run_cli(
+        "--model", str(tiny_fp32), "--prompt", PROMPT, "--seed", "7", "--steps", "3",
+        "--width", "64", "--height", "64", "--batch-size", "2", "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Seed: 7," in read_infotext(tmp_path / "img-0.png")
+    assert "Seed: 8," in read_infotext(tmp_path / "img-1.png")
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "model"))
+
+
+def _without_unet(folder: Path, tmp_path: Path) -> Path:
+    copy = _copy(folder, tmp_path)
+    (copy / "unet" / "model.onnx").unlink()
+    return copy
+
+
+def _future_format(folder: Path, tmp_path: Path) -> Path:
+    copy = _copy(folder, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _not_a_model(folder: Path, tmp_path: Path) -> Path:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return empty
+
+
+MODEL_PROBLEMS = {
+    "missing folder": (lambda folder, tmp: tmp / "nope", "does not exist"),
+    "not an export": (_not_a_model, "manifest.json is missing"),
+    "incomplete export": (_without_unet, "incomplete"),
+    "unknown manifest format": (_future_format, "format version 99"),
+}
+
+
+@pytest.mark.parametrize("problem", list(MODEL_PROBLEMS))
+def test_bad_model_folders(tiny_fp32, tmp_path, problem):
+    make, message = MODEL_PROBLEMS[problem]
+    out = tmp_path / "out.png"
+    result = run_cli("--model", str(make(tiny_fp32, tmp_path)), "--prompt", "x", "--output", str(out))
+    assert_clean_refusal(result, message, out)
+
+
+def test_graph_of_the_wrong_precision(tiny_fp16, tiny_fp32, tmp_path):
+    mixed = _copy(tiny_fp16, tmp_path)
+    shutil.copy(tiny_fp32 / "unet" / "model.onnx", mixed / "unet" / "model.onnx")
+    out = tmp_path / "out.png"
+    result = run_cli("--model", str(mixed), "--prompt", "x", "--width", "64", "--height", "64", "--output", str(out))
+    assert_clean_refusal(result, "float32 but the manifest says float16", out)
+
+
+BAD_ARGUMENTS = {
+    "width not a multiple of 8": (["--width", "65"], "width: must be a multiple of 8"),
+    "height too small": (["--height", "56"], "height: must be a multiple of 8 and at least 64"),
+    "zero steps": (["--steps", "0"], "steps: must be at least 1"),
+    "negative cfg": (["--cfg-scale", "-1"], "cfg_scale: must not be negative"),
+    "unknown sampler": (["--sampler", "plms"], "unknown sampler 'plms'"),
+    "unknown schedule": (["--schedule", "weird"], "unknown schedule"),
+    "unknown rng": (["--rng", "gpu"], "unknown rng 'gpu'"),
+    "seed out of range": (["--seed", str(2**40)], "seed: must be -1"),
+    "not a number": (["--steps", "many"], "invalid int value"),
+    "unknown provider": (["--provider", "tpu"], "unknown provider"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments(tiny_fp32, tmp_path, case):
+    extra, message = BAD_ARGUMENTS[case]
+    out = tmp_path / "out.png"
+    result = run_cli("--model", str(tiny_fp32), "--prompt", "x", "--output", str(out), *extra)
+    assert_clean_refusal(result, message, out)
+
+
+@pytest.mark.parametrize(("name", "message"), [("missing/out.png", "does not exist"), ("out.jpg", "must end in .png")])
+def test_output_paths_that_cannot_be_written(tiny_fp32, tmp_path, name, message):
+    out = tmp_path / name
+    result = run_cli(
+        "--model", str(tiny_fp32), "--prompt", "x", "--width", "64", "--height", "64", "--output", str(out)
+    )
+    assert_clean_refusal(result, message, out)
+
+
+def assert_clean_refusal(result: subprocess.CompletedProcess, message: str, out: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert not out.exists() and not list(out.parent.glob("*.png")) if out.parent.exists() else True

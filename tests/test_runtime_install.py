@@ -1,0 +1,68 @@
+"""The runtime installed alone (`pip install .`) in a fresh virtual environment: no torch stack in
+`pip freeze`, and it generates an image there, from the CLI and from the API."""
+
+from __future__ import annotations
+
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FORBIDDEN = ("torch", "transformers", "diffusers", "optimum")
+
+
+@pytest.fixture(scope="module")
+def runtime_env(tmp_path_factory) -> Path:
+    """A fresh venv with only `pip install .` (packages come from the package index)."""
+    root = tmp_path_factory.mktemp("runtime-env")
+    venv.create(root / "venv", with_pip=True)
+    python = root / "venv" / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO)],
+        check=True,
+        timeout=900,
+        cwd=root,
+    )
+    return python
+
+
+def test_pip_freeze_has_no_torch_stack(runtime_env):
+    frozen = subprocess.run([str(runtime_env), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+    names = {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
+    assert not {name for name in names if name.startswith(FORBIDDEN)}, frozen.stdout
+    assert {"onnxruntime", "numpy", "tokenizers", "pillow"} <= names
+
+
+def test_cli_generates_an_image_without_torch(runtime_env, tiny_fp32, tmp_path):
+    out = tmp_path / "out.png"
+    result = subprocess.run(
+        [str(runtime_env), "-m", "runtime", "--model", str(tiny_fp32), "--prompt", "1girl", "--seed", "114514",
+         "--width", "64", "--height", "64", "--steps", "4", "--output", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "Seed: 114514" in out.read_bytes().decode("latin-1")
+    refused = subprocess.run(
+        [str(runtime_env), "-m", "runtime", "--model", str(tiny_fp32), "--prompt", "x", "--width", "65"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.startswith("error: width")
+
+
+def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
+    script = (
+        "import sys\n"
+        "from runtime import Pipeline\n"
+        f"out = Pipeline.from_pretrained({str(tiny_fp32)!r})('1girl', seed=1, width=64, height=64,"
+        " num_inference_steps=2)\n"
+        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
+        "assert not loaded, loaded\n"
+        "assert 'runtime' in sys.modules and sys.modules['runtime'].__file__.find('site-packages') > 0\n"
+        "print(out.images[0].size)\n"
+    )
+    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 64)"
