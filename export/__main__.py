@@ -70,9 +70,10 @@ def summary_table(report: ExportReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    # onnxruntime's optimizer logs every fusion at INFO; keep ours readable.
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    # Our progress at INFO; the libraries' (onnxruntime's optimizer logs every fusion) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("export", "runtime"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     options = ExportOptions(
         model=args.model,
         output=args.output,

@@ -9,6 +9,7 @@ TorchScript exporter produces the graph patterns that onnxruntime's SD fusions a
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,11 @@ def vae_encoder_spec(pipe) -> GraphSpec:
 def export_fp32(spec: GraphSpec, path: Path) -> None:
     """TorchScript-based export; graphs over 2 GB get their weights written beside the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # Tracing warns about every Python-level shape check in diffusers/transformers; those checks
+    # are covered by validating the graph at sizes it was not traced with.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
         torch.onnx.export(
             spec.module,
             tuple(spec.trace_inputs.values()),
