@@ -22,7 +22,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to validated ONNX graphs with clip skip built into the text encoder.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"source checkpoint (default: {DEFAULT_MODEL})")
-    parser.add_argument("--output", required=True, type=Path, help="folder to write (must be empty or new)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="folder to write, empty or new (default: ./<model name>-onnx, e.g. ACertainThing-onnx)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="graph precision (default: fp16)")
     parser.add_argument(
         "--clip-skip",
@@ -48,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
+
+
+def default_output(model: str) -> Path:
+    """./ACertainThing-onnx for JosephusCheung/ACertainThing, ./model-onnx for model.safetensors."""
+    name = Path(model.rstrip("/")).name
+    return Path(f"{Path(name).stem if Path(model).is_file() else name}-onnx")
 
 
 def summary_table(report: ExportReport) -> str:
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     options = ExportOptions(
         model=args.model,
-        output=args.output,
+        output=args.output or default_output(args.model),
         precision=args.precision,
         clip_skip=args.clip_skip,
         target=args.target,
