@@ -74,13 +74,16 @@ def check_writable(paths: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
-    from .model_folder import read_manifest
+    from .model_folder import read_manifest, read_scheduler_config
     from .pipeline import Pipeline, build_request
     from .sessions import resolve_provider
 
+    manifest = read_manifest(args.model)
     request = build_request(
-        read_manifest(args.model), args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.width,
-        args.height, args.seed, args.batch_size, args.sampler, args.schedule, args.rng, args.eta_noise_seed_delta,
+        manifest, read_scheduler_config(manifest.folder), prompt=args.prompt, negative_prompt=args.negative_prompt,
+        steps=args.steps, guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
+        batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
+        eta_noise_seed_delta=args.eta_noise_seed_delta,
     )  # fmt: skip
     resolve_provider(args.provider)
     paths = output_paths(args.output, len(request.seeds))

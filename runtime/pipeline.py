@@ -22,6 +22,7 @@ from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
 from .errors import InvalidRequestError
 from .metadata import format_infotext
 from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .rng import NoiseGenerator, make_generator
 from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
@@ -33,6 +34,8 @@ SAMPLER_LABELS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M"
 SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}  # None: A1111's "Automatic"
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 MIN_SIZE = 64
+MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
+ANCESTRAL_SAMPLERS = ("euler_a",)
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
 
@@ -102,38 +105,33 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
 
 def build_request(
     manifest: Manifest,
+    scheduler_config: dict[str, Any],
+    *,
     prompt: str,
-    negative_prompt: str,
-    num_inference_steps: int,
-    guidance_scale: float,
-    width: int | None,
-    height: int | None,
-    seed: int | None,
-    num_images_per_prompt: int,
-    sampler: str,
-    schedule: str,
-    rng: str,
-    eta_noise_seed_delta: int,
+    negative_prompt: str = "",
+    steps: int = 28,
+    guidance_scale: float = 11.0,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = -1,
+    batch_size: int = 1,
+    sampler: str = "euler_a",
+    schedule: str = "model",
+    rng: str = "cpu",
+    eta_noise_seed_delta: int = 0,
 ) -> GenerationRequest:
-    """Every parameter checked (one InvalidRequestError naming the field) before any work runs."""
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
+    including the schedule the model's scheduler config gives and the prompts' weights."""
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
-    steps = _require_int("steps", num_inference_steps)
+        check_prompt(name, text)
+    steps = _require_int("steps", steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, int | float)
-        or not np.isfinite(guidance_scale)
-    ):
-        raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
-    if guidance_scale < 0:
-        raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+    check_guidance(guidance_scale)
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
-    count = _require_int("batch_size", num_images_per_prompt)
+    count = _require_int("batch_size", batch_size)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
     if sampler not in SAMPLERS:
@@ -145,10 +143,34 @@ def build_request(
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
     return GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         resolve_seeds(seed, count), sampler, schedule, rng, delta,
     )  # fmt: skip
+
+
+def check_prompt(field_name: str, text: Any) -> None:
+    """A string whose attention weights are finite: `(x:1e400)` or thousands of nested brackets
+    would turn the embeddings into NaN (a black image in A1111)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
+    for piece, weight in parse_prompt_attention(text):
+        if not np.isfinite(weight) or (weight != BREAK_WEIGHT and abs(weight) > MAX_WEIGHT):
+            raise InvalidRequestError(
+                field_name, f"weight {weight:g} of {piece!r} is out of range (|weight| <= {MAX_WEIGHT:g})"
+            )
+
+
+def check_guidance(guidance_scale: Any) -> None:
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, int | float)
+        or not np.isfinite(guidance_scale)
+    ):
+        raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
+    if guidance_scale < 0:
+        raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
 
 
 class Pipeline:
@@ -181,9 +203,9 @@ class Pipeline:
 
     # -- request checking ---------------------------------------------------------------------
 
-    def make_request(self, *args: Any, **kwargs: Any) -> GenerationRequest:
-        """Check the parameters against this model; see build_request."""
-        return build_request(self.manifest, *args, **kwargs)
+    def make_request(self, **parameters: Any) -> GenerationRequest:
+        """Check generation parameters against this model (keywords of build_request)."""
+        return build_request(self.manifest, self.scheduler_config, **parameters)
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -252,7 +274,7 @@ class Pipeline:
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
-            "ENSD": request.eta_noise_seed_delta or None,
+            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": RNG_LABELS[request.rng],
             "Pad conds": True if pad_conds else None,
             "Version": f"acertain-onnx {__version__}",
@@ -282,8 +304,9 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
         request = self.make_request(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, width, height, seed,
-            num_images_per_prompt, sampler, schedule, rng, eta_noise_seed_delta,
+            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
+            width=width, height=height, seed=seed, batch_size=num_images_per_prompt, sampler=sampler,
+            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta,
         )  # fmt: skip
         result = self.sample(request, callback, cancel_event)
         pixels = self.decode(result.latents)
@@ -306,7 +329,7 @@ class Pipeline:
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip
         x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
-        if request.eta_noise_seed_delta > 0:
+        if uses_ensd(request):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
         denoise = self.denoiser(schedule, encoded.cond, encoded.uncond, request.guidance_scale, x.shape)
@@ -333,6 +356,12 @@ class Pipeline:
 
 class _Stop(Exception):
     """Raised inside the sampler loop to leave it at a step boundary."""
+
+
+def uses_ensd(request: GenerationRequest) -> bool:
+    """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
+    and A1111 writes ENSD into the infotext only for them."""
+    return request.eta_noise_seed_delta > 0 and request.sampler in ANCESTRAL_SAMPLERS
 
 
 def _number(value: float) -> int | float:

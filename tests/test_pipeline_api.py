@@ -112,3 +112,28 @@ def test_bad_parameters_name_their_field(pipe, kwargs, field):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("prompt", ["(cat:" + "9" * 400 + ")", "(cat:5000)", "(" * 2000 + "cat"])
+def test_weights_that_would_break_the_embeddings_are_refused(pipe, prompt):
+    with pytest.raises(InvalidRequestError) as error:
+        pipe(prompt, **SMALL)
+    assert error.value.field == "prompt"
+
+
+def test_schedules_the_model_cannot_serve_are_refused_before_running(pipe):
+    calls = []
+    with pytest.raises(InvalidRequestError) as error:
+        pipe(
+            "1girl",
+            sampler="ddim",
+            schedule="a1111",
+            callback=lambda *args: calls.append(args),
+            **{**SMALL, "num_inference_steps": 1},
+        )
+    assert error.value.field == "steps" and calls == []
+
+
+def test_ensd_is_written_only_for_ancestral_samplers(pipe):
+    euler = pipe("1girl", seed=4, sampler="euler", eta_noise_seed_delta=31337, **SMALL)
+    assert "ENSD" not in euler.infotexts[0]
