@@ -1,0 +1,51 @@
+"""The server's settings: where it listens, who may call it, and the limits that protect the box.
+
+Every limit is checked before a request is queued, so a request that could exhaust GPU memory or
+hold the GPU for too long is refused with a 4xx instead of being run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the GPU to a network is an explicit choice
+DEFAULT_PORT = 7861  # A1111's API-only port (`--nowebui`), so clients find us where they expect
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits. Defaults suit one GPU with 8-24 GB running an SD 1.x model."""
+
+    max_pixels: int = 1024 * 1024  # width * height of one image: 1024x1024, or 512x2048
+    max_steps: int = 150  # A1111's UI slider stops at 150 too
+    max_batch: int = 8  # batch_size: images in one UNet call, the memory that grows with it
+    max_images: int = 16  # batch_size * n_iter: bounds the run time and the response size
+    max_prompt_chunks: int = 32  # 75-token chunks per prompt (2400 tokens), after A1111 parsing
+    max_prompt_chars: int = 32_000  # checked first, so parsing a prompt stays cheap
+    max_body_bytes: int = MiB  # a txt2img body is a few kB; anything near this is abuse
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    provider: str = "auto"
+    threads: int | None = None
+    queue_size: int = 8  # jobs waiting behind the running one; more get 429
+    credentials: dict[str, str] = field(default_factory=dict)  # user -> password; empty: no auth
+    limits: Limits = field(default_factory=Limits)
+
+
+def parse_credentials(value: str | None) -> dict[str, str]:
+    """`user:pass[,user2:pass2]` as A1111's --api-auth takes it. The password may hold ':'."""
+    if not value:
+        return {}
+    credentials = {}
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--api-auth wants user:password pairs separated by commas, not {item.strip()!r}")
+        credentials[user] = password
+    return credentials

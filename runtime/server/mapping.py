@@ -1,0 +1,282 @@
+"""A1111 request semantics -> the library's GenerationRequests, checked against the server limits.
+
+Everything here runs before a job is queued, so every mistake in a request is a 422 that names
+the field, and nothing that reaches the GPU can fail for a reason the client could have avoided.
+
+Mapping decisions (docs/server.md has the table):
+- sampler_name: A1111's names and aliases, case-insensitive, plus the library's own names; a
+  scheduler label at the end ("DPM++ 2M Karras") sets the scheduler, as A1111 1.9+ reads it.
+- scheduler "Automatic": A1111's plain k-diffusion discretization ("a1111"), except that since
+  A1111 1.9 "DPM++ 2M" defaults to Karras. "Uniform" is the plain one, "Karras" Karras. DDIM is a
+  timestep sampler in A1111 and ignores the scheduler: it always gets A1111's uniform timesteps.
+  "Diffusers" (not an A1111 name) selects the diffusers scheduler's own discretization.
+- override_settings.randn_source: "GPU" (A1111's default) and "NV" -> "nv" (A1111's NV source
+  reproduces torch's CUDA randn), "CPU" -> "cpu".
+- ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111.
+- n_iter batches continue the seeds: image i of the request uses seed + i.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..conditioning import prompt_to_chunks
+from ..errors import InvalidRequestError
+from ..pipeline import MAX_SEED, GenerationRequest
+from .config import Limits
+from .schemas import Txt2ImgRequest
+
+if TYPE_CHECKING:
+    from ..model_folder import Manifest
+    from ..pipeline import Pipeline
+
+MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    name: str  # A1111's label
+    key: str  # the library's sampler
+    aliases: tuple[str, ...]  # A1111's aliases
+    options: dict
+    automatic: str  # the library schedule A1111's "Automatic" means for this sampler
+    uses_ensd: bool = False
+    eta: float | None = None  # the only eta the library's sampler implements, if it takes one
+
+
+SAMPLERS = (
+    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", True, 1.0),
+    SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
+    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
+    SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
+)
+_EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    name: str
+    label: str
+    schedule: str | None  # library schedule; None: "the sampler's automatic one"
+    aliases: tuple[str, ...] = ()
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+SCHEDULERS = (
+    SchedulerInfo("automatic", "Automatic", None),
+    SchedulerInfo("uniform", "Uniform", "a1111", need_inner_model=True),
+    SchedulerInfo("karras", "Karras", "karras", default_rho=7.0),
+    SchedulerInfo("diffusers", "Diffusers", "model"),
+)
+# A1111 schedulers this runtime does not implement: refused by name rather than "not found".
+UNSUPPORTED_SCHEDULERS = (
+    "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform", "KL Optimal", "Align Your Steps",
+    "Simple", "Normal", "DDIM", "Beta",
+)  # fmt: skip
+RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+# The library's field names -> the API's, so that every 422 names what the client sent.
+_FIELD_NAMES = {
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "rng": "override_settings.randn_source",
+    "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated txt2img job: one library request per n_iter batch, plus what the answer echoes."""
+
+    batches: tuple[GenerationRequest, ...]
+    sampler: SamplerInfo
+    scheduler: SchedulerInfo
+    seed: int
+    all_seeds: list[int]
+    send_images: bool
+
+    @property
+    def steps(self) -> int:
+        return self.batches[0].steps
+
+
+def _key(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+def _sampler_table() -> dict[str, SamplerInfo]:
+    table = {}
+    for info in SAMPLERS:
+        for name in (info.name, info.key, *info.aliases):
+            table[_key(name)] = info
+    for name, key in _EXTRA_SAMPLER_NAMES.items():
+        table[_key(name)] = next(info for info in SAMPLERS if info.key == key)
+    return table
+
+
+_SAMPLER_TABLE = _sampler_table()
+_SCHEDULER_TABLE = {_key(n): info for info in SCHEDULERS for n in (info.name, info.label, *info.aliases)}
+
+
+def sampler_choices() -> str:
+    return ", ".join(repr(info.name) for info in SAMPLERS)
+
+
+def scheduler_choices() -> str:
+    return ", ".join(repr(info.label) for info in SCHEDULERS)
+
+
+def find_scheduler(name: str) -> SchedulerInfo:
+    info = _SCHEDULER_TABLE.get(_key(name))
+    if info is not None:
+        return info
+    if _key(name) in {_key(n) for n in UNSUPPORTED_SCHEDULERS}:
+        raise InvalidRequestError("scheduler", f"{name!r} is not supported by this server; use {scheduler_choices()}")
+    raise InvalidRequestError("scheduler", f"unknown scheduler {name!r}; use {scheduler_choices()}")
+
+
+def find_sampler(name: str, scheduler: str) -> tuple[SamplerInfo, SchedulerInfo]:
+    """The sampler, and the scheduler: from a suffix of the name ("DPM++ 2M Karras") or the field."""
+    info = _SAMPLER_TABLE.get(_key(name))
+    if info is not None:
+        return info, find_scheduler(scheduler)
+    for suffix in (*(n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)), *UNSUPPORTED_SCHEDULERS):
+        if _key(name).endswith(" " + _key(suffix)):
+            base = _SAMPLER_TABLE.get(_key(name)[: -len(_key(suffix)) - 1])
+            if base is not None:
+                return base, find_scheduler(suffix)
+    raise InvalidRequestError("sampler_name", f"unknown sampler {name!r}; choose one of {sampler_choices()}")
+
+
+def library_schedule(sampler: SamplerInfo, scheduler: SchedulerInfo) -> str:
+    if scheduler.schedule == "model":
+        return "model"
+    if sampler.key == "ddim":
+        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
+    return scheduler.schedule or sampler.automatic
+
+
+def model_title(manifest: Manifest) -> str:
+    """A1111 titles checkpoints "name [shorthash]"."""
+    return f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
+
+
+def _check_defaults_only(body: Txt2ImgRequest) -> None:
+    """Refuse features that would silently change the image if they were ignored."""
+    unsupported = {
+        "enable_hr": (body.enable_hr, "hires fix is not supported"),
+        "restore_faces": (body.restore_faces, "face restoration is not supported"),
+        "tiling": (body.tiling, "tiling is not supported"),
+        "styles": (body.styles, "prompt styles are not supported: put the style text in the prompt"),
+        "subseed_strength": (body.subseed_strength, "variation seeds are not supported"),
+        "seed_resize_from_h": (body.seed_resize_from_h > 0, "seed resize is not supported"),
+        "seed_resize_from_w": (body.seed_resize_from_w > 0, "seed resize is not supported"),
+        "script_name": (body.script_name, "scripts are not supported"),
+        "alwayson_scripts": (body.alwayson_scripts, "scripts (extensions) are not supported"),
+    }
+    for name, (value, message) in unsupported.items():
+        if value:
+            raise InvalidRequestError(name, message)
+
+
+def _check_overrides(body: Txt2ImgRequest, manifest: Manifest) -> tuple[str, int]:
+    """(library rng, ENSD) from override_settings; clip skip and model must match the export."""
+    settings = body.override_settings
+    clip_skip = settings.CLIP_stop_at_last_layers
+    if clip_skip is not None and clip_skip != manifest.clip_skip:
+        raise InvalidRequestError(
+            "override_settings.CLIP_stop_at_last_layers",
+            f"this model was exported with clip skip {manifest.clip_skip}, which is built into its text encoder; "
+            f"it cannot be {clip_skip} per request (re-export with `python -m export --clip-skip {clip_skip}`)",
+        )
+    checkpoint = settings.sd_model_checkpoint
+    names = {model_title(manifest), manifest.model_name, manifest.model_hash, manifest.folder.name}
+    if checkpoint is not None and checkpoint not in names:
+        raise InvalidRequestError(
+            "override_settings.sd_model_checkpoint",
+            f"model {checkpoint!r} is not loaded; this server serves {model_title(manifest)!r} only",
+        )
+    return RNG_SOURCES[settings.randn_source or "GPU"], settings.eta_noise_seed_delta or 0
+
+
+def _check_eta(body: Txt2ImgRequest, sampler: SamplerInfo) -> None:
+    if body.eta is None or sampler.eta is None or body.eta == sampler.eta:
+        return
+    raise InvalidRequestError("eta", f"{sampler.name} runs with eta {sampler.eta:g} only, not {body.eta:g}")
+
+
+def _check_limits(body: Txt2ImgRequest, limits: Limits) -> None:
+    checks = (
+        ("steps", body.steps, limits.max_steps, "steps"),
+        ("batch_size", body.batch_size, limits.max_batch, "images per batch"),
+        ("n_iter", body.batch_size * body.n_iter, limits.max_images, "images per request (batch_size * n_iter)"),
+        ("width", body.width * body.height, limits.max_pixels, "pixels per image (width * height)"),
+    )
+    for name, value, limit, what in checks:
+        if value > limit:
+            raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
+
+
+def _check_prompt_length(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> None:
+    for name in ("prompt", "negative_prompt"):
+        count = prompt_to_chunks(pipe.tokenizer, getattr(body, name)).count
+        if count > limits.max_prompt_chunks:
+            raise InvalidRequestError(
+                name, f"{count} chunks of 75 tokens is over this server's limit of {limits.max_prompt_chunks}"
+            )
+
+
+def resolve_seed(seed: int, count: int) -> int:
+    """-1 picks a random seed, low enough that all `count` seeds stay in A1111's range."""
+    if seed == -1:
+        return secrets.randbelow(MAX_RANDOM_SEED - count + 2)
+    if seed < 0 or seed + count - 1 > MAX_SEED:
+        raise InvalidRequestError(
+            "seed", f"must be -1 (random) or a seed with seed + {count - 1} <= {MAX_SEED}, not {seed}"
+        )
+    return seed
+
+
+@contextmanager
+def _api_field_names() -> Iterator[None]:
+    """Re-raise the library's InvalidRequestError under the API's name for the field."""
+    try:
+        yield
+    except InvalidRequestError as error:
+        field = _FIELD_NAMES.get(error.field)
+        if field is None:
+            raise
+        raise InvalidRequestError(field, error.message) from None
+
+
+def _batch_request(
+    pipe: Pipeline, body: Txt2ImgRequest, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
+) -> GenerationRequest:
+    return pipe.make_request(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
+        width=body.width, height=body.height, seed=first_seed, batch_size=body.batch_size, sampler=sampler.key,
+        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd if sampler.uses_ensd else 0,
+    )  # fmt: skip
+
+
+def build_plan(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> Plan:
+    """Check a txt2img request completely; raises InvalidRequestError naming the field."""
+    _check_defaults_only(body)
+    rng, ensd = _check_overrides(body, pipe.manifest)
+    sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    _check_eta(body, sampler)
+    _check_limits(body, limits)
+    _check_prompt_length(pipe, body, limits)
+    schedule = library_schedule(sampler, scheduler)
+    total = body.batch_size * body.n_iter
+    seed = resolve_seed(body.seed, total)
+    with _api_field_names():
+        batches = tuple(
+            _batch_request(pipe, body, sampler, schedule, rng, ensd, seed + index * body.batch_size)
+            for index in range(body.n_iter)
+        )
+    return Plan(batches, sampler, scheduler, seed, list(range(seed, seed + total)), body.send_images)

@@ -1,0 +1,204 @@
+"""The endpoints: A1111's /sdapi/v1 subset for txt2img, plus /health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..pipeline import Pipeline
+from .config import ServerConfig
+from .jobs import Job, JobResult, Worker
+from .mapping import SAMPLERS, SCHEDULERS, Plan, build_plan, model_title
+from .schemas import (
+    ErrorResponse,
+    HealthResponse,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    SDModelItem,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+)
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.25  # how soon a client that left is noticed while its job waits
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, it only shows in the access log
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Malformed JSON"),
+        (401, "Missing or wrong HTTP Basic credentials (with --api-auth)"),
+        (413, "Body over the size limit"),
+        (422, "Invalid field; `field` names it"),
+        (429, "Queue full; see Retry-After"),
+        (503, "Worker unavailable, or the GPU ran out of memory"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    pipe: Pipeline
+    config: ServerConfig
+    worker: Worker
+
+
+def context(request: Request) -> ServerContext:
+    return request.app.state.context
+
+
+Context = Annotated[ServerContext, Depends(context)]
+router = APIRouter()
+
+
+@router.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse, responses=_ERRORS, tags=["sdapi"])
+async def txt2img(body: Txt2ImgRequest, request: Request, ctx: Context) -> Any:
+    # Parsing prompts costs a few ms: keep it off the event loop that serves /progress.
+    plan = await anyio.to_thread.run_sync(build_plan, ctx.pipe, body, ctx.config.limits)
+    job = Job.create(plan)
+    ctx.worker.submit(job)  # QueueFull -> 429, before anything is held for this request
+    result = await _wait(job, request, ctx.worker)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    info = _info(ctx.pipe, body, plan, result)
+    return Txt2ImgResponse(images=result.images, parameters=body.model_dump(), info=json.dumps(info))
+
+
+async def _wait(job: Job, request: Request, worker: Worker) -> JobResult | None:
+    """The job's result, or None if the client disconnected (the job is then dropped or stopped)."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return job.future.result()  # a JobFailure raises here and becomes its error answer
+            if await request.is_disconnected():
+                worker.abandon(job)
+                return None
+    except asyncio.CancelledError:
+        worker.abandon(job)
+        raise
+
+
+def _info(pipe: Pipeline, body: Txt2ImgRequest, plan: Plan, result: JobResult) -> dict[str, Any]:
+    """A1111's Processed.js() fields, plus `scheduler` and `interrupted`."""
+    manifest, count = pipe.manifest, len(plan.all_seeds)
+    return {
+        "prompt": body.prompt,
+        "all_prompts": [body.prompt] * count,
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [body.negative_prompt] * count,
+        "seed": plan.seed,
+        "all_seeds": plan.all_seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * count,
+        "subseed_strength": 0,
+        "width": body.width,
+        "height": body.height,
+        "sampler_name": plan.sampler.name,
+        "scheduler": plan.scheduler.label,
+        "cfg_scale": body.cfg_scale,
+        "steps": body.steps,
+        "batch_size": body.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": manifest.model_name,
+        "sd_model_hash": manifest.model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": result.infotexts,
+        "styles": [],
+        "job_timestamp": result.job_timestamp,
+        "clip_skip": manifest.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": f"acertain-onnx {__version__}",
+        "interrupted": result.interrupted,
+    }
+
+
+@router.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["sdapi"])
+async def progress(ctx: Context, skip_current_image: bool = False) -> Any:
+    return ctx.worker.progress.snapshot(with_preview=not skip_current_image)
+
+
+@router.post("/sdapi/v1/interrupt", tags=["sdapi"])
+async def interrupt(ctx: Context) -> dict:
+    ctx.worker.interrupt()
+    return {}
+
+
+@router.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
+async def sd_models(ctx: Context) -> Any:
+    manifest = ctx.pipe.manifest
+    return [
+        SDModelItem(
+            title=model_title(manifest),
+            model_name=manifest.model_name,
+            hash=manifest.model_hash,
+            sha256=None,
+            filename=str(manifest.folder),
+            config=None,
+        )
+    ]
+
+
+@router.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
+async def samplers() -> Any:
+    return [SamplerItem(name=s.name, aliases=list(s.aliases), options=s.options) for s in SAMPLERS]
+
+
+@router.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem], tags=["sdapi"])
+async def schedulers() -> Any:
+    return [
+        SchedulerItem(
+            name=s.name,
+            label=s.label,
+            aliases=list(s.aliases) or None,
+            default_rho=s.default_rho,
+            need_inner_model=s.need_inner_model,
+        )
+        for s in SCHEDULERS
+    ]
+
+
+@router.get("/sdapi/v1/options", response_model=dict[str, Any], tags=["sdapi"])
+async def options(ctx: Context) -> Any:
+    """The A1111 settings this server has, read-only: per-request changes go in override_settings."""
+    manifest = ctx.pipe.manifest
+    return {
+        "sd_model_checkpoint": model_title(manifest),
+        "sd_checkpoint_hash": manifest.model_hash,
+        "CLIP_stop_at_last_layers": manifest.clip_skip,
+        "randn_source": "GPU",
+        "eta_noise_seed_delta": 0,
+        "eta_ancestral": 1.0,
+        "eta_ddim": 0.0,
+        "emphasis": "Original",
+        "comma_padding_backtrack": 20,
+        "samples_format": "png",
+        "sd_vae": "Automatic",
+    }
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["server"])
+async def health(ctx: Context) -> Any:
+    alive = ctx.worker.alive
+    body = HealthResponse(
+        status="ok" if alive else "unavailable", model=model_title(ctx.pipe.manifest), provider=ctx.pipe.provider,
+        queue=ctx.worker.status(), jobs=ctx.worker.job_counts(),
+    )  # fmt: skip
+    return body if alive else JSONResponse(body.model_dump(), status_code=503)

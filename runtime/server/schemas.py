@@ -1,0 +1,169 @@
+"""Request and response bodies, with AUTOMATIC1111's field names, defaults and shapes.
+
+A1111 builds its txt2img model from `StableDiffusionProcessingTxt2Img`'s constructor: every field
+is optional and an omitted one takes the processing default (steps 50, cfg_scale 7, 512x512,
+sampler "Euler"). The same defaults are used here. Differences, all on purpose:
+
+- Types are strict: `"steps": "28"`, `28.0` or `true` is a 422 naming the field, not a guess.
+  A JSON null counts as "omitted" (some clients send null for every field they do not set).
+- Fields that would change the image in ways this runtime cannot reproduce (hires fix, face
+  restoration, scripts, variation seeds...) are declared so that a non-default value is refused
+  with a 422 instead of being silently ignored. Other unknown fields are ignored, as A1111 does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import Limits
+
+_LIMITS = Limits()
+
+
+def _drop_nulls(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
+class OverrideSettings(BaseModel):
+    """A1111 settings a request may override. Other keys are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    CLIP_stop_at_last_layers: int | None = Field(
+        None, ge=1, description="Clip skip. Built into the exported text encoder: must equal the model's."
+    )
+    randn_source: Literal["GPU", "CPU", "NV"] | None = Field(
+        None, description='Noise source. "GPU" (default) and "NV" give the same noise: torch CUDA randn.'
+    )
+    eta_noise_seed_delta: int | None = Field(None, ge=0, description="ENSD; only ancestral samplers use it.")
+    sd_model_checkpoint: str | None = Field(None, description="If given, must name the loaded model.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def omit_nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img. Field names and defaults follow A1111's API."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str = Field("", max_length=_LIMITS.max_prompt_chars, description="A1111 syntax: (word:1.2), [word], BREAK")
+    negative_prompt: str = Field("", max_length=_LIMITS.max_prompt_chars)
+    seed: int = Field(-1, description="-1 picks a random seed; image i of the request uses seed + i")
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(7.0, ge=0, allow_inf_nan=False)
+    width: int = Field(512, ge=64, multiple_of=8)
+    height: int = Field(512, ge=64, multiple_of=8)
+    batch_size: int = Field(1, ge=1, description="Images per UNet call")
+    n_iter: int = Field(1, ge=1, description="Batches run one after another; seeds continue")
+    sampler_name: str | None = Field(None, description='"Euler a", "Euler", "DPM++ 2M", "DDIM" or an alias')
+    sampler_index: str = Field("Euler", description="A1111's legacy name for sampler_name")
+    scheduler: str = Field("Automatic", description='"Automatic", "Uniform", "Karras" or "Diffusers"')
+    override_settings: OverrideSettings = Field(default_factory=OverrideSettings)
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = Field(False, description="Accepted and ignored: this server never writes files")
+    eta: float | None = Field(None, allow_inf_nan=False, description="Only the samplers' own eta (1, DDIM 0)")
+    # Accepted only at their defaults (see the module docstring).
+    styles: list[str] = Field(default_factory=list)
+    subseed: int = -1
+    subseed_strength: float = Field(0.0, allow_inf_nan=False)
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    restore_faces: bool = False
+    tiling: bool = False
+    enable_hr: bool = False
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def omit_nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] | None = Field(None, description="Base64 PNGs carrying the A1111 'parameters' text")
+    parameters: dict[str, Any] = Field(description="The request with defaults filled in")
+    info: str = Field(description="JSON string: seed, all_seeds, infotexts, ... as A1111's Processed.js()")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 over all batches of the current job")
+    eta_relative: float = Field(description="Estimated seconds left")
+    state: ProgressState
+    current_image: str | None = Field(None, description="Base64 PNG preview (cheap latent approximation)")
+    textinfo: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+class SDModelItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class QueueInfo(BaseModel):
+    running: bool
+    waiting: int
+    capacity: int
+
+
+class JobCounts(BaseModel):
+    completed: int = 0
+    interrupted: int = 0
+    rejected: int = 0  # 429: queue full
+    dropped: int = 0  # client left while queued, or while running
+    failed: int = 0  # 5xx
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model: str
+    provider: str
+    queue: QueueInfo
+    jobs: JobCounts
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Kind of error, e.g. InvalidRequest, QueueFull")
+    detail: str = Field(description="What went wrong, naming the field")
+    field: str | None = Field(None, description="The offending request field, dotted for nested ones")
+    errors: list[dict[str, Any]] | None = Field(None, description="Every validation problem found")

@@ -1,0 +1,643 @@
+"""The A1111-compatible server (`python -m runtime.server`), driven over HTTP on loopback.
+
+Real server processes serve the tiny exported model with torch, transformers and diffusers made
+unimportable in them, so these tests also show that serving needs none of the torch stack.
+Two servers run for the whole module: `main` (HTTP Basic auth, room for long jobs, a queue of one)
+and `tight` (no auth, small limits, so fuzzed and bursty requests stay cheap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from runtime.errors import InvalidRequestError  # noqa: E402
+from runtime.metadata import read_infotext  # noqa: E402
+from runtime.pipeline import GenerationRequest, SampleResult  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_STACK = ("torch", "transformers", "diffusers", "optimum")
+# Start the server with the torch stack blocked: `import torch` anywhere in it raises ImportError.
+LAUNCHER = (
+    "import runpy, sys\n"
+    f"for name in {TORCH_STACK!r}: sys.modules[name] = None\n"
+    "runpy.run_module('runtime.server', run_name='__main__', alter_sys=True)\n"
+)
+AUTH = ("tester", "s3cret:with-colon")
+CLEAN_ENV = {name: value for name, value in os.environ.items() if name != "ACERTAIN_API_AUTH"}
+SMALL = {"width": 64, "height": 64}
+RECIPE = {
+    "prompt": "masterpiece, best quality, 1girl, (cat ears:1.2)",
+    "negative_prompt": "lowres, bad anatomy",
+    "steps": 28,
+    "sampler_name": "Euler a",
+    "cfg_scale": 11,
+    "seed": 114514,
+    "batch_size": 2,
+    **SMALL,
+    "override_settings": {"CLIP_stop_at_last_layers": 2},
+}
+# About 5 s per batch here; every test that starts it interrupts it within a few seconds.
+LONG_JOB = {"prompt": "a long job", "steps": 1000, "sampler_name": "Euler", "n_iter": 4, **SMALL}
+ANSWERS_WITHOUT_BUGS = {200, 400, 413, 422, 429, 503}
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self, auth: tuple[str, str] | None = None, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=auth, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_healthy(server: Server, auth: tuple[str, str] | None, seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}:\n{server.log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", auth=auth, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server not healthy after {seconds} s:\n{server.log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def start_server(tiny_fp32: Path, tmp_path_factory) -> Iterator:
+    started: list[Server] = []
+
+    def start(*args: str, auth: tuple[str, str] | None = None) -> Server:
+        port = _free_port()
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        command = [sys.executable, "-c", LAUNCHER, "--model", str(tiny_fp32), "--port", str(port)]
+        command += ["--provider", "cpu", "--threads", "1", *args]
+        with open(log, "wb") as sink:
+            process = subprocess.Popen(command, cwd=REPO, env=CLEAN_ENV, stdout=sink, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", process, log)
+        started.append(server)
+        _wait_healthy(server, auth)
+        return server
+
+    yield start
+    for server in started:
+        server.process.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def main(start_server) -> Server:
+    return start_server(
+        "--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--queue-size", "1", "--max-steps", "1000", auth=AUTH
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tight(start_server) -> Server:
+    return start_server(
+        "--queue-size", "2", "--max-steps", "8", "--max-pixels", "16384", "--max-batch", "2", "--max-images", "4",
+        "--max-body-bytes", "65536",
+    )  # fmt: skip
+
+
+def decode_png(data: str) -> tuple[np.ndarray, str | None]:
+    raw = base64.b64decode(data)
+    with Image.open(io.BytesIO(raw)) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    return pixels, read_infotext(raw)
+
+
+def post(client: httpx.Client, body: Any) -> httpx.Response:
+    return client.post("/sdapi/v1/txt2img", json=body)
+
+
+# -- the server process and its package -----------------------------------------------------------
+
+
+def test_server_package_never_imports_the_torch_stack() -> None:
+    code = (
+        "import sys, runtime.server.app, runtime.server.__main__\n"
+        f"loaded = [m for m in {TORCH_STACK!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--model", ".", "--api-auth", "nopassword"], "--api-auth"),
+        (["--model", ".", "--max-steps", "0"], "must be at least 1"),
+    ],
+)
+def test_cli_refuses_bad_arguments_in_one_line(args: list[str], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "runtime.server", *args],
+        cwd=REPO,
+        env=CLEAN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+# -- the recipe: same pixels as the library ---------------------------------------------------------
+
+
+def test_recipe_request_matches_the_library(main: Server, tiny_fp32: Path) -> None:
+    from runtime import Pipeline
+
+    with main.client(AUTH) as client:
+        answer = post(client, RECIPE)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    info = json.loads(body["info"])
+    assert info["seed"] == 114514 and info["all_seeds"] == [114514, 114515]
+    assert info["sampler_name"] == "Euler a" and info["clip_skip"] == 2 and info["steps"] == 28
+    assert body["parameters"]["cfg_scale"] == 11 and body["parameters"]["steps"] == 28
+    assert len(body["images"]) == 2 and len(info["infotexts"]) == 2
+
+    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
+    expected = pipe(
+        RECIPE["prompt"], RECIPE["negative_prompt"], 28, 11.0, 64, 64, 114514, 2,
+        sampler="euler_a", schedule="a1111", rng="nv",
+    )  # fmt: skip
+    assert expected.seeds == [114514, 114515]
+    for data, image, infotext in zip(body["images"], expected.images, expected.infotexts, strict=True):
+        pixels, parameters = decode_png(data)
+        assert pixels.shape == (64, 64, 3)
+        np.testing.assert_array_equal(pixels, np.asarray(image))
+        assert parameters == infotext
+    assert info["infotexts"] == expected.infotexts
+    assert "Seed: 114515" in info["infotexts"][1]
+
+
+# -- the other endpoints --------------------------------------------------------------------------
+
+
+def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
+    with main.client(AUTH) as client:
+        models = client.get("/sdapi/v1/sd-models").json()
+        samplers = client.get("/sdapi/v1/samplers").json()
+        schedulers = client.get("/sdapi/v1/schedulers").json()
+        options = client.get("/sdapi/v1/options").json()
+        health = client.get("/health").json()
+        progress = client.get("/sdapi/v1/progress").json()
+        schema = client.get("/openapi.json").json()
+    assert models[0]["model_name"] == "tiny-diffusers" and {"title", "hash", "filename"} <= set(models[0])
+    assert [s["name"] for s in samplers] == ["Euler a", "Euler", "DPM++ 2M", "DDIM"]
+    assert "k_euler_a" in samplers[0]["aliases"] and samplers[2]["options"] == {"scheduler": "karras"}
+    assert {s["label"] for s in schedulers} >= {"Automatic", "Uniform", "Karras"}
+    assert options["CLIP_stop_at_last_layers"] == 2 and options["sd_model_checkpoint"] == models[0]["title"]
+    assert health["status"] == "ok" and health["provider"] == "CPUExecutionProvider"
+    assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/health"} <= set(schema["paths"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "sampler", "schedule_type"),
+    [
+        ({"sampler_name": "Euler a"}, "Euler a", None),
+        ({"sampler_name": "k_euler"}, "Euler", None),
+        ({"sampler_name": "DPM++ 2M"}, "DPM++ 2M", "Karras"),  # A1111 1.9+: Automatic means Karras here
+        ({"sampler_name": "DPM++ 2M", "scheduler": "Uniform"}, "DPM++ 2M", None),
+        ({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "Karras"),
+        ({"sampler_name": "euler a", "scheduler": "karras"}, "Euler a", "Karras"),
+        ({"sampler_name": "DDIM", "scheduler": "Karras"}, "DDIM", None),  # A1111's DDIM ignores it
+        ({}, "Euler", None),  # A1111's default sampler
+        ({"sampler_name": None, "seed": None, "prompt": None}, "Euler", None),  # null = omitted
+    ],
+)
+def test_samplers_and_schedulers_map_like_a1111(tight: Server, extra: dict, sampler: str, schedule_type) -> None:
+    with tight.client() as client:
+        answer = post(client, {"steps": 4, **SMALL, **extra})
+    assert answer.status_code == 200, answer.text
+    infotext = json.loads(answer.json()["info"])["infotexts"][0]
+    assert f"Sampler: {sampler}," in infotext
+    assert (f"Schedule type: {schedule_type}" in infotext) if schedule_type else "Schedule type" not in infotext
+
+
+def test_n_iter_continues_the_seeds_and_rng_source_maps(tight: Server) -> None:
+    request = {"steps": 2, **SMALL, "seed": 7, "batch_size": 2, "n_iter": 2, "override_settings": {}}
+    with tight.client() as client:
+        gpu = post(client, {**request, "override_settings": {"randn_source": "GPU"}}).json()
+        nv = post(client, {**request, "override_settings": {"randn_source": "NV"}}).json()
+        cpu = post(client, {**request, "override_settings": {"randn_source": "CPU"}}).json()
+        random_seed = post(client, {"steps": 1, **SMALL, "seed": -1, "send_images": False}).json()
+    info = json.loads(gpu["info"])
+    assert info["all_seeds"] == [7, 8, 9, 10] and len(gpu["images"]) == 4
+    assert [decode_png(i)[0].tobytes() for i in gpu["images"]] == [decode_png(i)[0].tobytes() for i in nv["images"]]
+    assert decode_png(gpu["images"][0])[0].tobytes() != decode_png(cpu["images"][0])[0].tobytes()
+    assert "RNG: CPU" in json.loads(cpu["info"])["infotexts"][0]
+    assert random_seed["images"] == [] and 0 <= json.loads(random_seed["info"])["seed"] <= 4294967294
+
+
+# -- bad input: 4xx naming the field --------------------------------------------------------------
+
+VALID = {"steps": 4, **SMALL}
+BAD_BODIES = [
+    ({"steps": "4"}, 422, "steps"),
+    ({"steps": True}, 422, "steps"),
+    ({"steps": 4.0}, 422, "steps"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"width": 65}, 422, "width"),
+    ({"height": 100}, 422, "height"),
+    ({"width": 0}, 422, "width"),
+    ({"width": 256, "height": 256}, 422, "width"),  # over --max-pixels
+    ({"steps": 9}, 422, "steps"),  # over --max-steps
+    ({"steps": 0}, 422, "steps"),
+    ({"batch_size": 3}, 422, "batch_size"),  # over --max-batch
+    ({"batch_size": 2, "n_iter": 3}, 422, "n_iter"),  # over --max-images
+    ({"cfg_scale": -1}, 422, "cfg_scale"),
+    ({"cfg_scale": "high"}, 422, "cfg_scale"),
+    ({"sampler_name": "LMS"}, 422, "sampler_name"),
+    ({"sampler_name": 3}, 422, "sampler_name"),
+    ({"scheduler": "Exponential"}, 422, "scheduler"),
+    ({"scheduler": "Sideways"}, 422, "scheduler"),
+    ({"seed": -2}, 422, "seed"),
+    ({"seed": 2**32}, 422, "seed"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 1}}, 422, "override_settings.CLIP_stop_at_last_layers"),
+    ({"override_settings": {"randn_source": "TPU"}}, 422, "override_settings.randn_source"),
+    ({"override_settings": {"sd_model_checkpoint": "other-model"}}, 422, "override_settings.sd_model_checkpoint"),
+    ({"override_settings": []}, 422, "override_settings"),
+    ({"enable_hr": True}, 422, "enable_hr"),
+    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
+    ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
+    ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
+]
+
+
+@pytest.mark.parametrize(("change", "status", "field"), BAD_BODIES, ids=[str(case[0])[:40] for case in BAD_BODIES])
+def test_bad_fields_get_4xx_naming_the_field(tight: Server, change: dict, status: int, field: str) -> None:
+    with tight.client() as client:
+        answer = post(client, {**VALID, **change})
+    assert answer.status_code == status, answer.text
+    error = answer.json()
+    assert error["field"] == field and field.split(".")[-1] in error["detail"]
+
+
+def test_clip_skip_mismatch_says_what_to_do(tight: Server) -> None:
+    with tight.client() as client:
+        answer = post(client, {**VALID, "override_settings": {"CLIP_stop_at_last_layers": 1}})
+    assert "clip skip 2" in answer.json()["detail"] and "--clip-skip 1" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "field"),
+    [
+        (b'{"steps": 4,', 400, "body"),
+        (b"not json", 400, "body"),
+        (b"", 422, "body"),
+        (b"[1, 2]", 422, "body"),
+        (b'"text"', 422, "body"),
+        (b"null", 422, "body"),
+        # Python's json module reads these non-JSON literals: they must not reach the sampler.
+        (b'{"steps": 4, "width": 64, "height": 64, "cfg_scale": NaN}', 422, "cfg_scale"),
+        (b'{"steps": 4, "width": 64, "height": 64, "cfg_scale": -Infinity}', 422, "cfg_scale"),
+        (b'{"steps": 4, "width": 64, "height": 64, "eta": Infinity}', 422, "eta"),
+    ],
+)
+def test_malformed_bodies_get_4xx(tight: Server, content: bytes, status: int, field: str) -> None:
+    with tight.client() as client:
+        answer = client.post("/sdapi/v1/txt2img", content=content, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert answer.json()["field"] == field
+
+
+def test_a_body_without_json_content_type_is_told_so(tight: Server) -> None:
+    with tight.client() as client:
+        answer = client.post("/sdapi/v1/txt2img", content=b'{"steps": 4}', headers={"content-type": "text/plain"})
+    assert answer.status_code == 422 and "Content-Type: application/json" in answer.json()["detail"]
+
+
+def test_oversized_bodies_get_413(tight: Server) -> None:
+    big = json.dumps({**VALID, "prompt": "x" * 70_000}).encode()
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    with tight.client() as client:
+        declared = client.post("/sdapi/v1/txt2img", content=big, headers={"content-type": "application/json"})
+        streamed = client.post("/sdapi/v1/txt2img", content=chunked(), headers={"content-type": "application/json"})
+        assert client.get("/health").status_code == 200
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert declared.json()["field"] == "body"
+
+
+# -- load, queue, interrupt, disconnects ----------------------------------------------------------
+
+
+def test_burst_of_24_concurrent_requests_gets_200_or_429(tight: Server) -> None:
+    def one(index: int) -> httpx.Response:
+        with tight.client(timeout=120) as client:
+            return post(client, {"steps": 8, "batch_size": 2, **SMALL, "seed": index})
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(one, range(24)))
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert 200 in statuses
+    for answer in answers:
+        if answer.status_code == 429:
+            assert int(answer.headers["Retry-After"]) >= 1 and answer.json()["error"] == "QueueFull"
+        if answer.status_code == 200:
+            assert len(answer.json()["images"]) == 2
+    with tight.client() as client:
+        assert client.get("/health").json()["status"] == "ok"
+        assert post(client, VALID).status_code == 200
+
+
+def _start_long_job(server: Server) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        with server.client(AUTH, timeout=120) as client:
+            outcome["answer"] = post(client, LONG_JOB)
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until(client: httpx.Client, check, seconds: float = 30.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = check(client)
+        if state:
+            return state
+        time.sleep(0.05)
+    pytest.fail("condition not reached")
+
+
+def _sampling(client: httpx.Client) -> dict | None:
+    progress = client.get("/sdapi/v1/progress").json()
+    return progress if progress["state"]["sampling_step"] > 5 else None
+
+
+def test_progress_and_interrupt(main: Server) -> None:
+    thread, outcome = _start_long_job(main)
+    with main.client(AUTH) as client:
+        progress = _wait_until(client, _sampling)
+        assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+        assert progress["state"]["job"] == "txt2img" and progress["state"]["sampling_steps"] == 1000
+        assert progress["state"]["job_count"] == 4
+        preview, _ = decode_png(progress["current_image"])
+        assert preview.shape == (8, 8, 3)  # latent resolution
+        assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+        assert client.post("/sdapi/v1/interrupt").json() == {}
+        thread.join(60)
+        after = client.get("/sdapi/v1/progress").json()
+    answer = outcome["answer"]
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    # Stopped at the next step: one image (the second batch never ran), last clean prediction.
+    assert info["interrupted"] is True and len(answer.json()["images"]) == 1
+    assert decode_png(answer.json()["images"][0])[0].shape == (64, 64, 3)
+    assert after["state"]["job_count"] == 0
+
+
+def _one_waiting(client: httpx.Client) -> bool:
+    return client.get("/health").json()["queue"]["waiting"] == 1
+
+
+def _dropped_more_than(count: int):
+    def check(client: httpx.Client) -> dict | None:
+        health = client.get("/health").json()
+        return health if health["jobs"]["dropped"] > count else None
+
+    return check
+
+
+def test_full_queue_gets_429_and_a_client_that_leaves_is_dropped(main: Server) -> None:
+    left: dict = {}
+
+    def leave_early() -> None:  # queued behind the long job (the queue holds one); gives up after 3 s
+        try:
+            with main.client(AUTH, timeout=3) as impatient:
+                left["answer"] = post(impatient, {"prompt": "never computed", "steps": 3, **SMALL})
+        except httpx.ReadTimeout:
+            left["timed_out"] = True
+
+    with main.client(AUTH) as client:
+        before = client.get("/health").json()["jobs"]
+        thread, outcome = _start_long_job(main)
+        _wait_until(client, _sampling)
+        leaver = threading.Thread(target=leave_early)
+        leaver.start()
+        _wait_until(client, _one_waiting)
+        full = post(client, {"steps": 3, **SMALL})
+        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+        leaver.join(30)
+        health = _wait_until(client, _dropped_more_than(before["dropped"]))
+        assert health["queue"]["waiting"] == 0 and health["queue"]["running"]
+        client.post("/sdapi/v1/interrupt")
+        thread.join(60)
+        after = client.get("/health").json()["jobs"]
+    assert left == {"timed_out": True}
+    assert outcome["answer"].status_code == 200
+    assert after["dropped"] == before["dropped"] + 1 and after["rejected"] == before["rejected"] + 1
+    assert after["completed"] == before["completed"]  # the dropped job was never computed
+
+
+def test_every_endpoint_needs_basic_auth(main: Server) -> None:
+    paths = ["/health", "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/openapi.json", "/docs"]
+    with main.client() as anonymous, main.client(("tester", "wrong")) as wrong, main.client(AUTH) as right:
+        for path in paths:
+            for client in (anonymous, wrong):
+                answer = client.get(path)
+                assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Basic")
+            assert right.get(path).status_code == 200
+        assert anonymous.post("/sdapi/v1/txt2img", json=RECIPE).status_code == 401
+        assert anonymous.post("/sdapi/v1/interrupt").status_code == 401
+
+
+# -- schema-driven fuzzing: no 5xx, ever ------------------------------------------------------------
+
+
+def _from_schema(schema: dict, components: dict) -> st.SearchStrategy:
+    """Values that mostly fit one property of the OpenAPI schema, near its bounds."""
+    if "$ref" in schema:
+        target = components[schema["$ref"].rsplit("/", 1)[-1]]
+        return st.fixed_dictionaries(
+            {}, optional={k: _from_schema(v, components) for k, v in target["properties"].items()}
+        )
+    if "anyOf" in schema:
+        return st.one_of([_from_schema(option, components) for option in schema["anyOf"]])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    low = int(schema.get("minimum", -(2**33)))
+    if kind == "integer":
+        return st.one_of(st.integers(low - 2, low + 140), st.integers(-(2**40), 2**40), st.sampled_from([64, 128]))
+    if kind == "number":
+        return st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+    if kind == "string":
+        return st.one_of(st.text(max_size=30), st.sampled_from(["Euler a", "DPM++ 2M Karras", "Karras", "NV"]))
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    return JSON_VALUES
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**34), 2**34)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@pytest.fixture(scope="module")
+def txt2img_bodies(tight: Server) -> st.SearchStrategy:
+    with tight.client() as client:
+        schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    request_ref = schema["paths"]["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    properties = components[request_ref["$ref"].rsplit("/", 1)[-1]]["properties"]
+    fields = {name: st.one_of(_from_schema(spec, components), JSON_VALUES) for name, spec in properties.items()}
+    # Small valid sizes and steps most of the time, so that many bodies get through to the worker.
+    cheap = st.fixed_dictionaries({"width": st.just(64), "height": st.just(64), "steps": st.integers(1, 8)})
+    return st.tuples(cheap, st.fixed_dictionaries({}, optional=fields)).map(lambda pair: {**pair[0], **pair[1]})
+
+
+FUZZ = settings(
+    max_examples=120, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)  # fmt: skip
+
+
+def test_fuzzed_requests_never_get_a_5xx(tight: Server, txt2img_bodies: st.SearchStrategy) -> None:
+    with tight.client() as client:
+
+        @FUZZ
+        @given(body=txt2img_bodies)
+        def fuzz(body: dict) -> None:
+            answer = post(client, body)
+            assert answer.status_code in ANSWERS_WITHOUT_BUGS, (body, answer.text)
+            if answer.status_code >= 400:
+                assert answer.json()["detail"]
+
+        @FUZZ
+        @given(raw=st.binary(max_size=200) | JSON_VALUES.map(lambda v: json.dumps(v).encode()))
+        def fuzz_raw(raw: bytes) -> None:
+            answer = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
+            assert answer.status_code in ANSWERS_WITHOUT_BUGS, (raw, answer.text)
+
+        fuzz()
+        fuzz_raw()
+        assert client.get("/health").json()["jobs"]["failed"] == 0
+    assert "Traceback" not in tight.log.read_text()
+
+
+# -- the worker survives whatever a job raises (no server needed) ---------------------------------
+
+
+class _FlakyPipe:
+    """Fails the jobs whose prompt says so, succeeds otherwise."""
+
+    def sample(self, request: GenerationRequest, callback=None, cancel_event=None) -> SampleResult:
+        failures = {"bug": RuntimeError("boom"), "oom": RuntimeError("Failed to allocate memory for requested buffer")}
+        if request.prompt in failures:
+            raise failures[request.prompt]
+        if request.prompt == "user":
+            raise InvalidRequestError("steps", "too many for this model")
+        callback(1, 1, np.zeros((1, 4, 8, 8), np.float32))
+        return SampleResult(np.zeros((1, 4, 8, 8), np.float32), False, False)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return np.zeros((len(latents), 64, 64, 3), np.float32)
+
+    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
+        return f"{request.prompt}\nSeed: {seed}"
+
+
+def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
+    from runtime.server.jobs import Job, JobFailure, JobResult, Worker
+    from runtime.server.mapping import SAMPLERS, SCHEDULERS, Plan
+
+    def plan(prompt: str) -> Plan:
+        request = GenerationRequest(prompt, "", 1, 7.0, 64, 64, [1], "euler", "a1111", "nv", 0)
+        return Plan((request,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
+
+    async def run() -> list:
+        worker = Worker(_FlakyPipe(), queue_size=8)
+        worker.start()
+        jobs = [Job.create(plan(prompt)) for prompt in ("bug", "oom", "user", "fine")]
+        for job in jobs:
+            worker.submit(job)
+        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        worker.stop()
+        return outcomes
+
+    bug, oom, user, fine = asyncio.run(run())
+    assert isinstance(bug, JobFailure) and bug.status == 500
+    assert isinstance(oom, JobFailure) and oom.status == 503
+    assert isinstance(user, JobFailure) and user.status == 422 and user.field == "steps"
+    assert isinstance(fine, JobResult) and len(fine.images) == 1
+
+
+def test_mapping_rules() -> None:
+    from runtime.server.mapping import find_sampler, library_schedule
+
+    def resolve(name: str, scheduler: str = "Automatic") -> tuple[str, str]:
+        sampler, found = find_sampler(name, scheduler)
+        return sampler.key, library_schedule(sampler, found)
+
+    assert resolve("Euler a") == ("euler_a", "a1111")
+    assert resolve("k_euler_ancestral") == ("euler_a", "a1111")
+    assert resolve("euler_ancestral", "Karras") == ("euler_a", "karras")
+    assert resolve("DPM++ 2M") == ("dpmpp_2m", "karras")
+    assert resolve("dpm++ 2m", "uniform") == ("dpmpp_2m", "a1111")
+    assert resolve("DPM++ 2M Karras", "Uniform") == ("dpmpp_2m", "karras")  # the suffix wins, as in A1111
+    assert resolve("DDIM", "Karras") == ("ddim", "a1111")
+    assert resolve("Euler", "Diffusers") == ("euler", "model")
+    with pytest.raises(InvalidRequestError) as error:
+        resolve("DPM++ 2M SGM Uniform")
+    assert error.value.field == "scheduler"
