@@ -355,3 +355,22 @@ def test_cli_refuses_a_non_empty_output(tiny_source, tmp_path):
     result = _run_cli(["--model", str(tiny_source["diffusers"]), "--output", str(out)])
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_graph_that_overflows_in_fp16_is_kept_in_fp32(tmp_path):
+    """Activations past float16's 65504 make the fp16 VAE decoder return inf; export keeps that
+    graph in fp32, says so in the manifest, and the runtime serves the mixed folder."""
+    from export.random_model import build_random_pipeline, save_diffusers_folder
+    from runtime import Pipeline
+
+    pipe = build_random_pipeline("tiny", seed=3)
+    with torch.no_grad():
+        pipe.vae.post_quant_conv.weight.mul_(1e6)
+    source = save_diffusers_folder(pipe, tmp_path / "src", "tiny")
+    out = tmp_path / "out"
+    run_export(ExportOptions(model=str(source), output=out, precision="fp16", vae_encoder=False))
+    graphs = read_manifest(out).raw["graphs"]
+    assert graphs["vae_decoder"]["precision"] == "fp32" and "kept fp32" in graphs["vae_decoder"]["validation"]["note"]
+    assert graphs["unet"]["precision"] == graphs["text_encoder"]["precision"] == "fp16"
+    image = Pipeline.from_pretrained(out, provider="cpu")("1girl", seed=1, width=64, height=64, num_inference_steps=2)
+    assert image.images[0].size == (64, 64)
