@@ -8,6 +8,7 @@ half-written folder that looks finished, and an existing output is replaced only
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -193,17 +194,13 @@ class _GraphJob:
         return files, result
 
 
-def export_graph(
-    spec: graphs.GraphSpec, staging: Path, options: ExportOptions, report: GraphReport
-) -> tuple[list[str], ValidationResult, str]:
-    """Export, optimize, save and validate one graph. fp16 graphs that overflow or miss the
-    tolerance are kept in fp32 (recorded in the manifest) rather than shipped wrong."""
+def plan_graph(spec: graphs.GraphSpec, staging: Path, options: ExportOptions, report: GraphReport) -> _GraphJob:
     work = staging / "_work" / spec.name
     provider = available_provider(options.target)
     # CUDA-only fusions cannot run on the CPU provider: without a GPU, validate a twin graph made
     # from the same weights and precision with the CPU-runnable fusions only.
     twin = options.target == "cuda" and provider != "CUDAExecutionProvider"
-    job = _GraphJob(
+    return _GraphJob(
         spec=spec,
         fp32_path=work / "fp32" / "model.onnx",
         final_path=staging / layout.graph_path(spec.name),
@@ -212,9 +209,15 @@ def export_graph(
         twin_path=work / "twin" / "model.onnx" if twin else None,
         report=report,
     )
-    notes = ["validated on a CPU-runnable twin (same weights and precision, no CUDA-only fusions)"] if twin else []
-    _timed(report, "export", lambda: graphs.export_fp32(spec, job.fp32_path))
-    precision = options.precision
+
+
+def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationResult, str]:
+    """Optimize, save and validate one exported graph. fp16 graphs that overflow or miss the
+    tolerance are kept in fp32 (recorded in the manifest) rather than shipped wrong."""
+    spec, report = job.spec, job.report
+    notes = (
+        ["validated on a CPU-runnable twin (same weights and precision, no CUDA-only fusions)"] if job.twin_path else []
+    )
     files, result = job.build(precision)
     if precision == "fp16" and not result.passed:
         problem = "overflows" if not result.finite else "is not accurate enough"
@@ -235,13 +238,36 @@ def export_graph(
     return files, result, note
 
 
-def component_configs(pipe) -> dict[str, dict[str, Any]]:
-    return {
-        "text_encoder": pipe.text_encoder.config.to_dict(),
-        "unet": dict(pipe.unet.config),
-        "vae_decoder": dict(pipe.vae.config),
-        "vae_encoder": dict(pipe.vae.config),
-    }
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the manifest and the component configs need from the torch pipeline, kept so that the
+    pipeline's weights can be released before the memory-hungry ONNX stage."""
+
+    configs: dict[str, dict[str, Any]]
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    latent_channels: int
+    text_width: int
+    text_max_length: int
+    default_image_size: int
+
+    @classmethod
+    def of(cls, pipe) -> ModelFacts:
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return cls(
+            configs={
+                "text_encoder": pipe.text_encoder.config.to_dict(),
+                "unet": dict(pipe.unet.config),
+                "vae_decoder": dict(pipe.vae.config),
+                "vae_encoder": dict(pipe.vae.config),
+            },
+            vae_scale_factor=vae_scale,
+            vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+            latent_channels=int(pipe.unet.config.in_channels),
+            text_width=int(pipe.text_encoder.config.hidden_size),
+            text_max_length=int(pipe.text_encoder.config.max_position_embeddings),
+            default_image_size=int(pipe.unet.config.sample_size) * vae_scale,
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -264,10 +290,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def manifest(source: LoadedSource, options: ExportOptions, entries: dict[str, dict]) -> dict[str, Any]:
-    pipe = source.pipe
-    vae_levels = len(pipe.vae.config.block_out_channels)
-    vae_scale = 2 ** (vae_levels - 1)
+def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, entries: dict[str, dict]) -> dict:
     return {
         "format": layout.FORMAT_NAME,
         "format_version": layout.FORMAT_VERSION,
@@ -279,12 +302,12 @@ def manifest(source: LoadedSource, options: ExportOptions, entries: dict[str, di
         "target": options.target,
         "clip_skip": options.clip_skip,
         "opset": graphs.OPSET,
-        "vae_scale_factor": vae_scale,
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
-        "latent_channels": int(pipe.unet.config.in_channels),
-        "text_width": int(pipe.text_encoder.config.hidden_size),
-        "text_max_length": int(pipe.text_encoder.config.max_position_embeddings),
-        "default_image_size": int(pipe.unet.config.sample_size) * vae_scale,
+        "vae_scale_factor": facts.vae_scale_factor,
+        "vae_scaling_factor": facts.vae_scaling_factor,
+        "latent_channels": facts.latent_channels,
+        "text_width": facts.text_width,
+        "text_max_length": facts.text_max_length,
+        "default_image_size": facts.default_image_size,
         "graphs": entries,
         "library_versions": library_versions(),
     }
@@ -306,6 +329,28 @@ def move_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def export_torch_graphs(
+    source: LoadedSource, options: ExportOptions, tokenizer: ClipTokenizer, staging: Path, reports: list[GraphReport]
+) -> list[_GraphJob]:
+    """The torch stage: validation references and fp32 ONNX files for every graph. Then the torch
+    weights are released: the ONNX stage (optimizer, float16 conversion, validation sessions) holds
+    copies of the full-size UNet of its own, and the two stages together would not fit in 24 GB."""
+    specs = build_specs(source, options, tokenizer)
+    jobs = []
+    for spec in specs:
+        log.info("tracing %s", spec.name)
+        report = GraphReport(spec.name, options.precision)
+        reports.append(report)
+        job = plan_graph(spec, staging, options, report)
+        _timed(report, "export", lambda job=job: graphs.export_fp32(job.spec, job.fp32_path))
+        jobs.append(job)
+    for spec in specs:
+        spec.module = None
+    source.pipe = None
+    gc.collect()
+    return jobs
+
+
 def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
     started = time.perf_counter()
     check_options(options)
@@ -318,23 +363,22 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
     reports: list[GraphReport] = []
     try:
         tokenizer = write_tokenizer(source, staging)
-        specs = build_specs(source, options, tokenizer)
+        facts = ModelFacts.of(source.pipe)
+        jobs = export_torch_graphs(source, options, tokenizer, staging, reports)
         entries = {}
-        for index, spec in enumerate(specs):
+        for index, job in enumerate(jobs):
             if progress:
-                progress(spec.name, index, len(specs))
-            report = GraphReport(spec.name, options.precision)
-            reports.append(report)
-            files, result, note = export_graph(spec, staging, options, report)
-            entries[spec.name] = graph_entry(staging, spec.name, files, result, note)
-            log.info("%s done in %.1f s", spec.name, sum(report.seconds.values()))
+                progress(job.spec.name, index, len(jobs))
+            files, result, note = finish_graph(job, options.precision)
+            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note)
+            log.info("%s done in %.1f s", job.spec.name, sum(job.report.seconds.values()))
         shutil.rmtree(staging / "_work")
         write_json(staging / layout.SCHEDULER_CONFIG, source.scheduler_config)
-        for name, config in component_configs(source.pipe).items():
+        for name, config in facts.configs.items():
             if name in entries:
                 write_json(staging / name / "config.json", config)
         write_json(staging / "model_index.json", model_index(options))
-        write_json(staging / layout.MANIFEST_FILE, manifest(source, options, entries))
+        write_json(staging / layout.MANIFEST_FILE, manifest(source, facts, options, entries))
         move_into_place(staging, output)
     except OSError as error:
         if error.errno == errno.ENOSPC:

@@ -60,7 +60,7 @@ class ValidationCase:
 @dataclass
 class GraphSpec:
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # released once the fp32 graph is written
     trace_inputs: dict[str, torch.Tensor]
     output_name: str
     dynamic_axes: dict[str, dict[int, str]]
@@ -245,10 +245,24 @@ def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:
                 dim.dim_value = size
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers held in the proto. (`ModelProto.ByteSize()` itself raises with
+    protobuf 7 once a model passes 2 GB, which is the case it is needed for.)"""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            total += onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * max(
+                len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data), len(tensor.double_data)
+            )
+    return total
+
+
 def save_graph(model: onnx.ModelProto, path: Path) -> list[str]:
     """Write the graph (weights external when over the protobuf limit); return the files written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))
         return [path.name]
     onnx.save_model(
