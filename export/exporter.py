@@ -7,6 +7,8 @@ half-written folder that looks finished, and an existing output is replaced only
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import gc
 import json
@@ -116,9 +118,11 @@ def describe_values(values) -> list[dict[str, Any]]:
 def graph_entry(folder: Path, name: str, files: list[str], result: ValidationResult, note: str) -> dict[str, Any]:
     graph_file = folder / layout.graph_path(name)
     model = onnx.load(str(graph_file), load_external_data=False)
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
     return {
         "path": str(layout.graph_path(name)),
         "precision": result.precision,
+        "compute_dtype": metadata[f"{layout.METADATA_PREFIX}compute"],
         "inputs": describe_values(model.graph.input),
         "outputs": describe_values(model.graph.output),
         "sha256": file_sha256(graph_file),
@@ -189,7 +193,8 @@ class _GraphJob:
         checked = self.final_path
         if self.twin_path is not None:
             checked = self.twin_path
-            graphs.save_graph(graphs.optimize(self.fp32_path, self.spec, "cpu", precision), checked)
+            twin = graphs.optimize(self.fp32_path, self.spec, "cpu", precision, fp16_compute=True)
+            graphs.save_graph(twin, checked)
         result = _timed(self.report, "validate", lambda: validate_graph(checked, self.spec, precision, self.provider))
         return files, result
 
@@ -347,8 +352,16 @@ def export_torch_graphs(
     for spec in specs:
         spec.module = None
     source.pipe = None
-    gc.collect()
+    release_memory()
     return jobs
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap back to the system: glibc keeps it otherwise, and the next
+    stage's peak would stack on top of this one's."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
@@ -371,6 +384,7 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
                 progress(job.spec.name, index, len(jobs))
             files, result, note = finish_graph(job, options.precision)
             entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note)
+            release_memory()
             log.info("%s done in %.1f s", job.spec.name, sum(job.report.seconds.values()))
         shutil.rmtree(staging / "_work")
         write_json(staging / layout.SCHEDULER_CONFIG, source.scheduler_config)

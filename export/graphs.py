@@ -9,16 +9,20 @@ TorchScript exporter produces the graph patterns that onnxruntime's SD fusions a
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from runtime.model_folder import (
+    METADATA_PREFIX,
     TEXT_INPUT,
     TEXT_OUTPUT,
     UNET_CONTEXT,
@@ -204,26 +208,88 @@ def fusion_options(optimizer_type: str, target: str):
     return options
 
 
-def optimize(fp32_path: Path, spec: GraphSpec, target: str, precision: str) -> onnx.ModelProto:
-    """ONNX Runtime's transformers optimizer, then (fp16) its float16 converter. `target` picks the
-    fusions: "cpu" keeps only ops the CPU provider has kernels for, "cuda" adds GroupNorm,
-    BiasSplitGelu, packed attention and NHWC convolutions."""
+def optimize(
+    fp32_path: Path, spec: GraphSpec, target: str, precision: str, fp16_compute: bool | None = None
+) -> onnx.ModelProto:
+    """ONNX Runtime's transformers optimizer, then fp16. `target` picks the fusions ("cpu" keeps
+    only ops the CPU provider has kernels for, "cuda" adds GroupNorm, BiasSplitGelu, packed
+    attention and NHWC convolutions) and what fp16 means:
+
+    - cuda: fp16 arithmetic, by onnxruntime's float16 converter (the GPU's fast path);
+    - cpu: fp16 weights, fp32 arithmetic. ORT's CPU provider has no fp16 convolution or matrix
+      kernels: fp16 arithmetic there is the slowest option measured and, with ORT's default load
+      folds, the most memory-hungry (benchmarks/README.md). Stored fp16, cast on use, the weights
+      take half the memory at 10-15% of the fp32 graph's speed.
+
+    `fp16_compute` overrides the second choice: the CPU-runnable twin of a CUDA graph computes in
+    fp16 like the graph it stands in for.
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(
-        str(fp32_path),
-        model_type=spec.optimizer_type,
-        num_heads=0,  # deduced from the graph
-        hidden_size=0,
-        opt_level=0,  # our own fusions only: ORT's runtime-level optimizations run at session load
-        optimization_options=fusion_options(spec.optimizer_type, target),
-        use_gpu=target == "cuda",
-    )
-    log.debug("%s fused operators: %s", spec.name, model.get_fused_operator_statistics())
-    if precision == "fp16":
-        model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io)
+    # The weights stay on disk while the optimizer works: its symbolic shape inference copies the
+    # whole model several times (a full-size UNet peaked at 21 GB with the weights loaded). Fusions
+    # that read a weight (Attention packs Q/K/V) load just that one, from paths relative to the
+    # exported file's folder.
+    weightless = onnx.load(str(fp32_path), load_external_data=False)
+    with working_directory(fp32_path.parent):
+        model = optimize_model(
+            weightless,
+            model_type=spec.optimizer_type,
+            num_heads=0,  # deduced from the graph
+            hidden_size=0,
+            opt_level=0,  # our own fusions only: ORT's runtime-level optimizations run at session load
+            optimization_options=fusion_options(spec.optimizer_type, target),
+            use_gpu=target == "cuda",
+        )
+        log.debug("%s fused operators: %s", spec.name, model.get_fused_operator_statistics())
+        fp16_compute = target == "cuda" if fp16_compute is None else fp16_compute
+        if precision == "fp16" and fp16_compute:
+            model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io)
+        elif precision == "fp16":
+            store_weights_fp16(model.model)
+        onnx.load_external_data_for_model(model.model, ".")
     set_output_shape(model.model, spec)
+    describe_precision(model.model, spec.name, precision, "float16" if fp16_compute else "float32")
     return model.model
+
+
+@contextmanager
+def working_directory(folder: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def store_weights_fp16(model: onnx.ModelProto, min_elements: int = 4096) -> None:
+    """Keep every large float weight as fp16 and recreate its fp32 value with a Cast node. The casts
+    come first in the node list: ORT's default execution order then runs each just before the
+    weight is needed and frees it after (measured: full-size UNet peak 2.15 GB against 3.5 GB fp32).
+    Small tensors (norms, biases; under 16 KB in fp32) stay fp32: no memory worth a cast."""
+    casts = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or np.prod(tensor.dims) < min_elements:
+            continue
+        name = tensor.name
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name=f"{name}_fp16")
+        tensor.CopyFrom(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [name], to=onnx.TensorProto.FLOAT, name=f"{name}_cast"))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(casts + nodes)
+
+
+def describe_precision(model: onnx.ModelProto, graph: str, precision: str, compute: str) -> None:
+    """Written into the graph itself so the runtime can tell a graph of the wrong precision from
+    the manifest's word without hashing gigabytes at every load."""
+    values = {"graph": graph, "precision": precision, "compute": compute if precision == "fp16" else "float32"}
+    entries = {entry.key: entry for entry in model.metadata_props}
+    for key, value in values.items():
+        key = f"{METADATA_PREFIX}{key}"
+        entry = entries.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:

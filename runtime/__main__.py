@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
     parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument(
+        "--optimized-cache",
+        action="store_true",
+        help="save ORT's optimized graphs at the first load and reuse them (fp32 on CPU: faster start, more disk)",
+    )
     parser.add_argument("--output", type=Path, default=Path("out.png"), help="PNG path; batches add -1, -2, ...")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     resolve_provider(args.provider)
     paths = output_paths(args.output, len(request.seeds))
     check_writable(paths)
-    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, threads=args.threads)
+    pipe = Pipeline.from_pretrained(
+        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
+    )
     with tqdm(total=request.steps, desc="sampling", unit="step") as bar:
         result = pipe.sample(request, callback=lambda step, total, latents: bar.update(1))
     pixels = pipe.decode(result.latents)

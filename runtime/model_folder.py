@@ -35,6 +35,9 @@ UNET_SAMPLE, UNET_TIMESTEP, UNET_CONTEXT, UNET_OUTPUT = (
 VAE_DECODER_INPUT, VAE_DECODER_OUTPUT = "latent_sample", "sample"
 VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUT = "sample", "latent_parameters"
 
+# Keys of the metadata the exporter writes into every graph (graph name, precision, compute dtype).
+METADATA_PREFIX = "acertain_onnx."
+
 ONNX_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",

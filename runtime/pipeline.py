@@ -191,9 +191,21 @@ class Pipeline:
         provider: str = "auto",
         threads: int | None = None,
         cuda_graph: bool = False,
+        optimized_cache: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> Pipeline:
+        """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
+        graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
+        `cache_dir`, default ~/.cache/acertain-onnx/optimized)."""
         manifest = read_manifest(folder)
-        sessions = load_sessions(manifest, SessionConfig(provider=provider, threads=threads, cuda_graph=cuda_graph))
+        config = SessionConfig(
+            provider=provider,
+            threads=threads,
+            cuda_graph=cuda_graph,
+            optimized_cache=optimized_cache,
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        )
+        sessions = load_sessions(manifest, config)
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
         return cls(manifest, sessions, tokenizer, read_scheduler_config(manifest.folder))
 

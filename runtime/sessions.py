@@ -6,8 +6,12 @@ Sessions are created once per Pipeline and reused for every request.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import onnxruntime as ort
 
 from .errors import InvalidRequestError, ModelFolderError
 from .model_folder import (
+    METADATA_PREFIX,
     ONNX_DTYPES,
     UNET_CONTEXT,
     UNET_OUTPUT,
@@ -30,19 +35,30 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+CACHE_MIN_BYTES = 64 * 2**20  # smaller graphs optimize in well under a second: not worth a saved copy
+# The ORT optimizers that turn fp16 weights into fp32 copies at load (CPU provider).
+FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFolding")
+# fp16 graphs whose weights stay fp16 on the CPU provider: the big-weight, low-arithmetic ones. The
+# VAE decoder (95 MB in fp16) runs image-sized convolutions and is faster with fp32 copies.
+LEAN_FP16_GRAPHS = ("text_encoder", "unet")
 _warned_cpu_fallback = False
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     """How sessions are made. `threads` None lets onnxruntime use one thread per physical core.
-    `optimized_cache` saves the graph ORT optimized at load (next loads skip that work)."""
+    `optimized_cache` (opt-in; CPU provider, fp32 graphs of at least 64 MiB): the first load saves the graph
+    that ORT optimized (fusions, NCHWc convolution layout) under `cache_dir`, and later loads read it
+    back instead of optimizing again (full-size UNet: 1 s instead of 6 s). `cache_dir` None means
+    $ACERTAIN_ONNX_CACHE or ~/.cache/acertain-onnx/optimized; ACERTAIN_ONNX_OPTIMIZED_CACHE=0 turns
+    the cache off. CUDA graphs, when asked for, are used by the UNet session only."""
 
     provider: str = "auto"
     threads: int | None = None
     cuda_graph: bool = False
     optimized_cache: bool = False
     device_id: int = 0
+    cache_dir: Path | None = None
 
 
 def resolve_provider(requested: str) -> str:
@@ -73,7 +89,13 @@ def warn_cpu_fallback(requested: str, provider: str) -> None:
         _warned_cpu_fallback = True
 
 
-def session_options(config: SessionConfig, graph_path: Path, provider: str) -> ort.SessionOptions:
+def session_options(
+    config: SessionConfig, graph_path: Path, provider: str, fp16_weights: bool = False
+) -> ort.SessionOptions:
+    """Options for one graph. fp16 graphs on the CPU provider: the CPU has no fp16 convolution or
+    matrix kernels, and by default ORT turns every fp16 weight into an fp32 copy at load (a full-size
+    UNet then peaks at 5.9 GB, more than its fp32 graph's 3.5 GB). Those weight folds are switched
+    off here (`cpu_lean_fp16`) so the weights stay fp16 in memory and each is cast just before use."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -81,52 +103,183 @@ def session_options(config: SessionConfig, graph_path: Path, provider: str) -> o
     if config.threads:
         options.intra_op_num_threads = config.threads
     options.inter_op_num_threads = 1
-    if config.optimized_cache:
-        cache = graph_path.with_name(f"model.{provider_tag(provider)}.ort-optimized.onnx")
-        if cache.is_file():
-            # Already optimized for this provider: skip the optimization pass at load.
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        else:
-            options.optimized_model_filepath = str(cache)
+    if provider == CPU and fp16_weights:
+        # Without a memory pattern each cast weight's buffer is reused as soon as it is consumed.
+        options.enable_mem_pattern = False
     return options
+
+
+def cpu_lean_fp16(graph_computes_fp16: bool) -> tuple[list[str], ort.ExecutionOrder]:
+    """(disabled optimizers, execution order) that keep fp16 weights fp16 on the CPU provider.
+    ORT schedules the casts it inserts around fp16 nodes just in time only in priority order; a
+    graph that computes in fp32 from fp16 weights (its casts first in the node list) does so in
+    the default order."""
+    order = ort.ExecutionOrder.PRIORITY_BASED if graph_computes_fp16 else ort.ExecutionOrder.DEFAULT
+    return list(FP16_WEIGHT_FOLDS), order
 
 
 def provider_tag(provider: str) -> str:
     return "cuda" if provider == CUDA else "cpu"
 
 
-def provider_list(provider: str, config: SessionConfig) -> list:
+def provider_list(provider: str, config: SessionConfig, cuda_graph: bool | None = None) -> list:
     if provider == CUDA:
-        cuda_options = {"device_id": config.device_id, "enable_cuda_graph": "1" if config.cuda_graph else "0"}
+        graphs = config.cuda_graph if cuda_graph is None else cuda_graph
+        cuda_options = {"device_id": config.device_id, "enable_cuda_graph": "1" if graphs else "0"}
         return [(CUDA, cuda_options), CPU]
     return [CPU]
+
+
+# ---------------------------------------------------------------------------------------------
+# saved optimized graphs (CPU)
+
+
+def _cache_root(config: SessionConfig) -> Path:
+    if config.cache_dir is not None:
+        return Path(config.cache_dir)
+    if os.environ.get("ACERTAIN_ONNX_CACHE"):
+        return Path(os.environ["ACERTAIN_ONNX_CACHE"])
+    return Path.home() / ".cache" / "acertain-onnx" / "optimized"
+
+
+def _cpu_signature() -> str:
+    """ORT's CPU-optimized graphs depend on the instruction set (the NCHWc block size follows the
+    vector width), so a cache made on one processor is never read on another."""
+    flags = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags += line
+                break
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _graph_files(path: Path) -> list[Path]:
+    return [path, *(item for item in path.parent.glob("*.onnx_data") if item.is_file())]
+
+
+class OptimizedCache:
+    """One graph's saved optimized form: <root>/<key>/model.onnx (+ model.onnx.data), keyed by the
+    graph's files (name, size, modification time), ORT's version and the processor. Written into
+    a private folder and renamed into place, so concurrent first loads never see half a file."""
+
+    def __init__(self, info: GraphInfo, config: SessionConfig) -> None:
+        digest = hashlib.sha256(f"{info.sha256} ort={ort.__version__} cpu={_cpu_signature()}".encode())
+        for item in _graph_files(info.path):
+            stat = item.stat()
+            digest.update(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        self.folder = _cache_root(config) / f"{info.name}-{digest.hexdigest()[:20]}"
+        self.graph = self.folder / "model.onnx"
+
+    @staticmethod
+    def wanted(info: GraphInfo, config: SessionConfig, provider: str, fp16_weights: bool) -> bool:
+        if not config.optimized_cache or provider != CPU or fp16_weights:
+            return False
+        if os.environ.get("ACERTAIN_ONNX_OPTIMIZED_CACHE", "1") == "0":
+            return False
+        return sum(item.stat().st_size for item in _graph_files(info.path)) >= CACHE_MIN_BYTES
+
+    def staging(self) -> Path | None:
+        """A private folder to save into; None when the cache folder cannot be written."""
+        staging = self.folder.with_name(f"{self.folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as error:
+            log.warning("not saving the optimized %s graph: %s", self.folder.name, error)
+            return None
+        return staging
+
+    def save_options(self, options: ort.SessionOptions, staging: Path) -> None:
+        options.optimized_model_filepath = str(staging / "model.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+
+    def commit(self, staging: Path) -> None:
+        try:
+            staging.rename(self.folder)
+        except OSError:  # another process saved it first, or the folder cannot be written
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class GraphSession:
     """One graph: checks its input dtypes against the manifest, casts inputs, returns float32."""
 
+    use_cuda_graph = False  # CUDA graphs need IO binding and fixed shapes: the UNet session only
+
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         self.info = info
         self.provider = provider
-        path = info.path
-        if (
-            config.optimized_cache
-            and (cache := path.with_name(f"model.{provider_tag(provider)}.ort-optimized.onnx")).is_file()
-        ):
-            path = cache
+        fp16_weights = info.precision == "fp16" and info.name in LEAN_FP16_GRAPHS
+        providers = provider_list(provider, config, self.use_cuda_graph and config.cuda_graph)
+        cache = OptimizedCache(info, config) if OptimizedCache.wanted(info, config, provider, fp16_weights) else None
         try:
-            self.session = ort.InferenceSession(
-                str(path),
-                session_options(config, info.path, provider),
-                providers=provider_list(provider, config),
-            )
+            self.session = self._cached(cache, config, providers) if cache else None
+            if self.session is None:
+                self.session = self._create(info.path, config, providers, fp16_weights, cache)
         except Exception as error:  # onnxruntime raises its own exception types for bad graphs
             raise ModelFolderError(f"{info.path} could not be loaded by onnxruntime: {error}") from None
         self.input_types = {item.name: ONNX_DTYPES.get(item.type, item.type) for item in self.session.get_inputs()}
         self.output_names = [item.name for item in self.session.get_outputs()]
         self._check_against_manifest()
 
+    def _create(
+        self, path: Path, config: SessionConfig, providers: list, fp16_weights: bool, cache: OptimizedCache | None
+    ) -> ort.InferenceSession:
+        options = session_options(config, path, self.provider, fp16_weights)
+        disabled: list[str] = []
+        if self.provider == CPU and fp16_weights:
+            disabled, options.execution_order = cpu_lean_fp16(self._computes_fp16())
+        staging = cache.staging() if cache is not None else None
+        if cache is None or staging is None:
+            return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+        cache.save_options(options, staging)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # e.g. no space to save: load once more without saving
+            log.warning("could not save the optimized %s graph (%s); loading it unsaved", self.info.name, error)
+            shutil.rmtree(staging, ignore_errors=True)
+            return ort.InferenceSession(str(path), session_options(config, path, self.provider), providers=providers)
+        cache.commit(staging)
+        return session
+
+    def _cached(self, cache: OptimizedCache, config: SessionConfig, providers: list) -> ort.InferenceSession | None:
+        """The saved optimized graph, loaded without optimizing again; None when there is none yet
+        (or it cannot be read, in which case it is removed and made again)."""
+        if not cache.graph.is_file():
+            return None
+        options = session_options(config, cache.graph, self.provider)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cache.graph), options, providers=providers)
+        except Exception as error:
+            log.warning("ignoring the saved optimized %s graph %s: %s", self.info.name, cache.folder, error)
+            cache.discard()
+            return None
+
+    def _computes_fp16(self) -> bool:
+        """Whether the graph reads or writes fp16 tensors (the exporter's fp16 graphs) rather than
+        computing in fp32 from fp16 weights."""
+        return "float16" in {*self.info.inputs.values(), *self.info.outputs.values()}
+
     def _check_against_manifest(self) -> None:
+        """The graph must be the one the manifest describes. The exporter writes the graph's name
+        and precision into it, which catches a graph swapped in from another export (an fp32 and
+        an fp16-weight CPU graph have the same input dtypes) without hashing gigabytes."""
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        written = {key: metadata.get(f"{METADATA_PREFIX}{key}") for key in ("graph", "precision")}
+        if written["precision"] is None:
+            raise ModelFolderError(f"{self.info.path} was not written by `python -m export` (no graph metadata)")
+        if written["graph"] != self.info.name:
+            raise ModelFolderError(f"{self.info.path} is the {written['graph']} graph, not the {self.info.name} graph")
+        if written["precision"] != self.info.precision:
+            raise ModelFolderError(
+                f"{self.info.path} is an {written['precision']} graph but the manifest says {self.info.precision}: "
+                "the folder mixes graphs of different exports; re-export it"
+            )
         declared = {**self.info.inputs}
         if set(declared) != set(self.input_types):
             raise ModelFolderError(
@@ -150,6 +303,8 @@ class UNetSession(GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
     output buffer is preallocated on the device (IO binding), so each step moves only the small
     latent tensor; with CUDA graphs on, all buffers keep fixed addresses so ORT replays the step."""
+
+    use_cuda_graph = True
 
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         super().__init__(info, provider, config)

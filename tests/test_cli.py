@@ -97,7 +97,7 @@ def test_graph_of_the_wrong_precision(tiny_fp16, tiny_fp32, tmp_path):
     shutil.copy(tiny_fp32 / "unet" / "model.onnx", mixed / "unet" / "model.onnx")
     out = tmp_path / "out.png"
     result = run_cli("--model", str(mixed), "--prompt", "x", "--width", "64", "--height", "64", "--output", str(out))
-    assert_clean_refusal(result, "float32 but the manifest says float16", out)
+    assert_clean_refusal(result, "is an fp32 graph but the manifest says fp16", out)
 
 
 BAD_ARGUMENTS = {

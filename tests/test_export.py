@@ -37,8 +37,15 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours.astype(np.float32) - reference).max() / max(1.0, np.abs(reference).max()))
 
 
-def float_type(precision: str) -> type:
-    return np.float16 if precision == "fp16" else np.float32
+def graph_weights(folder: Path, graph: str) -> dict[str, int]:
+    """Bytes of initializers per dtype name."""
+    import onnx
+
+    totals: dict[str, int] = {}
+    for tensor in onnx.load(str(folder / graph / "model.onnx")).graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        totals[array.dtype.name] = totals.get(array.dtype.name, 0) + array.nbytes
+    return totals
 
 
 def prompt_ids(text_encoder_folder: Path, prompts: list[str]) -> torch.Tensor:
@@ -63,7 +70,7 @@ def test_text_encoder_equals_clip_skip_2_reference(request, tiny_source, precisi
     ids = prompt_ids(tiny_source["diffusers"], ["masterpiece, best quality, 1girl", "", "a photo of a cat"])
     reference = clip_reference(tiny_source["diffusers"], ids, clip_skip=2)
     ours = session(folder, "text_encoder").run(None, {"input_ids": ids.numpy()})[0]
-    assert ours.dtype == float_type(precision)
+    assert ours.dtype == np.float32  # CPU-target graphs keep float32 inputs and outputs
     assert ours.shape == (3, 77, 32)
     tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
     assert relative_error(ours, reference) <= tolerance
@@ -76,7 +83,7 @@ def test_unet_and_vae_graphs_match_diffusers(request, tiny_source, precision):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = request.getfixturevalue(f"tiny_{precision}")
-    dtype, tolerance = float_type(precision), (FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE)
+    dtype, tolerance = np.float32, (FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE)
     unet = UNet2DConditionModel.from_pretrained(str(tiny_source["diffusers"] / "unet")).eval()
     vae = AutoencoderKL.from_pretrained(str(tiny_source["diffusers"] / "vae")).eval()
     generator = torch.Generator().manual_seed(7)
@@ -129,7 +136,14 @@ def test_manifest_describes_the_export(request, precision):
     assert unet_inputs["sample"]["shape"] == ["batch", 4, "height", "width"]
     assert unet_inputs["encoder_hidden_states"]["shape"] == ["batch", "sequence", 32]
     assert unet_inputs["timestep"]["dtype"] == "float32"
-    assert unet_inputs["sample"]["dtype"] == ("float16" if precision == "fp16" else "float32")
+    assert unet_inputs["sample"]["dtype"] == "float32"
+    # CPU target: fp16 means fp16 weights with fp32 arithmetic (ORT's CPU provider has no fp16 kernels).
+    assert all(entry["compute_dtype"] == "float32" for entry in raw["graphs"].values())
+    weights = graph_weights(folder, "unet")
+    if precision == "fp16":
+        assert weights["float16"] > 5 * weights.get("float32", 0)  # norms and biases stay fp32
+    else:
+        assert "float16" not in weights
     text_output = raw["graphs"]["text_encoder"]["outputs"][0]
     assert text_output["shape"] == ["batch", 77, 32]
     assert (folder / "tokenizer" / "tokenizer.json").is_file()
@@ -358,14 +372,14 @@ def test_cli_refuses_a_non_empty_output(tiny_source, tmp_path):
 
 
 def test_a_graph_that_overflows_in_fp16_is_kept_in_fp32(tmp_path):
-    """Activations past float16's 65504 make the fp16 VAE decoder return inf; export keeps that
-    graph in fp32, says so in the manifest, and the runtime serves the mixed folder."""
+    """Values past float16's 65504 make the fp16 VAE decoder return inf; export keeps that graph
+    in fp32, says so in the manifest, and the runtime serves the mixed folder."""
     from export.random_model import build_random_pipeline, save_diffusers_folder
     from runtime import Pipeline
 
     pipe = build_random_pipeline("tiny", seed=3)
     with torch.no_grad():
-        pipe.vae.post_quant_conv.weight.mul_(1e6)
+        pipe.vae.decoder.up_blocks[0].resnets[0].conv1.weight.mul_(1e7)
     source = save_diffusers_folder(pipe, tmp_path / "src", "tiny")
     out = tmp_path / "out"
     run_export(ExportOptions(model=str(source), output=out, precision="fp16", vae_encoder=False))
@@ -374,3 +388,63 @@ def test_a_graph_that_overflows_in_fp16_is_kept_in_fp32(tmp_path):
     assert graphs["unet"]["precision"] == graphs["text_encoder"]["precision"] == "fp16"
     image = Pipeline.from_pretrained(out, provider="cpu")("1girl", seed=1, width=64, height=64, num_inference_steps=2)
     assert image.images[0].size == (64, 64)
+
+
+def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_source, tmp_path):
+    """Without a GPU the CUDA graphs (GroupNorm and other CUDA-only fusions) cannot run here: the
+    export validates a CPU-runnable twin in fp16 arithmetic, and the runtime refuses the folder
+    on the CPU provider with a clear message."""
+    import onnx
+
+    from runtime import ModelFolderError, Pipeline
+
+    out = tmp_path / "cuda"
+    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=out, target="cuda", vae_encoder=False))
+    raw = read_manifest(out).raw
+    assert raw["target"] == "cuda"
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        entry = raw["graphs"][name]
+        assert entry["compute_dtype"] == "float16" and "twin" in entry["validation"]["note"]
+        assert entry["validation"]["relative_error"] <= FP16_TOLERANCE
+    unet_inputs = {item["name"]: item["dtype"] for item in raw["graphs"]["unet"]["inputs"]}
+    assert unet_inputs == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
+    ops = {node.op_type for node in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupNorm" in ops
+    with pytest.raises(ModelFolderError, match="--target cpu"):
+        Pipeline.from_pretrained(out, provider="cpu")
+
+
+def test_optimizer_reads_external_weights_only_where_needed(tiny_source, tmp_path):
+    """Graphs over 2 GB come out of torch with their weights in files beside model.onnx; the
+    optimizer works on the graph without them (to bound memory) and must produce the same model."""
+    import onnx
+
+    from export import graphs
+    from export.exporter import ExportOptions, build_specs
+    from export.sources import load_source
+    from runtime.tokenizer import ClipTokenizer
+
+    source = load_source(str(tiny_source["diffusers"]))
+    tokenizer = ClipTokenizer.from_folder(tiny_source["diffusers"] / "tokenizer")
+    spec = build_specs(source, ExportOptions(model="", output=tmp_path), tokenizer)[1]
+    inline = tmp_path / "inline" / "model.onnx"
+    graphs.export_fp32(spec, inline)
+    external = tmp_path / "external" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(inline)),
+        str(external),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(external.parent.iterdir())) > 100  # one file per weight, as torch writes them
+
+    outputs = []
+    for path in (inline, external):
+        optimized = graphs.optimize(path, spec, "cpu", "fp16")
+        saved = tmp_path / f"{path.parent.name}-optimized.onnx"
+        onnx.save_model(optimized, str(saved))
+        case = spec.cases[0]
+        outputs.append(ort.InferenceSession(str(saved)).run(None, case.inputs)[0])
+    assert np.array_equal(outputs[0], outputs[1])

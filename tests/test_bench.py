@@ -1,0 +1,61 @@
+"""Smoke run of scripts/bench.py on the tiny architecture: the script keeps working and writes the
+JSON it promises. Speed is never asserted here (that is what the committed benchmarks are for)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+REPO = Path(__file__).resolve().parents[1]
+RATIOS = ("unet_step", "text_encode", "vae_decode", "total", "cold_start", "peak_rss", "env_size")
+FIGURES = ("unet_step_s", "text_encode_s", "vae_decode_s", "total_s", "cold_start_s", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "out.json"
+    env = {**os.environ, "ACERTAIN_BENCH_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, str(REPO / "scripts" / "bench.py"), "--arch", "tiny", "--steps", "2", "--height", "64",
+        "--width", "64", "--repeats", "1", "--retries", "0", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "UNet step" in done.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_json_has_every_ratio_as_a_positive_number(report):
+    for name in RATIOS:
+        assert report["ratios"][name] > 0, name
+
+
+def test_both_systems_have_every_figure(report):
+    for system in ("runtime", "diffusers"):
+        for key in FIGURES:
+            assert report[system][key] > 0, (system, key)
+        assert set(report[system]["details"]) == {"cold_start", "text_encode", "unet_step", "vae_decode", "total",
+                                                  "peak_rss"}  # fmt: skip
+
+
+def test_runtime_workers_never_import_torch(report):
+    assert not any(item["torch_imported"] for item in report["runtime"]["details"].values())
+    assert all(item["torch_imported"] for item in report["diffusers"]["details"].values())
+
+
+def test_environment_sizes_and_machine_are_recorded(report):
+    env = report["env_mb"]
+    assert env["runtime"] > 0 and env["diffusers"] > 0
+    assert "torch" in env["diffusers_packages"] and "torch" not in env["runtime_packages"]
+    machine = report["machine"]
+    assert machine["threads"] >= 1 and len(machine["loadavg_start"]) == 3
+    assert report["settings"]["steps"] == 2 and report["settings"]["unet_batch"] == 2
