@@ -96,20 +96,21 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     pipe = Pipeline.from_pretrained(
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
     )
-    with tqdm(total=request.steps, desc="sampling", unit="step") as bar:
-        result = pipe.sample(request, callback=lambda step, total, latents: bar.update(1))
-    pixels = pipe.decode(result.latents)
-    saved = []
-    for path, image, seed in zip(paths, pixels, request.seeds, strict=True):
-        save_png(_to_pil(image), path, pipe.infotext(request, seed, result.pad_conds))
-        saved.append((path, seed))
-    return saved
+    with tqdm(desc="sampling", unit="step") as bar:
 
+        def progress(step: int, total: int, latents: object) -> None:
+            bar.total = total  # the schedule's count (A1111's DDIM runs one step fewer than asked)
+            bar.update(1)
 
-def _to_pil(image):
-    from .pipeline import to_pil
-
-    return to_pil(image)
+        out = pipe(
+            args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+            guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=request.seeds[0],
+            num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
+            eta_noise_seed_delta=args.eta_noise_seed_delta, callback=progress,
+        )  # fmt: skip
+    for path, image, text in zip(paths, out.images, out.infotexts, strict=True):
+        save_png(image, path, text)
+    return list(zip(paths, out.seeds, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
