@@ -142,23 +142,6 @@ def pad_to_chunk_count(chunks: PromptChunks, count: int, tokenizer: ClipTokenize
     )
 
 
-def chunks_for_pair(
-    tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, comma_padding_backtrack: int = 20
-) -> tuple[PromptChunks, PromptChunks]:
-    """Chunks of a prompt and its negative prompt, the shorter padded with empty chunks.
-
-    This is the web UI's "Pad prompt/negative prompt" option (pad_cond_uncond), which is off by
-    default there: by default, prompts of different lengths go through the UNet in separate calls,
-    each attending only over its own tokens. Padding gives the same shape for one batched call;
-    the extra empty-prompt tokens change cross-attention a little, so results differ slightly from
-    the web UI's default whenever the two chunk counts differ.
-    """
-    positive = prompt_to_chunks(tokenizer, prompt, comma_padding_backtrack)
-    negative = prompt_to_chunks(tokenizer, negative_prompt, comma_padding_backtrack)
-    count = max(positive.count, negative.count)
-    return pad_to_chunk_count(positive, count, tokenizer), pad_to_chunk_count(negative, count, tokenizer)
-
-
 def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The web UI's "Original" emphasis on one prompt's encoder states (k, 77, C) -> float32.
 

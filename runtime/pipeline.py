@@ -225,7 +225,9 @@ class Pipeline:
         """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
         through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
         on the token axis. The shorter prompt is padded with empty chunks so one UNet call serves
-        both halves (A1111's "Pad conds" option; noted in the infotext when it changes anything)."""
+        both halves. That is A1111's "Pad prompt/negative prompt" option (off by default there: the
+        web UI then runs two UNet calls, each attending over its own tokens), so the infotext says
+        `Pad conds: True` whenever the chunk counts differed."""
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
         chunks = [prompt_to_chunks(self.tokenizer, text) for text in prompts]
         count = max(item.count for item in chunks)

@@ -89,9 +89,7 @@ def warn_cpu_fallback(requested: str, provider: str) -> None:
         _warned_cpu_fallback = True
 
 
-def session_options(
-    config: SessionConfig, graph_path: Path, provider: str, fp16_weights: bool = False
-) -> ort.SessionOptions:
+def session_options(config: SessionConfig, provider: str, fp16_weights: bool = False) -> ort.SessionOptions:
     """Options for one graph. fp16 graphs on the CPU provider: the CPU has no fp16 convolution or
     matrix kernels, and by default ORT turns every fp16 weight into an fp32 copy at load (a full-size
     UNet then peaks at 5.9 GB, more than its fp32 graph's 3.5 GB). Those weight folds are switched
@@ -116,10 +114,6 @@ def cpu_lean_fp16(graph_computes_fp16: bool) -> tuple[list[str], ort.ExecutionOr
     the default order."""
     order = ort.ExecutionOrder.PRIORITY_BASED if graph_computes_fp16 else ort.ExecutionOrder.DEFAULT
     return list(FP16_WEIGHT_FOLDS), order
-
-
-def provider_tag(provider: str) -> str:
-    return "cuda" if provider == CUDA else "cpu"
 
 
 def provider_list(provider: str, config: SessionConfig, cuda_graph: bool | None = None) -> list:
@@ -229,7 +223,7 @@ class GraphSession:
     def _create(
         self, path: Path, config: SessionConfig, providers: list, fp16_weights: bool, cache: OptimizedCache | None
     ) -> ort.InferenceSession:
-        options = session_options(config, path, self.provider, fp16_weights)
+        options = session_options(config, self.provider, fp16_weights)
         disabled: list[str] = []
         if self.provider == CPU and fp16_weights:
             disabled, options.execution_order = cpu_lean_fp16(self._computes_fp16())
@@ -242,7 +236,7 @@ class GraphSession:
         except Exception as error:  # e.g. no space to save: load once more without saving
             log.warning("could not save the optimized %s graph (%s); loading it unsaved", self.info.name, error)
             shutil.rmtree(staging, ignore_errors=True)
-            return ort.InferenceSession(str(path), session_options(config, path, self.provider), providers=providers)
+            return ort.InferenceSession(str(path), session_options(config, self.provider), providers=providers)
         cache.commit(staging)
         return session
 
@@ -251,7 +245,7 @@ class GraphSession:
         (or it cannot be read, in which case it is removed and made again)."""
         if not cache.graph.is_file():
             return None
-        options = session_options(config, cache.graph, self.provider)
+        options = session_options(config, self.provider)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cache.graph), options, providers=providers)

@@ -13,7 +13,6 @@ from runtime.conditioning import (
     CHUNK_IDS,
     PromptChunks,
     apply_emphasis,
-    chunks_for_pair,
     empty_chunks,
     pad_to_chunk_count,
     prompt_to_chunks,
@@ -225,16 +224,6 @@ def test_empty_chunks_and_padding(tokenizer: ClipTokenizer) -> None:
         pad_to_chunk_count(padded, 2, tokenizer)
     assert ids(empty_chunks(2, tokenizer)) == [row([]), row([])]
     assert empty_chunks(0, tokenizer).token_ids.shape == (0, CHUNK_IDS)
-
-
-def test_chunks_for_pair_pads_the_shorter(tokenizer: ClipTokenizer) -> None:
-    positive, negative = chunks_for_pair(tokenizer, words("cat", 100), "lowres")
-    assert positive.count == negative.count == 2
-    [lowres] = tokenizer.tokenize(["lowres"])
-    assert ids(negative) == [row(lowres), row([])]
-    positive, negative = chunks_for_pair(tokenizer, "a", words("dog", 160))
-    assert (positive.count, negative.count) == (3, 3)
-    assert ids(positive)[1:] == [row([]), row([])]
 
 
 _PROMPT_PARTS = st.sampled_from(
