@@ -2,8 +2,9 @@
 
 Tolerances, on pixels in [0, 255]:
 - fp32 graphs: max difference <= 1 (the issue's bar; measured ~4e-4 on the tiny model).
-- fp16 graphs: max difference <= 3 and mean <= 0.5 (every activation rounded to 11 bits;
-  measured ~0.6 max, ~0.07 mean on the tiny model).
+- fp16 graphs: max difference <= 3 and mean <= 0.5. The CPU target's fp16 graphs hold fp16 weights
+  and compute in fp32 (measured ~0.08 max on the tiny model); the bound also covers fp16
+  arithmetic, as the CUDA target makes it (measured ~0.6 max, ~0.07 mean).
 """
 
 from __future__ import annotations
