@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,19 +115,29 @@ def _check_prediction_type(scheduler: dict[str, Any], where: str) -> None:
         raise SourceError(f"{where}: prediction_type {prediction!r} (SD2-v style) is not supported; SD1.x uses epsilon")
 
 
+@contextmanager
+def _quiet_dtype_deprecation() -> Iterator[None]:
+    # Newer diffusers renamed `torch_dtype` to `dtype` and warn on the old name; older releases
+    # in our supported range (>= 0.35) know only `torch_dtype`, so keep it and drop the warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_diffusers_folder(folder: Path, kind: str, name: str) -> LoadedSource:
     from diffusers import StableDiffusionPipeline
 
     check_diffusers_folder(folder)
     log.info("loading diffusers pipeline from %s", folder)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder),
-        torch_dtype=torch.float32,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
+    with _quiet_dtype_deprecation():
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder),
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
     return LoadedSource(
         pipe=pipe,
         kind=kind,
@@ -249,16 +260,17 @@ def load_single_file(path: Path, allow_pickle: bool, config: Path | None) -> Loa
             config = config_dir(arch)
         tokenizer_folder = config / "tokenizer" if (config / "tokenizer").is_dir() else tokenizer_dir()
         log.info("converting %s with the %s configs (offline)", path.name, arch or config)
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(weights),
-            config=str(config),
-            tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            torch_dtype=torch.float32,
-            local_files_only=True,
-        )
+        with _quiet_dtype_deprecation():
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(weights),
+                config=str(config),
+                tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                torch_dtype=torch.float32,
+                local_files_only=True,
+            )
     return LoadedSource(
         pipe=pipe,
         kind="single_file",
