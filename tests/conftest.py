@@ -3,6 +3,7 @@ per test session. Nothing is downloaded; the hub is kept offline for every test.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED_SCHEDULER_CONFIG = REPO / "models" / "sd15" / "scheduler" / "scheduler_config.json"
+
+
+@pytest.fixture(scope="session")
+def raw_config() -> dict:
+    """The shipped SD1.x scheduler_config.json as diffusers would read it."""
+    return json.loads(SHIPPED_SCHEDULER_CONFIG.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
 )
 
@@ -27,6 +28,11 @@ SCHEDULERS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "ddim": DDIMScheduler,
 }
+
+
+def scheduler_like_users_switch(sampler: str, raw_config: dict, **overrides: object):
+    """As users switch samplers: ``X.from_config(pipe.scheduler.config)`` on the shipped PNDM one."""
+    return SCHEDULERS[sampler].from_config(PNDMScheduler.from_config(raw_config).config, **overrides)
 
 
 def load(folder: Path) -> StableDiffusionPipeline:

@@ -13,10 +13,8 @@ two (2, 4, 8, 8) latents; measured differences are 1e-7 .. 1e-5 (float32 roundin
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,14 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
-
+from diffusers_reference import scheduler_like_users_switch  # noqa: E402
 from runtime.samplers import (  # noqa: E402
     SAMPLER_FUNCTIONS,
     ancestral_step,
@@ -43,16 +34,9 @@ from runtime.samplers import (  # noqa: E402
 )
 from runtime.schedules import Schedule, final_latents, make_schedule, training_alphas_cumprod  # noqa: E402
 
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "models" / "sd15" / "scheduler" / "scheduler_config.json"
 SHAPE = (2, 4, 8, 8)
 TOLERANCE = 1e-4
 
-DIFFUSERS_CLASSES = {
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-}
 MIX = np.array(
     [[0.9, -0.3, 0.2, 0.1], [0.25, 0.8, -0.2, 0.15], [-0.1, 0.3, 0.7, -0.25], [0.2, -0.15, 0.3, 0.85]],
     dtype=np.float32,
@@ -68,17 +52,6 @@ def synthetic_eps(z: np.ndarray, t: float) -> np.ndarray:
 
 def initial_noise(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def raw_config() -> dict:
-    return json.loads(CONFIG_PATH.read_text())
-
-
-def diffusers_scheduler(sampler: str, raw: dict, **overrides: object):
-    """As users switch samplers: ``X.from_config(pipe.scheduler.config)`` on the shipped PNDM one."""
-    pndm = PNDMScheduler.from_config(raw)
-    return DIFFUSERS_CLASSES[sampler].from_config(pndm.config, **overrides)
 
 
 def run_diffusers(scheduler, steps: int, noise: np.ndarray, seed: int, monkeypatch) -> tuple[np.ndarray, int]:
@@ -138,7 +111,7 @@ def run_ours(sampler: str, schedule: Schedule, noise: np.ndarray, seed: int) -> 
 @pytest.mark.parametrize("sampler", ["euler_a", "euler", "dpmpp_2m", "ddim"])
 def test_matches_diffusers_on_the_shipped_config(sampler, steps, raw_config, monkeypatch):
     noise = initial_noise()
-    scheduler = diffusers_scheduler(sampler, raw_config)
+    scheduler = scheduler_like_users_switch(sampler, raw_config)
     expected, diffusers_draws = run_diffusers(scheduler, steps, noise, 7, monkeypatch)
     schedule = make_schedule(raw_config, sampler, "model", steps)
     got, our_draws = run_ours(sampler, schedule, noise, 7)
@@ -167,7 +140,7 @@ def test_matches_diffusers_on_the_shipped_config(sampler, steps, raw_config, mon
 def test_matches_diffusers_on_other_configs(sampler, overrides, steps, raw_config, monkeypatch):
     """Spacing, karras, sigma_min finals, DDIM's uneven "trailing"/"linspace" jumps and clipping."""
     noise = initial_noise(1)
-    scheduler = diffusers_scheduler(sampler, raw_config, **overrides)
+    scheduler = scheduler_like_users_switch(sampler, raw_config, **overrides)
     expected, diffusers_draws = run_diffusers(scheduler, steps, noise, 3, monkeypatch)
     schedule = make_schedule({**raw_config, **overrides}, sampler, "model", steps)
     got, our_draws = run_ours(sampler, schedule, noise, 3)
@@ -249,7 +222,7 @@ def test_kdiffusion_schedules_match_kdiffusion_loops(sampler, schedule_name, raw
 def test_karras_euler_close_to_diffusers_use_karras_sigmas(raw_config, monkeypatch):
     """Our "karras" uses the LDM-precision table (A1111's), diffusers a float32 one: ~1e-5 apart."""
     noise = initial_noise(5)
-    scheduler = diffusers_scheduler("euler", raw_config, use_karras_sigmas=True)
+    scheduler = scheduler_like_users_switch("euler", raw_config, use_karras_sigmas=True)
     expected, _ = run_diffusers(scheduler, 20, noise, 0, monkeypatch)
     got, _ = run_ours("euler", make_schedule(raw_config, "euler", "karras", 20), noise, 0)
     assert np.max(np.abs(got - expected)) <= 1e-3

@@ -7,9 +7,7 @@ samplers: ``X.from_config(PNDMScheduler.from_config(json).config)`` (what
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,31 +26,18 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
 
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "models" / "sd15" / "scheduler" / "scheduler_config.json"
-DIFFUSERS_CLASSES = {
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-}
+from diffusers_reference import scheduler_like_users_switch  # noqa: E402
+
 STEPS = (1, 2, 4, 20, 28, 50)
-
-
-@pytest.fixture(scope="module")
-def raw_config() -> dict:
-    return json.loads(CONFIG_PATH.read_text())
 
 
 def diffusers_reference(sampler: str, config: dict, steps: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(sigmas, timesteps, VE init_noise_sigma) of the diffusers scheduler after set_timesteps."""
-    scheduler = DIFFUSERS_CLASSES[sampler].from_config(PNDMScheduler.from_config(config).config)
+    scheduler = scheduler_like_users_switch(sampler, config)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.numpy()
     if sampler in ("euler_a", "euler"):
@@ -162,8 +147,7 @@ def test_karras_follows_the_paper(sampler, steps, raw_config):
 
 def test_karras_is_diffusers_use_karras_sigmas_up_to_table_precision(raw_config):
     """diffusers' Euler karras option bounds the ramp by its float32 table; ours by LDM's float64 one."""
-    pndm = PNDMScheduler.from_config(raw_config)
-    scheduler = EulerDiscreteScheduler.from_config(pndm.config, use_karras_sigmas=True)
+    scheduler = scheduler_like_users_switch("euler", raw_config, use_karras_sigmas=True)
     scheduler.set_timesteps(28)
     schedule = make_schedule(raw_config, "euler", "karras", 28)
     np.testing.assert_allclose(schedule.sigmas, scheduler.sigmas.numpy(), rtol=2e-5)
