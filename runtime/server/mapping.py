@@ -12,7 +12,8 @@ Mapping decisions (docs/server.md has the table):
   "Diffusers" (not an A1111 name) selects the diffusers scheduler's own discretization.
 - override_settings.randn_source: "GPU" (A1111's default) and "NV" -> "nv" (A1111's NV source
   reproduces torch's CUDA randn), "CPU" -> "cpu".
-- ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111.
+- ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111: the
+  library applies that rule (pipeline.uses_ensd).
 - n_iter batches continue the seeds: image i of the request uses seed + i.
 """
 
@@ -44,12 +45,11 @@ class SamplerInfo:
     aliases: tuple[str, ...]  # A1111's aliases
     options: dict
     automatic: str  # the library schedule A1111's "Automatic" means for this sampler
-    uses_ensd: bool = False
     eta: float | None = None  # the only eta the library's sampler implements, if it takes one
 
 
 SAMPLERS = (
-    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", True, 1.0),
+    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", eta=1.0),
     SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
     SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
     SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
@@ -259,7 +259,7 @@ def _batch_request(
     return pipe.make_request(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
         width=body.width, height=body.height, seed=first_seed, batch_size=body.batch_size, sampler=sampler.key,
-        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd if sampler.uses_ensd else 0,
+        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd,
     )  # fmt: skip
 
 
