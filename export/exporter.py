@@ -119,14 +119,15 @@ def graph_entry(folder: Path, name: str, files: list[str], result: ValidationRes
     graph_file = folder / layout.graph_path(name)
     model = onnx.load(str(graph_file), load_external_data=False)
     metadata = {entry.key: entry.value for entry in model.metadata_props}
+    hashes = {file: file_sha256(graph_file.parent / file) for file in files}  # model.onnx is one of them
     return {
         "path": str(layout.graph_path(name)),
         "precision": result.precision,
         "compute_dtype": metadata[f"{layout.METADATA_PREFIX}compute"],
         "inputs": describe_values(model.graph.input),
         "outputs": describe_values(model.graph.output),
-        "sha256": file_sha256(graph_file),
-        "files": {file: file_sha256(graph_file.parent / file) for file in files},
+        "sha256": hashes[graph_file.name],
+        "files": hashes,
         "validation": {
             "max_abs_error": result.max_abs_error,
             "relative_error": result.relative_error,

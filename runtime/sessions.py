@@ -274,7 +274,7 @@ class GraphSession:
                 f"{self.info.path} is an {written['precision']} graph but the manifest says {self.info.precision}: "
                 "the folder mixes graphs of different exports; re-export it"
             )
-        declared = {**self.info.inputs}
+        declared = self.info.inputs
         if set(declared) != set(self.input_types):
             raise ModelFolderError(
                 f"{self.info.path} has inputs {sorted(self.input_types)} but the manifest lists {sorted(declared)}"
@@ -310,10 +310,10 @@ class UNetSession(GraphSession):
 
     def begin(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> None:
         """Prepare for a run of steps with this conditioning and latent shape."""
-        if self.provider != CUDA:
-            self._context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
-            return
         context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
+        if self.provider != CUDA:
+            self._context = context
+            return
         shapes = (context.shape, sample_shape)
         if self.cuda_graph and self._bound_shapes not in (None, shapes):
             raise InvalidRequestError(
