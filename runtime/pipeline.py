@@ -20,8 +20,27 @@ from PIL import Image
 from . import __version__, registry, samplers
 from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
 from .errors import InvalidRequestError
+from .img2img import (
+    InitPlan,
+    apply_overlay,
+    blend,
+    default_size,
+    encode_sample,
+    fill_latents,
+    plan_init,
+    slice_schedule,
+    start_step,
+)
+from .inputs import check_strength, load_image
 from .metadata import format_infotext
-from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .model_folder import (
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    VAE_ENCODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+)
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
@@ -103,6 +122,7 @@ class Prepared:
     conditioning: tuple[CondPiece, ...]
     padded: bool  # the prompt pair had different chunk counts and the shorter was padded
     chunk_counts: dict[str, int]  # field -> 75-token chunks of that prompt (the server's limit)
+    init: InitPlan | None = None  # img2img / inpainting
 
     @property
     def seeds(self) -> list[int]:
@@ -131,9 +151,27 @@ def prepare(
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
+    image: Any = None,
+    strength: float = 0.75,
+    mask_image: Any = None,
+    **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
-    prompts parsed and chunked, schedule and seeds made: once, for run()."""
+    prompts parsed and chunked, schedule and seeds made: once, for run().
+
+    img2img: `image` (PIL image, array, path or bytes) and `strength` (A1111's denoising
+    strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
+    is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
+    `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
+    size (default: the image's own size rounded down to a multiple of 8)."""
+    if image is None and (mask_image is not None or init_options):
+        raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
+    if image is not None:
+        strength = check_strength(strength)
+        loaded = load_image(image, "image")
+        if width is None and height is None:
+            width, height = default_size(loaded, manifest.vae_scale_factor)
+            width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
     chunks = {name: prompt_chunks(tokenizer, name, text)
               for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt))}  # fmt: skip
     steps = _require_int("steps", num_inference_steps)
@@ -153,13 +191,17 @@ def prepare(
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    init = None
+    if image is not None:
+        init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+        plan = slice_schedule(plan, start_step(plan.steps, strength))
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         resolve_seeds(seed, count), sampler, schedule, rng, delta,
     )  # fmt: skip
     piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
     counts = {name: item.count for name, item in chunks.items()}
-    return Prepared(request, plan, (piece,), padded, counts)
+    return Prepared(request, plan, (piece,), padded, counts, init)
 
 
 def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
@@ -297,6 +339,8 @@ class Pipeline:
         request = prepared.request
         latents, interrupted = self._sample(prepared, callback, cancel_event)
         pixels = self.decode(latents)
+        if prepared.init is not None and prepared.init.overlay is not None:
+            pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
         return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
@@ -373,6 +417,7 @@ class Pipeline:
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": registry.RNG_LABELS[request.rng],
             "Pad conds": True if prepared.padded else None,
+            **(prepared.init.infotext if prepared.init is not None else {}),
             "Version": f"acertain-onnx {__version__}",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)
@@ -388,7 +433,7 @@ class Pipeline:
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip
-        x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
+        x, after_step = self._initial(prepared, generators, shape)
         if uses_ensd(request):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
@@ -399,10 +444,12 @@ class Pipeline:
             last_denoised["x"] = denoise(x_in, step)
             return last_denoised["x"]
 
-        def on_step(step: int, latents: np.ndarray) -> None:
+        def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
+            latents = after_step(step, latents) if after_step is not None else latents
             stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
+            return latents
 
         try:
             noise = per_image_noise(generators, shape)
@@ -412,6 +459,41 @@ class Pipeline:
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return last_denoised.get("x", x), True
         return final_latents(x, schedule), False
+
+    def _initial(
+        self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
+        """The first sample x (VE space) and what to do to x after each step. Each image's
+        generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
+        then the noise; inpainting also a (discarded) sample for the masked image."""
+        schedule, init = prepared.schedule, prepared.init
+        if init is None:
+            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+        moments = self.encode_pixels(init.pixels)
+        x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
+        noise = np.concatenate([g.randn(shape) for g in generators])
+        if init.latent_mask is None:
+            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+        for g in generators:
+            g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
+        x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        if init.strength == 1.0:  # diffusers starts from pure noise at full strength
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = x0 + noise * np.float32(schedule.sigmas[0])
+
+        def after_step(step: int, latents: np.ndarray) -> np.ndarray:
+            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+
+        return x.astype(np.float32), after_step
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked."""
+        if self.sessions.vae_encoder is None:
+            raise InvalidRequestError(
+                "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
+            )
+        return self.sessions.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
 
 
 def check_output_type(output_type: str) -> None:
