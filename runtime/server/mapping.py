@@ -73,6 +73,19 @@ class Plan:
     def steps(self) -> int:
         return self.batches[0].request.steps
 
+    @property
+    def denoising_strength(self) -> float | None:
+        first = self.batches[0]
+        plan = first.init or first.hires
+        return plan.strength if plan is not None else None
+
+    @property
+    def extra_generation_params(self) -> dict[str, Any]:
+        """A1111's Processed.extra_generation_params: the mode's infotext fields."""
+        first = self.batches[0]
+        fields = {**(first.init.infotext if first.init else {}), **(first.hires.infotext if first.hires else {})}
+        return {key: value for key, value in fields.items() if value is not None and key != "Denoising strength"}
+
 
 def model_title(manifest: Manifest) -> str:
     """A1111 titles checkpoints "name [shorthash]"."""
