@@ -56,6 +56,11 @@ MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
 
+INIT_OPTIONS = (  # prepare()'s img2img / inpainting keywords beyond image, strength, mask_image
+    "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)  # fmt: skip
+
 StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
 
 
@@ -177,6 +182,9 @@ def prepare(
     Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
     hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
     hr_sampler_name (see runtime.hires.plan_hires)."""
+    unknown = set(init_options) - set(INIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if image is None and (mask_image is not None or init_options):
         raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
     if image is not None:
