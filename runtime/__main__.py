@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .errors import InvalidRequestError, UserError
+from .limits import MAX_PIXELS
 from .metadata import save_png
 from .rng import RNG_KINDS
 from .schedules import SAMPLERS, SCHEDULES
@@ -28,6 +29,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_KINDS)}: torch CPU or A1111 'NV' noise")
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
-    parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument(
+        "--max-pixels", type=_positive, default=MAX_PIXELS,
+        help="refuse width*height above this (default %(default)s, as the server); raise it knowingly",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true", help="check the graph files against the manifest's sha256 before loading"
+    )
     parser.add_argument(
         "--optimized-cache",
         action="store_true",
@@ -66,15 +84,21 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def check_writable(paths: list[Path]) -> None:
-    """Refuse before the long run, not after it."""
+    """Refuse before the long run, not after it. Writing a scratch file is the only test that also
+    holds for root, read-only mounts and /proc (os.access says yes to root everywhere)."""
     for path in paths:
         folder = path.parent if str(path.parent) else Path(".")
         if path.is_dir():
             raise InvalidRequestError("output", f"{path} is a folder")
         if not folder.is_dir():
-            raise InvalidRequestError("output", f"folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise InvalidRequestError("output", f"folder {folder} is not writable")
+            raise InvalidRequestError("output", f"cannot write {path}: folder {folder} does not exist")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".acertain-write-test-"):
+                pass
+        except OSError as error:
+            raise InvalidRequestError(
+                "output", f"cannot write {path}: folder {folder} is not writable ({error.strerror or error})"
+            ) from None
 
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
@@ -88,14 +112,15 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
         manifest, read_scheduler_config(manifest.folder), prompt=args.prompt, negative_prompt=args.negative_prompt,
         steps=args.steps, guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
         batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-        eta_noise_seed_delta=args.eta_noise_seed_delta,
+        eta_noise_seed_delta=args.eta_noise_seed_delta, max_pixels=args.max_pixels,
     )  # fmt: skip
     resolve_provider(args.provider)
     paths = output_paths(args.output, len(request.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
-        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
-    )
+        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
+        verify=args.verify,
+    )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:
@@ -106,7 +131,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=request.seeds[0],
             num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-            eta_noise_seed_delta=args.eta_noise_seed_delta, callback=progress,
+            eta_noise_seed_delta=args.eta_noise_seed_delta, callback=progress, max_pixels=args.max_pixels,
         )  # fmt: skip
     for path, image, text in zip(paths, out.images, out.infotexts, strict=True):
         save_png(image, path, text)
@@ -120,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of system memory; use a smaller size or batch", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"error: could not write the image: {error.strerror or error}", file=sys.stderr)

@@ -19,9 +19,17 @@ from PIL import Image
 
 from . import __version__, samplers
 from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NonFiniteError
+from .limits import MAX_PIXELS
 from .metadata import format_infotext
-from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .model_folder import (
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+    verify_files,
+)
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .rng import NoiseGenerator, make_generator
 from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
@@ -120,9 +128,12 @@ def build_request(
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> GenerationRequest:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
-    including the schedule the model's scheduler config gives and the prompts' weights."""
+    including the schedule the model's scheduler config gives and the prompts' weights.
+    `max_pixels` bounds width * height: a huge size would otherwise run for minutes and end in an
+    allocation failure (100000x100000 asks for terabytes); None lifts the limit."""
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         check_prompt(name, text)
     steps = _require_int("steps", steps)
@@ -132,6 +143,11 @@ def build_request(
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidRequestError(
+            "width", f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} per image "
+            "(max_pixels; CLI --max-pixels)",
+        )  # fmt: skip
     count = _require_int("batch_size", batch_size)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
@@ -198,11 +214,19 @@ class Pipeline:
         cuda_graph: bool = False,
         optimized_cache: bool = False,
         cache_dir: str | Path | None = None,
+        verify: bool = False,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
-        `cache_dir`, default ~/.cache/acertain-onnx/optimized)."""
+        `cache_dir`, default ~/.cache/acertain-onnx/optimized). `verify` checks every graph file
+        against the sha256 in the manifest first."""
         manifest = read_manifest(folder)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidRequestError(
+                "threads", f"must be a whole number >= 1 (or None for one per core), not {threads!r}"
+            )
+        if verify:
+            verify_files(manifest)  # reads every graph file once: seconds for a full-size model
         config = SessionConfig(
             provider=provider,
             threads=threads,
@@ -284,6 +308,7 @@ class Pipeline:
         scaled = latents / np.float32(self.manifest.vae_scaling_factor)
         images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
         pixels = np.concatenate(images)
+        check_finite(pixels, "the VAE decoder's image")
         return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
     def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
@@ -320,6 +345,7 @@ class Pipeline:
         schedule: str = "model",
         rng: str = "cpu",
         eta_noise_seed_delta: int = 0,
+        max_pixels: int | None = MAX_PIXELS,
         output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
@@ -329,7 +355,7 @@ class Pipeline:
         request = self.make_request(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
             width=width, height=height, seed=seed, batch_size=num_images_per_prompt, sampler=sampler,
-            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta,
+            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta, max_pixels=max_pixels,
         )  # fmt: skip
         result = self.sample(request, callback, cancel_event)
         pixels = self.decode(result.latents)
@@ -374,7 +400,18 @@ class Pipeline:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return SampleResult(last_denoised.get("x", x), True, encoded.padded)
-        return SampleResult(final_latents(x, schedule), False, encoded.padded)
+        latents = final_latents(x, schedule)
+        check_finite(latents, "the sampled latents")
+        return SampleResult(latents, False, encoded.padded)
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """NaN or inf would be saved as a black image with no error: fail and say why it happens."""
+    if not np.isfinite(values).all():
+        raise NonFiniteError(
+            f"{what} contain NaN or infinite values: the model's weights are likely corrupt (check them with "
+            "--verify / verify=True), or an fp16 graph overflowed (export with --precision fp32)"
+        )
 
 
 class _Stop(Exception):

@@ -13,13 +13,14 @@ import logging
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InvalidRequestError, ModelFolderError
+from .errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,
@@ -39,6 +40,7 @@ PROVIDERS = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # run option: free unused arena chunks after the run
+ALLOCATION_FAILURES = ("failed to allocate", "bad_alloc", "out of memory", "cudaerrormemoryallocation")
 CACHE_MIN_BYTES = 64 * 2**20  # smaller graphs optimize in well under a second: not worth a saved copy
 # The ORT optimizers that turn fp16 weights into fp32 copies at load (CPU provider).
 FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFolding")
@@ -211,6 +213,7 @@ class GraphSession:
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         self.info = info
         self.provider = provider
+        self.device_id = config.device_id
         fp16_weights = info.precision == "fp16" and info.name in LEAN_FP16_GRAPHS
         providers = provider_list(provider, config, self.use_cuda_graph and config.cuda_graph)
         cache = OptimizedCache(info, config) if OptimizedCache.wanted(info, config, provider, fp16_weights) else None
@@ -294,7 +297,21 @@ class GraphSession:
         return {name: np.ascontiguousarray(value, dtype=self.input_types[name]) for name, value in inputs.items()}
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
+        with self.memory_errors():
+            return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def memory_errors(self) -> Iterator[None]:
+        """onnxruntime's allocation failure (a multi-line traceback) as one OutOfMemoryError that
+        says which memory ran out: the GPU's, or the system's on the CPU provider."""
+        try:
+            yield
+        except Exception as error:
+            text = str(error).lower()
+            if not (isinstance(error, MemoryError) or any(sign in text for sign in ALLOCATION_FAILURES)):
+                raise
+            memory = f"GPU {self.device_id}" if self.provider == CUDA else "system memory (CPU provider)"
+            raise OutOfMemoryError(f"the {self.info.name} ran out of {memory}; use a smaller size or batch") from None
 
     def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
         """Run once on small inputs with arena shrinkage on: onnxruntime then frees the arena
@@ -315,7 +332,6 @@ class UNetSession(GraphSession):
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         super().__init__(info, provider, config)
         self.cuda_graph = config.cuda_graph and provider == CUDA
-        self.device_id = config.device_id
         self._bound_shapes: tuple | None = None
         self._binding: ort.IOBinding | None = None
         self._device_values: dict[str, ort.OrtValue] = {}
@@ -367,11 +383,13 @@ class UNetSession(GraphSession):
         if self.provider != CUDA:
             feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
             feed[UNET_CONTEXT] = self._context
-            return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+            with self.memory_errors():
+                return self.session.run(None, feed)[0].astype(np.float32, copy=False)
         inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
         self._device_values[UNET_SAMPLE].update_inplace(inputs[UNET_SAMPLE])
         self._device_values[UNET_TIMESTEP].update_inplace(inputs[UNET_TIMESTEP])
-        self.session.run_with_iobinding(self._binding)
+        with self.memory_errors():
+            self.session.run_with_iobinding(self._binding)
         return self._device_values[UNET_OUTPUT].numpy().astype(np.float32, copy=False)
 
 

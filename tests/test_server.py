@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from runtime.errors import InvalidRequestError  # noqa: E402
+from runtime.errors import InvalidRequestError, OutOfMemoryError  # noqa: E402
 from runtime.metadata import read_infotext  # noqa: E402
 from runtime.pipeline import GenerationRequest, SampleResult  # noqa: E402
 
@@ -583,7 +583,7 @@ class _FlakyPipe:
     """Fails the jobs whose prompt says so, succeeds otherwise."""
 
     def sample(self, request: GenerationRequest, callback=None, cancel_event=None) -> SampleResult:
-        failures = {"bug": RuntimeError("boom"), "oom": RuntimeError("Failed to allocate memory for requested buffer")}
+        failures = {"bug": RuntimeError("boom"), "oom": OutOfMemoryError("the unet ran out of system memory")}
         if request.prompt in failures:
             raise failures[request.prompt]
         if request.prompt == "user":
@@ -618,7 +618,7 @@ def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
 
     bug, oom, user, fine = asyncio.run(run())
     assert isinstance(bug, JobFailure) and bug.status == 500
-    assert isinstance(oom, JobFailure) and oom.status == 503
+    assert isinstance(oom, JobFailure) and oom.status == 503 and "GPU" not in oom.message
     assert isinstance(user, JobFailure) and user.status == 422 and user.field == "steps"
     assert isinstance(fine, JobResult) and len(fine.images) == 1
 

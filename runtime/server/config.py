@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..limits import MAX_PIXELS
+
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the GPU to a network is an explicit choice
 DEFAULT_PORT = 7861  # A1111's API-only port (`--nowebui`), so clients find us where they expect
 MiB = 1024 * 1024
@@ -17,7 +19,7 @@ MiB = 1024 * 1024
 class Limits:
     """Per-request limits. Defaults suit one GPU with 8-24 GB running an SD 1.x model."""
 
-    max_pixels: int = 1024 * 1024  # width * height of one image: 1024x1024, or 512x2048
+    max_pixels: int = MAX_PIXELS  # width * height of one image: 1024x1024, or 512x2048 (as the library's)
     max_steps: int = 150  # A1111's UI slider stops at 150 too
     max_batch: int = 8  # batch_size: images in one UNet call, the memory that grows with it
     max_images: int = 16  # batch_size * n_iter: bounds the run time and the response size

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import NonFiniteError, OutOfMemoryError, UserError
 from .images import png_base64, preview_base64
 from .mapping import Plan
 
@@ -303,12 +303,14 @@ class Worker:
     @staticmethod
     def _failure(job: Job, error: Exception) -> JobFailure:
         """Map what a job raised to its answer: the client's mistake, a full GPU, or our bug."""
+        if isinstance(error, OutOfMemoryError | MemoryError):
+            log.error("job %s ran out of memory: %s", job.id, error)
+            return JobFailure(503, "OutOfMemory", str(error) or "out of memory; try a smaller size or batch")
+        if isinstance(error, NonFiniteError):
+            log.error("job %s: %s", job.id, error)
+            return JobFailure(500, "NonFiniteOutput", str(error))
         if isinstance(error, UserError):
             return JobFailure(422, "InvalidRequest", str(error), getattr(error, "field", None))
-        text = str(error).lower()
-        if isinstance(error, MemoryError) or "out of memory" in text or "failed to allocate" in text:
-            log.error("job %s ran out of memory: %s", job.id, error)
-            return JobFailure(503, "OutOfMemory", "the GPU ran out of memory; try a smaller size or batch")
         log.exception("job %s failed", job.id, exc_info=error)
         return JobFailure(500, "InternalError", "generation failed because of a server error; see the server log")
 

@@ -260,7 +260,7 @@ def _batch_request(
     return pipe.make_request(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
         width=body.width, height=body.height, seed=first_seed, batch_size=body.batch_size, sampler=sampler.key,
-        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd,
+        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd, max_pixels=None,  # the server's own limit: checked
     )  # fmt: skip
 
 
