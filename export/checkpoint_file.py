@@ -69,7 +69,8 @@ class CheckpointWeights:
     """The kept tensors under the names diffusers reads, and what the file said about itself."""
 
     tensors: dict[str, torch.Tensor] | None  # None for a .safetensors file read as it is
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]  # of the kept tensors, under their kept names
+    file_keys: list[str]  # every tensor name in the file: what it is (SDXL, SD2...) shows there
     metadata: dict[str, str]
     renamed: bool  # the names or the selection differ from the file's
 
@@ -145,14 +146,24 @@ def _load_pickle(path: Path) -> object:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as error:
-        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand|global) ([\w.]+)", str(error))
-        what = f"an object of type {found[1]}" if found else "an object that is not a tensor or a plain container"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found is None:
+            raise CheckpointError(
+                f"{path.name} could not be read by weights-only loading: {_last_line(error)}"
+            ) from None
         raise CheckpointError(
-            f"{path.name} holds {what}; only weights and known-safe types are read from pickles (no code is run), "
-            "so convert it to .safetensors where you trust it"
+            f"{path.name} holds an object of type {found[1]}, which weights-only loading refuses (only weights and "
+            "known-safe types are read; no code is run); convert it to .safetensors where you trust it"
         ) from None
     except Exception as error:  # a truncated or corrupt file: zip, pickle or storage errors
         raise CheckpointError(f"{path.name} could not be read as a PyTorch checkpoint: {_first_line(error)}") from None
+
+
+def _last_line(error: BaseException) -> str:
+    """torch's own text ends with the unpickler's reason, after lines of advice we do not give."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "WeightsUnpickler error" in line), lines[-1] if lines else "")
+    return reason.removeprefix("WeightsUnpickler error:").strip() or type(error).__name__
 
 
 def _state_dict(loaded: object, where: str) -> dict[str, torch.Tensor]:
@@ -170,12 +181,12 @@ def read_checkpoint(path: Path, allow_pickle: bool, ema: bool = False) -> Checkp
         shapes, metadata = _safetensors_header(path)
         chosen = select(list(shapes), ema, path.name)
         if not ema and all(key == name for key, name in chosen.items()):  # diffusers skips the other keys itself
-            return CheckpointWeights(None, {key: shapes[key] for key in chosen}, metadata, renamed=False)
+            return CheckpointWeights(None, {key: shapes[key] for key in chosen}, list(shapes), metadata, renamed=False)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(key) for key, name in chosen.items()}
-        return CheckpointWeights(tensors, _shapes(tensors), metadata, renamed=True)
+        return CheckpointWeights(tensors, _shapes(tensors), list(shapes), metadata, renamed=True)
     if not allow_pickle:
         raise CheckpointError(
             f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it "
@@ -183,7 +194,7 @@ def read_checkpoint(path: Path, allow_pickle: bool, ema: bool = False) -> Checkp
         )
     state = _state_dict(_load_pickle(path), path.name)
     tensors = {name: state[key] for key, name in select(list(state), ema, path.name).items()}
-    return CheckpointWeights(tensors, _shapes(tensors), {}, renamed=True)
+    return CheckpointWeights(tensors, _shapes(tensors), list(state), {}, renamed=True)
 
 
 def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

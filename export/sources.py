@@ -212,26 +212,30 @@ def _check_prediction_metadata(metadata: dict[str, str], where: str) -> None:
 
 def _mismatch(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
     """What keeps a checkpoint from matching an architecture, in words: a missing group or a shape."""
+    wrong = [key for key, shape in expected.items() if shapes.get(key, shape) != shape]
     missing = [key for key in expected if key not in shapes]
-    if missing:
+    if missing and not wrong:
         part = next((name for name, prefix in _PARTS.items() if missing[0].startswith(prefix)), "model")
         of_part = sum(key.startswith(_PARTS.get(part, "")) for key in expected)
         return f"{len(missing)} of its {of_part} {part} tensors are missing, e.g. {missing[0]}"
-    key = next(key for key, shape in expected.items() if shapes[key] != shape)
+    key = wrong[0]
     return f"{key} has shape {list(shapes[key])}, expected {list(expected[key])}"
 
 
 def match_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> str:
     """The shipped architecture whose every tensor the checkpoint has with the same shape."""
-    mismatches = {}
+    mismatches, other_shapes = {}, []
     for arch in ARCHITECTURES:
         expected = expected_ldm_shapes(arch)
         if all(shapes.get(key) == shape for key, shape in expected.items()):
             return arch
         mismatches[arch] = _mismatch(shapes, expected)
+        other_shapes.append(any(shapes.get(key, shape) != shape for key, shape in expected.items()))
     detail = "; ".join(f"{arch}: {problem}" for arch, problem in mismatches.items())
-    if any("missing" in problem for problem in mismatches.values()):
-        raise SourceError(f"{where} is incomplete ({detail})")
+    fitting = [arch for arch, wrong_shape in zip(mismatches, other_shapes, strict=True) if not wrong_shape]
+    if fitting:  # every tensor it has fits an architecture: it lacks the rest
+        _check_parts_present(shapes, where)
+        raise SourceError(f"{where} is incomplete ({'; '.join(f'{a}: {mismatches[a]}' for a in fitting)})")
     raise SourceError(
         f"{where} does not match a shipped SD1.x architecture ({detail}); pass --config with a "
         "diffusers config folder (model_index.json, unet/, vae/, text_encoder/ configs) for this model"
@@ -277,15 +281,15 @@ def load_single_file(path: Path, allow_pickle: bool, config: Path | None, ema: b
         weights = read_checkpoint(path, allow_pickle, ema)
     except CheckpointError as error:
         raise SourceError(str(error)) from None
-    classify_ldm_checkpoint(weights.shapes, path.name)
+    classify_ldm_checkpoint({**dict.fromkeys(weights.file_keys, ()), **weights.shapes}, path.name)
     _check_prediction_metadata(weights.metadata, path.name)
-    _check_parts_present(weights.shapes, path.name)
     arch = None
     if config is None:
         arch = match_architecture(weights.shapes, path.name)
         config = config_dir(arch)
     else:
         _check_config_folder(config)
+        _check_parts_present(weights.shapes, path.name)
     tokenizer_folder = config / "tokenizer" if (config / "tokenizer").is_dir() else tokenizer_dir()
     log.info("converting %s with the %s configs (offline)", path.name, arch or config)
     with (
