@@ -6,11 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from runtime.errors import UserError
+from .choices import DEFAULT_MODEL, PRECISIONS, TARGETS
 
-from .exporter import PRECISIONS, TARGETS, ExportOptions, ExportReport, run_export
-from .sources import DEFAULT_MODEL
+if TYPE_CHECKING:
+    from .exporter import ExportReport
 
 log = logging.getLogger("export")
 
@@ -49,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="diffusers config folder for a single file whose architecture is not shipped",
     )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="export a single file's EMA UNet weights (model_ema.*); default: the non-EMA ones, as A1111 loads",
+    )
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -80,6 +86,10 @@ def summary_table(report: ExportReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from runtime.errors import UserError
+
+    from .exporter import ExportOptions, run_export  # torch, diffusers, onnx: only once arguments are fine
+
     # Our progress at INFO; the libraries' (onnxruntime's optimizer logs every fusion) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "runtime"):
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_pickle=args.allow_pickle,
         config=args.config,
         vae_encoder=not args.no_vae_encoder,
+        ema=args.ema,
     )
 
     def progress(name: str, index: int, total: int) -> None:

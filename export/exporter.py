@@ -30,13 +30,12 @@ from runtime.errors import UserError
 from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
 from . import graphs
+from .choices import PRECISIONS, TARGETS
 from .sources import LoadedSource, file_sha256, load_source
 from .validate import ValidationResult, available_provider, validate_graph
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "fp32")
-TARGETS = ("cpu", "cuda")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
@@ -62,6 +61,7 @@ class ExportOptions:
     allow_pickle: bool = False
     config: Path | None = None
     vae_encoder: bool = True
+    ema: bool = False  # a single file's EMA UNet weights (model_ema.*) instead of its trained ones
 
 
 @dataclass
@@ -368,7 +368,7 @@ def release_memory() -> None:
 def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
     started = time.perf_counter()
     check_options(options)
-    source = load_source(options.model, options.allow_pickle, options.config)
+    source = load_source(options.model, options.allow_pickle, options.config, options.ema)
     output = options.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")

@@ -19,11 +19,11 @@ import torch
 
 from runtime.errors import UserError
 
+from .checkpoint_file import CheckpointError, as_safetensors, read_checkpoint
 from .shipped import ARCHITECTURES, config_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "JosephusCheung/ACertainThing"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -76,7 +76,7 @@ def check_diffusers_folder(folder: Path) -> None:
     """Refuse SDXL, SD2, inpainting and v-prediction models before loading gigabytes."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        weights = [p.name for p in folder.iterdir() if p.suffix in SINGLE_FILE_SUFFIXES]
+        weights = [p.name for p in folder.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES]
         hint = f"; it holds {', '.join(weights[:3])}: pass that file instead" if weights else ""
         config = folder / "config.json"
         if config.is_file():
@@ -153,29 +153,6 @@ def load_diffusers_folder(folder: Path, kind: str, name: str) -> LoadedSource:
 # single files (LDM layout, as the A1111 web UI keeps them)
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise SourceError(f"{path} is not a readable .safetensors file: {error}") from None
-
-
-def _load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Weights only: `weights_only=True` refuses any pickled object that is not a tensor container,
-    so a malicious checkpoint cannot run code here."""
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SourceError(f"{path} could not be read as a weights-only checkpoint: {error}") from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise SourceError(f"{path} holds no state dict")
-    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-
-
 def classify_ldm_checkpoint(shapes: dict[str, tuple[int, ...]], where: str) -> None:
     """Say what a single file is when it is not an SD1.x text-to-image checkpoint."""
     if any(key.startswith("conditioner.embedders") for key in shapes):
@@ -211,57 +188,79 @@ def expected_ldm_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in to_ldm_state_dict(unet, vae, text).items()}
 
 
+_PARTS = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.", "text encoder": "cond_stage_model."}
+
+
+def _check_parts_present(shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """A file without a VAE (or text encoder) is missing a whole model, not a few tensors: say so."""
+    if not any(key.startswith(_PARTS["VAE"]) for key in shapes):
+        raise SourceError(
+            f"{where} has no VAE weights (first_stage_model.*): a VAE is needed; export it with a separate VAE "
+            "file (`--vae FILE`)"
+        )
+    if not any(key.startswith(_PARTS["text encoder"]) for key in shapes):
+        raise SourceError(f"{where} has no text encoder weights (cond_stage_model.*); it cannot be exported alone")
+
+
+def _check_prediction_metadata(metadata: dict[str, str], where: str) -> None:
+    """kohya's trainers write the prediction type into .safetensors metadata; the runtime's SD1.x
+    samplers predict epsilon, so a v-prediction model would export and then give wrong images."""
+    prediction = metadata.get("modelspec.prediction_type", "").lower()
+    if prediction in ("v", "v_prediction") or metadata.get("ss_v_parameterization", "").lower() == "true":
+        raise SourceError(f"{where} is a v-prediction model; only epsilon-prediction SD1.x models are supported")
+
+
+def _mismatch(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
+    """What keeps a checkpoint from matching an architecture, in words: a missing group or a shape."""
+    wrong = [key for key, shape in expected.items() if shapes.get(key, shape) != shape]
+    missing = [key for key in expected if key not in shapes]
+    if missing and not wrong:
+        part = next((name for name, prefix in _PARTS.items() if missing[0].startswith(prefix)), "model")
+        of_part = sum(key.startswith(_PARTS.get(part, "")) for key in expected)
+        return f"{len(missing)} of its {of_part} {part} tensors are missing, e.g. {missing[0]}"
+    key = wrong[0]
+    return f"{key} has shape {list(shapes[key])}, expected {list(expected[key])}"
+
+
 def match_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> str:
     """The shipped architecture whose every tensor the checkpoint has with the same shape."""
-    mismatches = {}
+    mismatches, other_shapes = {}, []
     for arch in ARCHITECTURES:
         expected = expected_ldm_shapes(arch)
-        wrong = [key for key, shape in expected.items() if shapes.get(key) != shape]
-        if not wrong:
+        if all(shapes.get(key) == shape for key, shape in expected.items()):
             return arch
-        mismatches[arch] = wrong[0]
-    detail = "; ".join(f"{arch}: {key} differs" for arch, key in mismatches.items())
+        mismatches[arch] = _mismatch(shapes, expected)
+        other_shapes.append(any(shapes.get(key, shape) != shape for key, shape in expected.items()))
+    detail = "; ".join(f"{arch}: {problem}" for arch, problem in mismatches.items())
+    fitting = [arch for arch, wrong_shape in zip(mismatches, other_shapes, strict=True) if not wrong_shape]
+    if fitting:  # every tensor it has fits an architecture: it lacks the rest
+        _check_parts_present(shapes, where)
+        raise SourceError(f"{where} is incomplete ({'; '.join(f'{a}: {mismatches[a]}' for a in fitting)})")
     raise SourceError(
         f"{where} does not match a shipped SD1.x architecture ({detail}); pass --config with a "
         "diffusers config folder (model_index.json, unet/, vae/, text_encoder/ configs) for this model"
     )
 
 
-@contextmanager
-def _as_safetensors(path: Path, allow_pickle: bool) -> Iterator[tuple[Path, dict[str, tuple[int, ...]]]]:
-    """Yield a .safetensors path for the checkpoint (converting a pickle, weights only) and its shapes."""
-    if path.suffix == ".safetensors":
-        yield path, _safetensors_shapes(path)
-        return
-    if not allow_pickle:
-        raise SourceError(
-            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it "
-            "to .safetensors, or pass --allow-pickle to load its weights only (no code is run)"
-        )
-    from safetensors.torch import save_file
-
-    state = _load_pickle_weights(path)
-    with tempfile.TemporaryDirectory(prefix="acertain-ckpt-") as scratch:
-        converted = Path(scratch) / (path.stem + ".safetensors")
-        save_file({key: value.contiguous() for key, value in state.items()}, str(converted))
-        yield converted, {key: tuple(value.shape) for key, value in state.items()}
+def _check_config_folder(config: Path) -> None:
+    for relative in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"):
+        if not (config / relative).is_file():
+            raise SourceError(f"--config {config} has no {relative}: give a diffusers config folder")
+    scheduler = config / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        raise SourceError(f"--config {config} has no scheduler/scheduler_config.json")
+    _check_unet_config(_read_json(config / "unet" / "config.json"), f"--config {config}")
+    _check_prediction_type(_read_json(scheduler), f"--config {config}")
 
 
-def load_single_file(path: Path, allow_pickle: bool, config: Path | None) -> LoadedSource:
+def _from_single_file(weights: Path, config: Path, tokenizer_folder: Path, where: str) -> Any:
+    """diffusers' conversion, with any failure (keys or shapes the configs do not expect) in one line."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    model_hash = file_sha256(path)[:10]
-    with _as_safetensors(path, allow_pickle) as (weights, shapes):
-        classify_ldm_checkpoint(shapes, path.name)
-        arch = None
-        if config is None:
-            arch = match_architecture(shapes, path.name)
-            config = config_dir(arch)
-        tokenizer_folder = config / "tokenizer" if (config / "tokenizer").is_dir() else tokenizer_dir()
-        log.info("converting %s with the %s configs (offline)", path.name, arch or config)
+    try:
         with _quiet_dtype_deprecation():
-            pipe = StableDiffusionPipeline.from_single_file(
+            return StableDiffusionPipeline.from_single_file(
                 str(weights),
                 config=str(config),
                 tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
@@ -271,6 +270,34 @@ def load_single_file(path: Path, allow_pickle: bool, config: Path | None) -> Loa
                 torch_dtype=torch.float32,
                 local_files_only=True,
             )
+    except Exception as error:  # diffusers raises ValueError, KeyError, RuntimeError (shapes)... here
+        text = " ".join(str(error).split()).split(". ")[0][:300] or type(error).__name__  # the first sentence
+        raise SourceError(f"{where} does not fit the configs in {config}: {text}") from None
+
+
+def load_single_file(path: Path, allow_pickle: bool, config: Path | None, ema: bool = False) -> LoadedSource:
+    model_hash = file_sha256(path)[:10]
+    try:
+        weights = read_checkpoint(path, allow_pickle, ema)
+    except CheckpointError as error:
+        raise SourceError(str(error)) from None
+    classify_ldm_checkpoint({**dict.fromkeys(weights.file_keys, ()), **weights.shapes}, path.name)
+    _check_prediction_metadata(weights.metadata, path.name)
+    arch = None
+    if config is None:
+        arch = match_architecture(weights.shapes, path.name)
+        config = config_dir(arch)
+    else:
+        _check_config_folder(config)
+        _check_parts_present(weights.shapes, path.name)
+    tokenizer_folder = config / "tokenizer" if (config / "tokenizer").is_dir() else tokenizer_dir()
+    log.info("converting %s with the %s configs (offline)", path.name, arch or config)
+    with (
+        tempfile.TemporaryDirectory(prefix="acertain-ckpt-") as scratch,
+        as_safetensors(path, weights, Path(scratch)) as converted,
+    ):
+        weights.tensors = None  # the converted file has them now: let the originals go
+        pipe = _from_single_file(converted, config, tokenizer_folder, path.name)
     return LoadedSource(
         pipe=pipe,
         kind="single_file",
@@ -301,14 +328,16 @@ def download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_source(model: str, allow_pickle: bool = False, config: Path | None = None) -> LoadedSource:
+def load_source(model: str, allow_pickle: bool = False, config: Path | None = None, ema: bool = False) -> LoadedSource:
     path = Path(model).expanduser()
     if path.is_dir():
+        if ema:
+            raise SourceError("--ema picks the EMA weights of a single checkpoint file; a diffusers folder has none")
         return load_diffusers_folder(path, "diffusers", path.resolve().name)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise SourceError(f"{path} is not a checkpoint file (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return load_single_file(path, allow_pickle, config)
+        return load_single_file(path, allow_pickle, config, ema)
     if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         folder = download_from_hub(model)
         return load_diffusers_folder(folder, "hub", model.split("/")[-1])

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from .errors import InvalidRequestError, UserError
+from .limits import MAX_PIXELS
 from .metadata import save_png
 from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
 from .sessions import PROVIDERS
@@ -32,6 +33,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vae-tiling", default="auto", help="auto, on or off: tiled VAE decode/encode")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
-    parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument(
+        "--max-pixels", type=_positive, default=MAX_PIXELS,
+        help="refuse width*height above this (default %(default)s, as the server); raise it knowingly",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true", help="check the graph files against the manifest's sha256 before loading"
+    )
     parser.add_argument(
         "--optimized-cache",
         action="store_true",
@@ -98,15 +116,21 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def check_writable(paths: list[Path]) -> None:
-    """Refuse before the long run, not after it."""
+    """Refuse before the long run, not after it. Writing a scratch file is the only test that also
+    holds for root, read-only mounts and /proc (os.access says yes to root everywhere)."""
     for path in paths:
         folder = path.parent if str(path.parent) else Path(".")
         if path.is_dir():
             raise InvalidRequestError("output", f"{path} is a folder")
         if not folder.is_dir():
-            raise InvalidRequestError("output", f"folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise InvalidRequestError("output", f"folder {folder} is not writable")
+            raise InvalidRequestError("output", f"cannot write {path}: folder {folder} does not exist")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".acertain-write-test-"):
+                pass
+        except OSError as error:
+            raise InvalidRequestError(
+                "output", f"cannot write {path}: folder {folder} is not writable ({error.strerror or error})"
+            ) from None
 
 
 def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
@@ -121,7 +145,7 @@ def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
         width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
         sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
-        vae_tiling=args.vae_tiling, **mode_options(args),
+        vae_tiling=args.vae_tiling, max_pixels=args.max_pixels, **mode_options(args),
     )  # fmt: skip
 
 
@@ -172,8 +196,9 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
-        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
-    )
+        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
+        verify=args.verify,
+    )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:
@@ -194,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of system memory; use a smaller size or batch", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"error: could not write the image: {error.strerror or error}", file=sys.stderr)

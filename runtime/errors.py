@@ -27,3 +27,11 @@ class InvalidRequestError(UserError):
 
 class GenerationCancelled(UserError):
     """A callback or a cancel event stopped the run before its last step."""
+
+
+class NonFiniteError(UserError):
+    """The model produced NaN or infinite values: corrupt weights or an fp16 overflow, not the request."""
+
+
+class OutOfMemoryError(UserError):
+    """onnxruntime could not allocate memory for a run: the size or batch is too large for the device."""

@@ -9,6 +9,7 @@ two sides cannot drift apart. Layout (optimum-style, plus our manifest):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from .errors import ModelFolderError
 FORMAT_NAME = "acertain-onnx"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+PRECISIONS = ("fp16", "fp32")
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")  # the encoder only serves img2img
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
@@ -60,6 +62,7 @@ class GraphInfo:
     inputs: dict[str, str]  # name -> dtype ("float16", "float32", "int64")
     outputs: dict[str, str]
     sha256: str
+    files: dict[str, str]  # file name in the graph's folder -> sha256 (model.onnx and its weights)
 
 
 @dataclass(frozen=True)
@@ -107,14 +110,55 @@ class Manifest:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFolderError(f"{path} is missing: {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFolderError(f"{path} is not valid JSON ({error}): {what}") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object: {what}")
+    return data
 
 
-def _graph_info(folder: Path, name: str, entry: dict[str, Any]) -> GraphInfo:
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+# What each manifest field must hold, and how to say it.
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "precision": (lambda value: value in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "clip_skip": (_positive_int, "a whole number >= 1"),
+    "vae_scale_factor": (_positive_int, "a whole number >= 1"),
+    "vae_scaling_factor": (_positive_number, "a positive number"),
+    "latent_channels": (_positive_int, "a whole number >= 1"),
+    "text_width": (_positive_int, "a whole number >= 1"),
+}
+_OPTIONAL_CHECKS: dict[str, tuple[Any, str]] = {
+    "default_image_size": (_positive_int, "a whole number >= 1"),
+    "model_name": (lambda value: isinstance(value, str), "a string"),
+    "model_hash": (lambda value: value is None or isinstance(value, str), "a string or null"),
+}
+
+
+def _check_fields(raw: dict[str, Any], path: Path) -> None:
+    for key, (valid, wanted) in {**_FIELD_CHECKS, **_OPTIONAL_CHECKS}.items():
+        if key not in raw:
+            if key in _FIELD_CHECKS:
+                raise ModelFolderError(f"{path} has no {key!r}: the export is incomplete")
+            continue
+        if not valid(raw[key]):
+            raise ModelFolderError(f"{path}: {key!r} must be {wanted}, not {raw[key]!r}; re-export the model")
+
+
+def _graph_info(folder: Path, name: str, entry: Any) -> GraphInfo:
+    if not isinstance(entry, dict):
+        raise ModelFolderError(f"manifest entry for graph {name!r} is not an object")
+    if entry.get("precision") not in PRECISIONS:
+        raise ModelFolderError(f"manifest: graph {name!r} has precision {entry.get('precision')!r}, not fp16 or fp32")
     try:
         return GraphInfo(
             name=name,
@@ -123,8 +167,9 @@ def _graph_info(folder: Path, name: str, entry: dict[str, Any]) -> GraphInfo:
             inputs={item["name"]: item["dtype"] for item in entry["inputs"]},
             outputs={item["name"]: item["dtype"] for item in entry["outputs"]},
             sha256=entry["sha256"],
+            files=dict(entry.get("files") or {Path(entry["path"]).name: entry["sha256"]}),
         )
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"manifest entry for graph {name!r} is incomplete (missing {error})") from None
 
 
@@ -157,18 +202,31 @@ def read_manifest(folder: str | Path) -> Manifest:
     for relative, what in ((SCHEDULER_CONFIG, "scheduler config"), (Path(TOKENIZER_DIR), "tokenizer")):
         if not (folder / relative).exists():
             raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
-    for key in (
-        "precision",
-        "clip_skip",
-        "vae_scale_factor",
-        "vae_scaling_factor",
-        "latent_channels",
-        "text_width",
-    ):
-        if key not in raw:
-            raise ModelFolderError(f"{folder / MANIFEST_FILE} has no {key!r}: the export is incomplete")
+    _check_fields(raw, folder / MANIFEST_FILE)
     return Manifest(folder=folder, raw=raw, graphs=graphs)
 
 
 def read_scheduler_config(folder: str | Path) -> dict[str, Any]:
     return _read_json(Path(folder) / SCHEDULER_CONFIG, "the model folder has no scheduler config")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(manifest: Manifest) -> None:
+    """Check every graph file against the sha256 the exporter wrote: weights changed on disk
+    (bit rot, a bad copy) otherwise give black or noisy images without any error."""
+    for info in manifest.graphs.values():
+        for name, expected in info.files.items():
+            path = info.path.parent / name
+            if not path.is_file():
+                raise ModelFolderError(f"{path} is missing: the model folder is incomplete")
+            if _sha256(path) != expected:
+                raise ModelFolderError(
+                    f"{path} does not match its sha256 in the manifest: the file is corrupt; copy or export it again"
+                )

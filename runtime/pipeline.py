@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import __version__, registry, samplers
 from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NonFiniteError
 from .hires import HiresPlan, plan_hires
 from .img2img import (
     InitPlan,
@@ -33,6 +33,7 @@ from .img2img import (
     start_step,
 )
 from .inputs import check_strength, load_image
+from .limits import MAX_PIXELS
 from .metadata import format_infotext
 from .model_folder import (
     TEXT_INPUT,
@@ -41,6 +42,7 @@ from .model_folder import (
     Manifest,
     read_manifest,
     read_scheduler_config,
+    verify_files,
 )
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
+MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
 OUTPUT_TYPES = ("pil", "np")
 
 INIT_OPTIONS = (  # prepare()'s img2img / inpainting keywords beyond image, strength, mask_image
@@ -168,6 +171,7 @@ def prepare(
     enable_hr: bool = False,
     hires_options: dict[str, Any] | None = None,
     vae_tiling: str = "auto",
+    max_pixels: int | None = MAX_PIXELS,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -181,7 +185,10 @@ def prepare(
 
     Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
     hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
-    hr_sampler_name (see runtime.hires.plan_hires)."""
+    hr_sampler_name (see runtime.hires.plan_hires).
+
+    `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
+    minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it."""
     unknown = set(init_options) - set(INIT_OPTIONS)
     if unknown:
         raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -202,6 +209,7 @@ def prepare(
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
+    check_pixels("width", width, height, max_pixels)
     count = _require_int("batch_size", num_images_per_prompt)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
@@ -211,6 +219,10 @@ def prepare(
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    seeds = resolve_seeds(seed, count)
+    if seeds[-1] + delta > MAX_GENERATOR_SEED:
+        most = MAX_GENERATOR_SEED - seeds[-1]
+        raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
     init = None
     if image is not None:
@@ -218,7 +230,7 @@ def prepare(
         plan = slice_schedule(plan, start_step(plan.steps, strength))
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta,
+        seeds, sampler, schedule, rng, delta,
     )  # fmt: skip
     piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
     counts = {name: item.count for name, item in chunks.items()}
@@ -232,6 +244,7 @@ def prepare(
             width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
             sampler, prompt, negative_prompt, steps, **(hires_options or {}),
         )  # fmt: skip
+        check_pixels("hr_scale", hires.width, hires.height, max_pixels)
         hires_conditioning, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request, piece)
         padded, counts = padded or padded_hr, {**counts, **hr_counts}
     return Prepared(request, plan, (piece,), padded, counts, init, hires, hires_conditioning, vae_tiling)
@@ -279,6 +292,23 @@ def pair_chunks(
     ), padded
 
 
+def check_pixels(field_name: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidRequestError(
+            field_name, f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} per image "
+            "(max_pixels; CLI --max-pixels)",
+        )  # fmt: skip
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """NaN or inf would be saved as a black image with no error: fail and say why it happens."""
+    if not np.isfinite(values).all():
+        raise NonFiniteError(
+            f"{what} contain NaN or infinite values: the model's weights are likely corrupt (check them with "
+            "--verify / verify=True), or an fp16 graph overflowed (export with --precision fp32)"
+        )
+
+
 def check_guidance(guidance_scale: Any) -> None:
     if (
         isinstance(guidance_scale, bool)
@@ -318,11 +348,19 @@ class Pipeline:
         cuda_graph: bool = False,
         optimized_cache: bool = False,
         cache_dir: str | Path | None = None,
+        verify: bool = False,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
-        `cache_dir`, default ~/.cache/acertain-onnx/optimized)."""
+        `cache_dir`, default ~/.cache/acertain-onnx/optimized). `verify` checks every graph file
+        against the sha256 in the manifest first."""
         manifest = read_manifest(folder)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidRequestError(
+                "threads", f"must be a whole number >= 1 (or None for one per core), not {threads!r}"
+            )
+        if verify:
+            verify_files(manifest)  # reads every graph file once: seconds for a full-size model
         config = SessionConfig(
             provider=provider,
             threads=threads,
@@ -337,6 +375,10 @@ class Pipeline:
     @property
     def provider(self) -> str:
         return self.sessions.provider
+
+    def release_memory(self) -> None:
+        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
+        self.sessions.release_memory(self.manifest)
 
     # -- prepare and run ------------------------------------------------------------------------
 
@@ -456,6 +498,7 @@ class Pipeline:
         images = [tiled(run, scaled[i : i + 1], sizes.latent, sizes.sample) if tiles else run(scaled[i : i + 1])
                   for i in range(len(scaled))]  # fmt: skip
         pixels = np.concatenate(images)
+        check_finite(pixels, "the VAE decoder's image")
         return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
     def infotext(self, prepared: Prepared, seed: int) -> str:
@@ -541,7 +584,9 @@ class Pipeline:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return last_denoised.get("x", x), True
-        return final_latents(x, schedule), False
+        latents = final_latents(x, schedule)
+        check_finite(latents, "the sampled latents")
+        return latents, False
 
     def _upscale(self, latents: np.ndarray, plan: HiresPlan, tiling: str) -> np.ndarray:
         """The first pass at the hires size: latents resized (latent upscalers), or decoded,

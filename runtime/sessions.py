@@ -7,25 +7,29 @@ Sessions are created once per Pipeline and reused for every request.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InvalidRequestError, ModelFolderError
+from .errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,
+    TEXT_INPUT,
     UNET_CONTEXT,
     UNET_OUTPUT,
     UNET_SAMPLE,
     UNET_TIMESTEP,
+    VAE_DECODER_INPUT,
     GraphInfo,
     Manifest,
 )
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # run option: free unused arena chunks after the run
+ALLOCATION_FAILURES = ("failed to allocate", "bad_alloc", "out of memory", "cudaerrormemoryallocation")
 CACHE_MIN_BYTES = 64 * 2**20  # smaller graphs optimize in well under a second: not worth a saved copy
 # The ORT optimizers that turn fp16 weights into fp32 copies at load (CPU provider).
 FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFolding")
@@ -207,6 +213,7 @@ class GraphSession:
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         self.info = info
         self.provider = provider
+        self.device_id = config.device_id
         fp16_weights = info.precision == "fp16" and info.name in LEAN_FP16_GRAPHS
         providers = provider_list(provider, config, self.use_cuda_graph and config.cuda_graph)
         cache = OptimizedCache(info, config) if OptimizedCache.wanted(info, config, provider, fp16_weights) else None
@@ -290,7 +297,29 @@ class GraphSession:
         return {name: np.ascontiguousarray(value, dtype=self.input_types[name]) for name, value in inputs.items()}
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
+        with self.memory_errors():
+            return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def memory_errors(self) -> Iterator[None]:
+        """onnxruntime's allocation failure (a multi-line traceback) as one OutOfMemoryError that
+        says which memory ran out: the GPU's, or the system's on the CPU provider."""
+        try:
+            yield
+        except Exception as error:
+            text = str(error).lower()
+            if not (isinstance(error, MemoryError) or any(sign in text for sign in ALLOCATION_FAILURES)):
+                raise
+            memory = f"GPU {self.device_id}" if self.provider == CUDA else "system memory (CPU provider)"
+            raise OutOfMemoryError(f"the {self.info.name} ran out of {memory}; use a smaller size or batch") from None
+
+    def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        """Run once on small inputs with arena shrinkage on: onnxruntime then frees the arena
+        chunks that the last (large) run left unused instead of keeping them for the next one."""
+        options = ort.RunOptions()
+        arenas = "cpu:0" if self.provider == CPU else f"cpu:0;gpu:{device_id}"
+        options.add_run_config_entry(ARENA_SHRINKAGE, arenas)
+        self.session.run(None, self.feed(inputs), options)
 
 
 class UNetSession(GraphSession):
@@ -303,7 +332,6 @@ class UNetSession(GraphSession):
     def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
         super().__init__(info, provider, config)
         self.cuda_graph = config.cuda_graph and provider == CUDA
-        self.device_id = config.device_id
         self._bound_shapes: tuple | None = None
         self._binding: ort.IOBinding | None = None
         self._device_values: dict[str, ort.OrtValue] = {}
@@ -345,15 +373,23 @@ class UNetSession(GraphSession):
         binding.bind_ortvalue_output(UNET_OUTPUT, output)
         self._binding = binding
 
+    def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        if self.cuda_graph:
+            return  # the captured graph owns its buffers for the session's lifetime
+        self._binding, self._device_values, self._bound_shapes = None, {}, None  # the next begin() binds anew
+        super().release_memory(inputs, device_id)
+
     def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         if self.provider != CUDA:
             feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
             feed[UNET_CONTEXT] = self._context
-            return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+            with self.memory_errors():
+                return self.session.run(None, feed)[0].astype(np.float32, copy=False)
         inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
         self._device_values[UNET_SAMPLE].update_inplace(inputs[UNET_SAMPLE])
         self._device_values[UNET_TIMESTEP].update_inplace(inputs[UNET_TIMESTEP])
-        self.session.run_with_iobinding(self._binding)
+        with self.memory_errors():
+            self.session.run_with_iobinding(self._binding)
         return self._device_values[UNET_OUTPUT].numpy().astype(np.float32, copy=False)
 
 
@@ -364,6 +400,26 @@ class Sessions:
     vae_decoder: GraphSession
     provider: str
     vae_encoder: GraphSession | None = None  # img2img and inpainting only
+
+    def release_memory(self, manifest: Manifest, device_id: int = 0) -> None:
+        """Give back the memory a large generation left in onnxruntime's arenas (a 512x512 run
+        leaves gigabytes there for the next one) and, on glibc, to the operating system."""
+        latents = np.zeros((1, manifest.latent_channels, 8, 8), dtype=np.float32)
+        self.text_encoder.release_memory({TEXT_INPUT: np.zeros((1, 77), dtype=np.int64)}, device_id)
+        context = np.zeros((1, 77, manifest.text_width), dtype=np.float32)
+        self.unet.release_memory(
+            {UNET_SAMPLE: latents, UNET_TIMESTEP: np.zeros((1,), np.float32), UNET_CONTEXT: context}, device_id
+        )
+        self.vae_decoder.release_memory({VAE_DECODER_INPUT: latents}, device_id)
+        _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    """glibc keeps freed heap pages for reuse; malloc_trim hands them back. Elsewhere: nothing."""
+    if platform.system() != "Linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:

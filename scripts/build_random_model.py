@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.random_model import build_and_save
 from export.shipped import ARCHITECTURES
 
 
@@ -24,6 +23,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-single-file", action="store_true", help="skip the LDM .safetensors file")
     args = parser.parse_args()
+    from export.random_model import build_and_save  # torch and diffusers: only once arguments are fine
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for layout, path in build_and_save(args.arch, args.out, args.seed, single_file=not args.no_single_file).items():
         print(f"{layout}: {path}")

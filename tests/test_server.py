@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from runtime.errors import InvalidRequestError  # noqa: E402
+from runtime.errors import InvalidRequestError, OutOfMemoryError  # noqa: E402
 from runtime.metadata import read_infotext  # noqa: E402
 from runtime.pipeline import GenerationRequest, PipelineOutput, Prepared  # noqa: E402
 
@@ -300,7 +300,6 @@ BAD_BODIES = [
     ({"override_settings": {"randn_source": "TPU"}}, 422, "override_settings.randn_source"),
     ({"override_settings": {"sd_model_checkpoint": "other-model"}}, 422, "override_settings.sd_model_checkpoint"),
     ({"override_settings": []}, 422, "override_settings"),
-    ({"enable_hr": True}, 422, "enable_hr"),
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
@@ -347,7 +346,7 @@ def test_malformed_bodies_get_4xx(tight: Server, content: bytes, status: int, fi
 def test_a_body_without_json_content_type_is_told_so(tight: Server) -> None:
     with tight.client() as client:
         answer = client.post("/sdapi/v1/txt2img", content=b'{"steps": 4}', headers={"content-type": "text/plain"})
-    assert answer.status_code == 422 and "Content-Type: application/json" in answer.json()["detail"]
+    assert answer.status_code == 415 and "Content-Type: application/json" in answer.json()["detail"]
 
 
 def test_oversized_bodies_get_413(tight: Server) -> None:
@@ -584,7 +583,7 @@ class _FlakyPipe:
 
     def run(self, prepared: Prepared, output_type: str = "np", callback=None, cancel_event=None) -> PipelineOutput:
         request = prepared.request
-        failures = {"bug": RuntimeError("boom"), "oom": RuntimeError("Failed to allocate memory for requested buffer")}
+        failures = {"bug": RuntimeError("boom"), "oom": OutOfMemoryError("the unet ran out of system memory")}
         if request.prompt in failures:
             raise failures[request.prompt]
         if request.prompt == "user":
@@ -617,7 +616,7 @@ def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
 
     bug, oom, user, fine = asyncio.run(run())
     assert isinstance(bug, JobFailure) and bug.status == 500
-    assert isinstance(oom, JobFailure) and oom.status == 503
+    assert isinstance(oom, JobFailure) and oom.status == 503 and "GPU" not in oom.message
     assert isinstance(user, JobFailure) and user.status == 422 and user.field == "steps"
     assert isinstance(fine, JobResult) and len(fine.images) == 1
 

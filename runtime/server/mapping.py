@@ -141,12 +141,13 @@ def _check_limits(body: GenerationFields, limits: Limits) -> None:
         ("batch_size", body.batch_size, limits.max_batch, "images per batch"),
         ("n_iter", body.batch_size * body.n_iter, limits.max_images, "images per request (batch_size * n_iter)"),
         ("width", body.width * body.height, limits.max_pixels, "pixels per image (width * height)"),
+        ("cfg_scale", body.cfg_scale, limits.max_cfg_scale, "CFG scale"),
     )
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         checks += (("hr_second_pass_steps", body.hr_second_pass_steps, limits.max_steps, "steps"),)
     for name, value, limit, what in checks:
         if value > limit:
-            raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
+            raise InvalidRequestError(name, f"{value:g} {what} is over this server's limit of {limit:g}")
 
 
 def _check_prompt_length(prepared: Prepared, limits: Limits) -> None:
@@ -242,7 +243,7 @@ def _prepare_batch(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
-        eta_noise_seed_delta=ensd, **_mode_options(body),
+        eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
     )  # fmt: skip
 
 

@@ -1,0 +1,4 @@
+"""Default limits shared by the library, the CLI and the server, in a module that imports nothing
+(the CLI reads them before it loads onnxruntime)."""
+
+MAX_PIXELS = 1024 * 1024  # width * height of one image: 1024x1024 or 512x2048; None (library) lifts it
