@@ -246,3 +246,17 @@ def test_save_png_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: 
 def test_save_png_bad_folder_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         save_png(small_image(), tmp_path / "missing" / "image.png", "text")
+
+
+def test_parse_infotext_reads_what_format_infotext_writes():
+    """A1111's parse_generation_parameters rules: prompt lines, negative prompt, quoted values
+    unquoted, WxH sizes split into -1/-2 keys."""
+    from runtime.metadata import format_infotext, parse_infotext
+
+    params = {"Steps": 20, "Sampler": "Euler a", "Seed": 5, "Size": "512x768", "Hires prompt": "a, b: c",
+              "Hires upscale": 2, "Hires upscaler": "Latent"}  # fmt: skip
+    parsed = parse_infotext(format_infotext("1girl,\nsmile", "lowres", params))
+    assert parsed["Prompt"] == "1girl,\nsmile" and parsed["Negative prompt"] == "lowres"
+    assert parsed["Size-1"] == "512" and parsed["Size-2"] == "768" and "Size" not in parsed
+    assert parsed["Hires prompt"] == "a, b: c" and parsed["Hires upscale"] == "2" and parsed["Steps"] == "20"
+    assert parse_infotext("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -315,14 +316,25 @@ class Worker:
         log.exception("job %s failed", job.id, exc_info=error)
         return JobFailure(500, "InternalError", "generation failed because of a server error; see the server log")
 
+    def _pass_counter(self) -> Callable[[int, int, np.ndarray], None]:
+        """Progress over both passes of a hires job: each pass counts its steps from 1."""
+        counted = {"done": 0, "last": 0}
+
+        def on_step(step: int, _total: int, latents: np.ndarray) -> None:
+            if step == 1 and counted["last"] > 0:  # the second pass began
+                counted["done"] += counted["last"]
+            counted["last"] = step
+            self.progress.step(counted["done"] + step, latents)
+
+        return on_step
+
     def _generate(self, job: Job) -> JobResult:
         """Run the batches; stop after the one an interrupt reached, as A1111 does."""
         plan, images, infotexts, interrupted = job.plan, [], [], False
         for index, prepared in enumerate(plan.batches):
-            self.progress.begin_batch(index, prepared.schedule.steps)
-            out = self._pipe.run(
-                prepared, "np", callback=lambda step, _total, x: self.progress.step(step, x), cancel_event=job.cancel
-            )
+            hires_steps = prepared.hires.schedule.steps if prepared.hires is not None else 0
+            self.progress.begin_batch(index, prepared.schedule.steps + hires_steps)
+            out = self._pipe.run(prepared, "np", callback=self._pass_counter(), cancel_event=job.cancel)
             if job.abandoned:
                 break  # nobody will read the images
             infotexts.extend(out.infotexts)
