@@ -599,7 +599,7 @@ class _FlakyPipe:
 
 
 def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
-    from runtime.server.jobs import Job, JobFailure, JobResult, Worker
+    from runtime.server.jobs import JobFailure, JobResult, Worker
     from runtime.server.mapping import SAMPLERS, SCHEDULERS, Plan
 
     def plan(prompt: str) -> Plan:
@@ -608,19 +608,18 @@ def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
 
     async def run() -> list:
         worker = Worker(_FlakyPipe(), queue_size=8)
-        worker.start()
-        jobs = [Job.create(plan(prompt)) for prompt in ("bug", "oom", "user", "fine")]
-        for job in jobs:
-            worker.submit(job)
-        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
-        worker.stop()
-        return outcomes
+        await worker.start()
+        jobs = [worker.generate(f"task-{prompt}", plan(prompt)) for prompt in ("bug", "oom", "user", "fine")]
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        await worker.stop()
+        return outcomes, worker.board.job_counts()
 
-    bug, oom, user, fine = asyncio.run(run())
+    (bug, oom, user, fine), counts = asyncio.run(run())
     assert isinstance(bug, JobFailure) and bug.status == 500
     assert isinstance(oom, JobFailure) and oom.status == 503
     assert isinstance(user, JobFailure) and user.status == 422 and user.field == "steps"
     assert isinstance(fine, JobResult) and len(fine.images) == 1
+    assert counts == {"completed": 1, "interrupted": 0, "rejected": 0, "dropped": 0, "failed": 2}
 
 
 def test_mapping_rules() -> None:

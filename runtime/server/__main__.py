@@ -37,14 +37,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
+def add_api_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the HTTP API, shared with `python -m runtime.cluster`."""
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="folder written by `python -m export`")
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
-    add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -60,6 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-images", type=_positive, default=DEFAULTS.max_images, help="batch_size * n_iter (%(default)s)")
     add("--max-body-bytes", type=_positive, default=DEFAULTS.max_body_bytes, help="request body (%(default)s)")
     add("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
+    add = parser.add_argument
+    add("--model", required=True, type=Path, help="folder written by `python -m export`")
+    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
+    add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add_api_options(parser)
     return parser.parse_args(argv)
 
 
@@ -69,8 +75,9 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_images=args.max_images, max_body_bytes=args.max_body_bytes,
     )  # fmt: skip
     return ServerConfig(
-        model=str(args.model), host=args.host, port=args.port, provider=args.provider, threads=args.threads,
-        queue_size=args.queue_size, credentials=parse_credentials(args.api_auth), limits=limits,
+        model=str(args.model), host=args.host, port=args.port, provider=getattr(args, "provider", "auto"),
+        threads=getattr(args, "threads", None), queue_size=args.queue_size,
+        credentials=parse_credentials(args.api_auth), limits=limits,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..conditioning import prompt_to_chunks
 from ..errors import InvalidRequestError
@@ -33,9 +33,19 @@ from .schemas import Txt2ImgRequest
 
 if TYPE_CHECKING:
     from ..model_folder import Manifest
-    from ..pipeline import Pipeline
+    from ..tokenizer import ClipTokenizer
 
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
+
+
+class PlanModel(Protocol):
+    """What checking a request needs of the model: a loaded Pipeline has it, and so has a cluster's
+    ingress, which reads the model folder without loading any ONNX session."""
+
+    manifest: Manifest
+    tokenizer: ClipTokenizer
+
+    def make_request(self, **parameters: Any) -> GenerationRequest: ...
 
 
 @dataclass(frozen=True)
@@ -221,7 +231,7 @@ def _check_limits(body: Txt2ImgRequest, limits: Limits) -> None:
             raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
 
 
-def _check_prompt_length(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> None:
+def _check_prompt_length(pipe: PlanModel, body: Txt2ImgRequest, limits: Limits) -> None:
     for name in ("prompt", "negative_prompt"):
         count = prompt_to_chunks(pipe.tokenizer, getattr(body, name)).count
         if count > limits.max_prompt_chunks:
@@ -254,7 +264,7 @@ def _api_field_names() -> Iterator[None]:
 
 
 def _batch_request(
-    pipe: Pipeline, body: Txt2ImgRequest, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
+    pipe: PlanModel, body: Txt2ImgRequest, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
 ) -> GenerationRequest:
     return pipe.make_request(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
@@ -263,7 +273,7 @@ def _batch_request(
     )  # fmt: skip
 
 
-def build_plan(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> Plan:
+def build_plan(pipe: PlanModel, body: Txt2ImgRequest, limits: Limits) -> Plan:
     """Check a txt2img request completely; raises InvalidRequestError naming the field."""
     _check_defaults_only(body)
     rng, ensd = _check_overrides(body, pipe.manifest)
