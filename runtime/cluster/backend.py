@@ -87,8 +87,8 @@ class ServeBackend:
         progress = None
         async for kind, payload in stream:
             if kind == STARTED:
-                self._provider = payload.pop("provider", self._provider)
-                progress = self.board.start(task_id, payload)
+                self._provider = payload["provider"]
+                progress = self.board.start(task_id)
                 if task_id in self._interrupts:
                     progress.mark_interrupted()
             elif kind == PROGRESS and progress is not None:

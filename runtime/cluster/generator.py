@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 from ray import serve
 
 from ..errors import UserError
@@ -52,7 +53,8 @@ class Generator:
             raise ReplicaRefused(f"replica on {socket.gethostname()} refused to start: {error}") from None
         context = serve.get_replica_context()
         self.app_name = context.app_name
-        self.where = {"replica": f"{context.deployment}#{context.replica_id.unique_id}", "node": _node_address()}
+        replica = f"{context.deployment}#{context.replica_id.unique_id}"
+        self.where = {"replica": replica, "node": ray.util.get_node_ip_address()}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generation")  # one job at a time
         self._ingress: Any = None
         log.info("replica %s (pid %s) serves %s on %s", self.where["replica"], os.getpid(),
@@ -66,7 +68,7 @@ class Generator:
             self._executor, self._run, task_id, plan, latest, cancel, abandoned
         )
         try:
-            yield STARTED, {**self.where, "provider": self.pipe.provider}
+            yield STARTED, {"provider": self.pipe.provider}
             while True:
                 done, _ = await asyncio.wait({job}, timeout=POLL_SECONDS)
                 if "update" in latest:
@@ -103,9 +105,3 @@ class Generator:
         except Exception as error:  # the ingress restarting: try again at the next poll
             log.debug("could not ask the ingress about %s: %s", task_id, error)
             return False
-
-
-def _node_address() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()

@@ -15,7 +15,7 @@ import string
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -89,19 +89,13 @@ class JobProgress:
                 "textinfo": text + others}  # fmt: skip
 
 
-@dataclass
-class _Task:
-    progress: JobProgress
-    where: dict[str, str] = field(default_factory=dict)  # the cluster replica and node running it
-
-
 class TaskBoard:
     """Every task the front knows of: waiting (in order), running, and the last finished ones."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: OrderedDict[str, int] = OrderedDict()  # id -> job count
-        self._running: dict[str, _Task] = {}
+        self._running: dict[str, JobProgress] = {}
         self._finished: deque[str] = deque(maxlen=FINISHED_KEPT)
         self.counts = dict.fromkeys(COUNTS, 0)
 
@@ -109,12 +103,11 @@ class TaskBoard:
         with self._lock:
             self._waiting[task_id] = job_count
 
-    def start(self, task_id: str, where: dict[str, str] | None = None) -> JobProgress:
+    def start(self, task_id: str) -> JobProgress:
         with self._lock:
-            job_count = self._waiting.pop(task_id, 1)
-            task = _Task(JobProgress(job_count), where or {})
-            self._running[task_id] = task
-            return task.progress
+            progress = JobProgress(self._waiting.pop(task_id, 1))
+            self._running[task_id] = progress
+            return progress
 
     def finish(self, task_id: str, outcome: str | None) -> None:
         """The task ended (`outcome` one of COUNTS, or None when it was not counted elsewhere)."""
@@ -138,8 +131,7 @@ class TaskBoard:
 
     def progress_of(self, task_id: str) -> JobProgress | None:
         with self._lock:
-            task = self._running.get(task_id)
-            return task.progress if task else None
+            return self._running.get(task_id)
 
     def sizes(self) -> tuple[int, int]:
         """(running, waiting)."""
@@ -159,7 +151,7 @@ class TaskBoard:
         if first is None:
             return idle_progress() | ({"textinfo": f"{waiting} waiting"} if waiting else {})
         others = f"; {running} running, {waiting} waiting" if running > 1 or waiting else ""
-        return first.progress.snapshot(with_preview, others)
+        return first.snapshot(with_preview, others)
 
     def task_progress(self, task_id: str | None, with_preview: bool, id_live_preview: int) -> dict[str, Any]:
         """POST /internal/progress: A1111's ProgressResponse for one task."""
@@ -175,7 +167,7 @@ class TaskBoard:
             answer["textinfo"] = f"In queue: {waiting.index(task_id) + 1}/{len(waiting)}"
         if task is None:
             return answer
-        snapshot = task.progress.snapshot(with_preview)
+        snapshot = task.snapshot(with_preview)
         state, preview = snapshot["state"], snapshot["current_image"]
         answer.update(progress=snapshot["progress"], eta=snapshot["eta_relative"], textinfo=snapshot["textinfo"],
                       id_live_preview=id_live_preview)  # fmt: skip
