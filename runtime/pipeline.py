@@ -37,6 +37,7 @@ MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
 ANCESTRAL_SAMPLERS = ("euler_a",)
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
+MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
 OUTPUT_TYPES = ("pil", "np")
 
 StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
@@ -143,10 +144,14 @@ def build_request(
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    seeds = resolve_seeds(seed, count)
+    if seeds[-1] + delta > MAX_GENERATOR_SEED:
+        most = MAX_GENERATOR_SEED - seeds[-1]
+        raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
     make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
     return GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta,
+        seeds, sampler, schedule, rng, delta,
     )  # fmt: skip
 
 
@@ -212,6 +217,10 @@ class Pipeline:
     @property
     def provider(self) -> str:
         return self.sessions.provider
+
+    def release_memory(self) -> None:
+        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
+        self.sessions.release_memory(self.manifest)
 
     # -- request checking ---------------------------------------------------------------------
 

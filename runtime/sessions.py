@@ -7,6 +7,7 @@ Sessions are created once per Pipeline and reused for every request.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -22,10 +23,12 @@ from .errors import InvalidRequestError, ModelFolderError
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,
+    TEXT_INPUT,
     UNET_CONTEXT,
     UNET_OUTPUT,
     UNET_SAMPLE,
     UNET_TIMESTEP,
+    VAE_DECODER_INPUT,
     GraphInfo,
     Manifest,
 )
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # run option: free unused arena chunks after the run
 CACHE_MIN_BYTES = 64 * 2**20  # smaller graphs optimize in well under a second: not worth a saved copy
 # The ORT optimizers that turn fp16 weights into fp32 copies at load (CPU provider).
 FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFolding")
@@ -292,6 +296,14 @@ class GraphSession:
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
 
+    def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        """Run once on small inputs with arena shrinkage on: onnxruntime then frees the arena
+        chunks that the last (large) run left unused instead of keeping them for the next one."""
+        options = ort.RunOptions()
+        arenas = "cpu:0" if self.provider == CPU else f"cpu:0;gpu:{device_id}"
+        options.add_run_config_entry(ARENA_SHRINKAGE, arenas)
+        self.session.run(None, self.feed(inputs), options)
+
 
 class UNetSession(GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
@@ -345,6 +357,12 @@ class UNetSession(GraphSession):
         binding.bind_ortvalue_output(UNET_OUTPUT, output)
         self._binding = binding
 
+    def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        if self.cuda_graph:
+            return  # the captured graph owns its buffers for the session's lifetime
+        self._binding, self._device_values, self._bound_shapes = None, {}, None  # the next begin() binds anew
+        super().release_memory(inputs, device_id)
+
     def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         if self.provider != CUDA:
             feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
@@ -363,6 +381,26 @@ class Sessions:
     unet: UNetSession
     vae_decoder: GraphSession
     provider: str
+
+    def release_memory(self, manifest: Manifest, device_id: int = 0) -> None:
+        """Give back the memory a large generation left in onnxruntime's arenas (a 512x512 run
+        leaves gigabytes there for the next one) and, on glibc, to the operating system."""
+        latents = np.zeros((1, manifest.latent_channels, 8, 8), dtype=np.float32)
+        self.text_encoder.release_memory({TEXT_INPUT: np.zeros((1, 77), dtype=np.int64)}, device_id)
+        context = np.zeros((1, 77, manifest.text_width), dtype=np.float32)
+        self.unet.release_memory(
+            {UNET_SAMPLE: latents, UNET_TIMESTEP: np.zeros((1,), np.float32), UNET_CONTEXT: context}, device_id
+        )
+        self.vae_decoder.release_memory({VAE_DECODER_INPUT: latents}, device_id)
+        _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    """glibc keeps freed heap pages for reuse; malloc_trim hands them back. Elsewhere: nothing."""
+    if platform.system() != "Linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:

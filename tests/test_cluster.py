@@ -99,7 +99,8 @@ def one_box(tiny_fp32: Path) -> Iterator[httpx.Client]:
     from runtime.server.app import create_app
 
     pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
-    with TestClient(create_app(pipe, ServerConfig(model=str(tiny_fp32), limits=LIMITS))) as client:
+    app = create_app(pipe, ServerConfig(model=str(tiny_fp32), limits=LIMITS))
+    with TestClient(app, base_url="http://localhost") as client:  # a Host the server answers for
         yield client
 
 
@@ -173,6 +174,7 @@ def test_concurrent_requests_use_both_replicas_and_match_the_one_box_server(
     assert len(made_by) == 2, made_by
     for index, answer in images.items():
         reference = one_box.post("/sdapi/v1/txt2img", json={**RECIPE, "seed": 114514 + index})
+        assert reference.status_code == 200, reference.text
         assert _png(answer) == _png(reference), f"seed {114514 + index}: the PNG differs from the one-box server's"
         info = json.loads(answer.json()["info"])
         assert info["node"] and all("Generator" not in text for text in info["infotexts"])
@@ -259,3 +261,54 @@ def test_a_replica_with_a_damaged_copy_fails_the_deployment_in_one_line(
     message = str(failure.value)
     assert "\n" not in message and "does not match its sha256" in message, message
     assert message.startswith("replica on ") and "vae_decoder" in message
+
+
+def test_the_serve_config_file_builds_the_application(tiny_fp32: Path) -> None:
+    import yaml
+    from ray.serve import Application
+
+    from runtime.cluster.__main__ import settings_from_args
+    from runtime.cluster.app import _arguments, build
+
+    config = yaml.safe_load((REPO / "docs" / "cluster-serve.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "runtime.cluster.app:build" and config["http_options"]["port"] == 7861
+    args = {**app["args"], "model": str(tiny_fp32)}
+    settings = settings_from_args(_arguments(args))
+    assert (settings.replicas, settings.gpus_per_replica, settings.max_queued_requests) == (2, 1.0, 16)
+    options = settings.generator_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and options["max_ongoing_requests"] == 1
+    assert isinstance(build(args), Application)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-replicas", "2"], "--min-replicas needs --max-replicas"),
+        (["--max-replicas", "4", "--replicas", "6"], "--replicas must lie between"),
+        (["--gpus-per-replica", "1", "--cpus-per-replica", "2"], "not allowed with argument"),
+        (["--gpus-per-replica", "0"], "must be a positive number"),
+    ],
+)
+def test_cluster_options_are_checked(args: list[str], message: str, capsys) -> None:
+    from runtime.cluster.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_code:
+        parse_args(["--model", "m", *args])
+    assert exit_code.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_autoscaling_settings_pass_through(tiny_fp32: Path) -> None:
+    from runtime.cluster.__main__ import settings_from_args
+
+    settings = settings_from_args(
+        ["--model", str(tiny_fp32), "--replicas", "2", "--min-replicas", "1", "--max-replicas", "8",
+         "--target-ongoing-requests", "3"]
+    )  # fmt: skip
+    scaling = settings.generator_options()["autoscaling_config"]
+    assert scaling == {
+        "min_replicas": 1, "max_replicas": 8, "initial_replicas": 2, "target_ongoing_requests": 3.0,
+        "upscale_delay_s": 30.0, "downscale_delay_s": 600.0,
+    }  # fmt: skip
+    assert "num_replicas" not in settings.generator_options() and settings.max_queued_requests == 8 * 8
+    assert settings.server.traffic.max_active_requests >= 8 * (8 + 1)

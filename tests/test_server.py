@@ -347,7 +347,7 @@ def test_malformed_bodies_get_4xx(tight: Server, content: bytes, status: int, fi
 def test_a_body_without_json_content_type_is_told_so(tight: Server) -> None:
     with tight.client() as client:
         answer = client.post("/sdapi/v1/txt2img", content=b'{"steps": 4}', headers={"content-type": "text/plain"})
-    assert answer.status_code == 422 and "Content-Type: application/json" in answer.json()["detail"]
+    assert answer.status_code == 415 and "Content-Type: application/json" in answer.json()["detail"]
 
 
 def test_oversized_bodies_get_413(tight: Server) -> None:

@@ -16,21 +16,19 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError
-from ..server.__main__ import _is_loopback, _Parser, _positive, add_api_options, build_config
+from ..server.__main__ import (
+    TRAFFIC,
+    _is_loopback,
+    _Parser,
+    _positive,
+    _positive_number,
+    add_api_options,
+    build_config,
+)
 from .settings import ClusterSettings, Scaling
 
 log = logging.getLogger("runtime.cluster")
 DEFAULT_SCALING = Scaling()
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,16 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", required=True, type=Path, help="exported folder, at this path on every node")
     add("--replicas", type=_positive, default=1, help="Pipeline replicas (with autoscaling: the initial count)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--gpus-per-replica", type=_fraction, help="GPUs per replica (default 1; 0.5 shares one)")
+    where.add_argument("--gpus-per-replica", type=_positive_number, help="GPUs per replica (default 1; 0.5 shares one)")
     where.add_argument("--cpus-per-replica", type=_positive, help="CPU replicas: this many cores and ORT threads each")
     add("--address", help="Ray cluster: auto (started with `ray start`), ray://HOST:PORT; default: a local Ray")
     add("--min-replicas", type=_positive, help="autoscaling floor (default 1; needs --max-replicas)")
     add("--max-replicas", type=_positive, help="turn on autoscaling up to this many replicas")
     add(
-        "--target-ongoing-requests", type=_fraction, default=DEFAULT_SCALING.target_ongoing_requests,
+        "--target-ongoing-requests", type=_positive_number, default=DEFAULT_SCALING.target_ongoing_requests,
         help="autoscaling target per replica: running + waiting jobs (default %(default)s)",
     )  # fmt: skip
     add_api_options(parser)
+    parser.set_defaults(max_active_requests=None)  # default: room for every job the replicas can hold
     args = parser.parse_args(argv)
     if args.min_replicas is not None and args.max_replicas is None:
         parser.error("--min-replicas needs --max-replicas (autoscaling)")
@@ -68,6 +67,10 @@ def settings_from_args(argv: list[str]) -> ClusterSettings:
 
 
 def build_settings(args: argparse.Namespace, fingerprint) -> ClusterSettings:
+    if args.max_active_requests is None:
+        # The ingress holds every running and waiting job: Serve's queue must fill before the guard refuses.
+        most = max(args.replicas, args.max_replicas or 0)
+        args.max_active_requests = most * (args.queue_size + 1) + TRAFFIC.max_active_requests
     server = build_config(args)
     scaling = Scaling(
         min_replicas=args.min_replicas or 1, max_replicas=args.max_replicas,

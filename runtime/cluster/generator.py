@@ -23,7 +23,7 @@ from ray import serve
 
 from ..errors import UserError
 from ..pipeline import Pipeline
-from ..server.jobs import JobFailure, JobResult, failure_for, run_plan
+from ..server.jobs import JobFailure, JobResult, failure_for, release_if_large, run_plan
 from ..server.mapping import Plan
 from ..server.tasks import ProgressUpdate
 from .model_check import check_model
@@ -93,6 +93,8 @@ class Generator:
             result = run_plan(self.pipe, plan, report, cancel, abandoned.is_set)
         except Exception as error:
             return failure_for(error, task_id)
+        finally:
+            release_if_large(self.pipe, plan, task_id)
         result.where = dict(self.where)
         return result
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..sessions import PROVIDERS
-from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, parse_credentials
+from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, Traffic, parse_credentials
 
 log = logging.getLogger("runtime.server")
 AUTH_ENV = "ACERTAIN_API_AUTH"
 DEFAULTS = Limits()
+TRAFFIC = Traffic()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,20 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_api_options(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +71,17 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-images", type=_positive, default=DEFAULTS.max_images, help="batch_size * n_iter (%(default)s)")
     add("--max-body-bytes", type=_positive, default=DEFAULTS.max_body_bytes, help="request body (%(default)s)")
+    add("--max-cfg-scale", type=_positive_number, default=DEFAULTS.max_cfg_scale, help="cfg_scale (%(default)s)")
+    add(
+        "--allowed-hosts", default="", type=_names,
+        help="extra Host names this server answers for, comma-separated ('*': any); it always answers for "
+        "its --host, localhost and IP addresses (the rest is refused against DNS rebinding)",
+    )  # fmt: skip
+    add(
+        "--max-active-requests", type=_positive, default=TRAFFIC.max_active_requests,
+        help="requests handled at once besides /health and /progress; more get 503 (%(default)s)",
+    )  # fmt: skip
+    add("--body-timeout", type=_positive_number, default=TRAFFIC.body_timeout, help="seconds (%(default)s)")
     add("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -65,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", required=True, type=Path, help="folder written by `python -m export`")
     add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
     add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
+    add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add_api_options(parser)
     return parser.parse_args(argv)
 
@@ -72,12 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(
         max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
-        max_images=args.max_images, max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images, max_body_bytes=args.max_body_bytes, max_cfg_scale=args.max_cfg_scale,
+    )  # fmt: skip
+    traffic = Traffic(
+        header_timeout=getattr(args, "header_timeout", TRAFFIC.header_timeout), body_timeout=args.body_timeout,
+        max_active_requests=args.max_active_requests, allowed_hosts=args.allowed_hosts,
     )  # fmt: skip
     return ServerConfig(
         model=str(args.model), host=args.host, port=args.port, provider=getattr(args, "provider", "auto"),
         threads=getattr(args, "threads", None), queue_size=args.queue_size,
-        credentials=parse_credentials(args.api_auth), limits=limits,
+        credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
     )  # fmt: skip
 
 
@@ -95,15 +127,19 @@ def serve(config: ServerConfig) -> None:
 
     from ..pipeline import Pipeline
     from .app import create_app
+    from .protocol import protocol_with_timeout
 
     pipe = Pipeline.from_pretrained(config.model, provider=config.provider, threads=config.threads)
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)
+    # No limit_concurrency: uvicorn counts open connections against it, so idle sockets would lock
+    # everyone out with its plain-text 503. The job queue bounds generations (429), the guard bounds
+    # requests in progress (JSON 503), and the protocol closes connections that send no request.
     uvicorn.run(
         create_app(pipe, config), host=config.host, port=config.port, log_config=None,
-        # Connections past this get a 503 from uvicorn: the queue bounds jobs, this bounds sockets.
-        limit_concurrency=max(64, 4 * config.queue_size + 16), timeout_graceful_shutdown=10,
+        http=protocol_with_timeout(config.traffic.header_timeout), timeout_keep_alive=config.traffic.keep_alive,
+        timeout_graceful_shutdown=10,
     )  # fmt: skip
 
 

@@ -15,22 +15,41 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import InvalidRequestError
 from .auth import BasicAuthMiddleware
 from .body_limit import BodyLimitMiddleware
 from .config import ServerConfig
+from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
 from .mapping import PlanModel
 from .responses import error_response
 from .routes import Backend, ServerContext, router
+from .schemas import ErrorResponse
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
+# What any endpoint may answer besides its own errors (the guard's, auth's, validation's and bugs'),
+# so that /openapi.json declares the shape every error is sent in.
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (401, "Missing or wrong HTTP Basic credentials (with --api-auth)"),
+        (403, "Sent from a web page of another site (Origin)"),
+        (408, "The body did not arrive in time"),
+        (413, "Body over the size limit"),
+        (415, "A POST body that is not JSON"),
+        (421, "Host header this server does not answer for"),
+        (422, "Invalid field or query parameter; `field` names it"),
+        (500, "A server bug; see the server log"),
+        (503, "Too many requests in progress (see Retry-After)"),
+    )
+}
 _LOCATIONS = ("body", "query", "path", "header")
 _MAX_LISTED_ERRORS = 5
 
@@ -91,10 +110,30 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(error.status_code, "HTTPError", str(error.detail), headers=error.headers)
 
-    @app.exception_handler(Exception)
-    async def bug(request: Request, error: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-        return error_response(500, "InternalError", "server error; see the server log")
+
+class InternalErrorMiddleware:
+    """A bug in a route: log its traceback once and answer our JSON 500.
+
+    An `exception_handler(Exception)` would answer too, but Starlette then re-raises the error and
+    uvicorn logs the same traceback a second time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if scope["type"] == "http" and not started:
+                await error_response(500, "InternalError", "server error; see the server log")(scope, receive, send)
 
 
 def create_app(pipe: Pipeline, config: ServerConfig) -> FastAPI:
@@ -121,9 +160,13 @@ def build_app(model: PlanModel, config: ServerConfig, backend: Backend) -> FastA
     )
     app.state.context = ServerContext(model, config, backend)
     _install_error_handlers(app)
-    app.include_router(router)
-    # The last middleware added runs first: auth, then the body limit, then the app.
-    app.add_middleware(BodyLimitMiddleware, limit=config.limits.max_body_bytes)
+    app.include_router(router, responses=COMMON_ERRORS)
+    # The last middleware added runs first: the guard (Host, Origin, Content-Type, room), auth,
+    # the body limit, then the app; a bug anywhere inside is one logged 500.
+    app.add_middleware(InternalErrorMiddleware)
+    traffic = config.traffic
+    app.add_middleware(BodyLimitMiddleware, limit=config.limits.max_body_bytes, timeout=traffic.body_timeout)
     if config.credentials:
         app.add_middleware(BasicAuthMiddleware, credentials=config.credentials)
+    app.add_middleware(RequestGuardMiddleware, bound_host=config.host, traffic=traffic)
     return app

@@ -1,11 +1,13 @@
-"""Refuse request bodies over the size limit (413) before any of them is parsed.
+"""Refuse request bodies over the size limit (413), or too slow to arrive (408), before any of them is parsed.
 
-A txt2img body is a few kilobytes. The body is read here, never more than `limit` bytes of it, and
-replayed to the app; a declared Content-Length over the limit is refused without reading at all.
+A txt2img body is a few kilobytes. The body is read here, never more than `limit` bytes of it and
+for at most `timeout` seconds, and replayed to the app; a declared Content-Length over the limit is
+refused without reading at all.
 """
 
 from __future__ import annotations
 
+import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,9 +37,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     def _too_large(self) -> JSONResponse:
         return error_response(
@@ -69,7 +72,14 @@ class BodyLimitMiddleware:
         try:
             if length is not None and int(length) > self.limit:
                 raise _TooLarge
-            body = await self._read(receive)
+            with anyio.fail_after(self.timeout):
+                body = await self._read(receive)
+        except TimeoutError:
+            detail = f"the request body did not arrive within {self.timeout:g} s"
+            await error_response(408, "RequestTimeout", detail, "body", headers={"Connection": "close"})(
+                scope, receive, send
+            )
+            return
         except _TooLarge:
             await self._too_large()(scope, receive, send)
             return

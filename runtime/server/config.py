@@ -24,6 +24,22 @@ class Limits:
     max_prompt_chunks: int = 32  # 75-token chunks per prompt (2400 tokens), after A1111 parsing
     max_prompt_chars: int = 32_000  # checked first, so parsing a prompt stays cheap
     max_body_bytes: int = MiB  # a txt2img body is a few kB; anything near this is abuse
+    max_cfg_scale: float = 30.0  # A1111's UI slider stops at 30; far above it the image turns to noise or black
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What protects the server from its connections, separate from what protects the GPU (Limits).
+
+    Generations are bounded by the job queue only; these bound sockets and requests that are slow
+    or many, so that neither can lock out other clients or /health and /progress.
+    """
+
+    header_timeout: float = 10.0  # seconds from connecting (or from the last answer) to a complete request head
+    body_timeout: float = 30.0  # seconds to send the whole body once the head arrived
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open between requests (uvicorn's default)
+    max_active_requests: int = 64  # requests in progress at once, past the exempt ones; more get 503
+    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted besides this machine's; "*" accepts any
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,7 @@ class ServerConfig:
     queue_size: int = 8  # jobs waiting behind the running one; more get 429
     credentials: dict[str, str] = field(default_factory=dict)  # user -> password; empty: no auth
     limits: Limits = field(default_factory=Limits)
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

@@ -225,10 +225,11 @@ def _check_limits(body: Txt2ImgRequest, limits: Limits) -> None:
         ("batch_size", body.batch_size, limits.max_batch, "images per batch"),
         ("n_iter", body.batch_size * body.n_iter, limits.max_images, "images per request (batch_size * n_iter)"),
         ("width", body.width * body.height, limits.max_pixels, "pixels per image (width * height)"),
+        ("cfg_scale", body.cfg_scale, limits.max_cfg_scale, "CFG scale"),
     )
     for name, value, limit, what in checks:
         if value > limit:
-            raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
+            raise InvalidRequestError(name, f"{value:g} {what} is over this server's limit of {limit:g}")
 
 
 def _check_prompt_length(pipe: PlanModel, body: Txt2ImgRequest, limits: Limits) -> None:

@@ -15,8 +15,8 @@ def error_response(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """`{"error", "detail", "field", "errors"}`: A1111's `error`/`detail` keys plus the field name."""
-    body: dict[str, Any] = {"error": kind, "detail": detail, "field": field}
-    if errors is not None:
-        body["errors"] = errors
+    """`{"error", "detail", "field", "errors"}`: A1111's `error`/`detail` keys plus the field name
+    (null when no one field is at fault) and every problem found (empty unless validation failed).
+    Always all four keys, as schemas.ErrorResponse declares them."""
+    body: dict[str, Any] = {"error": kind, "detail": detail, "field": field, "errors": errors or []}
     return JSONResponse(body, status_code=status, headers=headers)

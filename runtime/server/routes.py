@@ -190,7 +190,7 @@ async def sd_models(ctx: Context) -> Any:
             model_name=manifest.model_name,
             hash=manifest.model_hash,
             sha256=None,
-            filename=str(manifest.folder),
+            filename=manifest.folder.name,  # never the absolute path: it tells a caller about the box
             config=None,
         )
     ]

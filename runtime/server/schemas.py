@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import Limits
+from .validation import check_json_value
 
 _LIMITS = Limits()
 
@@ -89,6 +90,7 @@ class Txt2ImgRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def omit_nulls(cls, data: Any) -> Any:
+        check_json_value(data)  # echoed in the answer: refuse what could not be sent back (422)
         return _drop_nulls(data)
 
 
@@ -199,5 +201,5 @@ class HealthResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(description="Kind of error, e.g. InvalidRequest, QueueFull")
     detail: str = Field(description="What went wrong, naming the field")
-    field: str | None = Field(None, description="The offending request field, dotted for nested ones")
-    errors: list[dict[str, Any]] | None = Field(None, description="Every validation problem found")
+    field: str | None = Field(description="The offending request field, dotted for nested ones; null if none")
+    errors: list[dict[str, Any]] = Field(description="Every validation problem found: {field, message, type}")
