@@ -10,32 +10,46 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import __version__, samplers
-from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from . import __version__, registry, samplers
+from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
 from .errors import InvalidRequestError
+from .img2img import (
+    InitPlan,
+    apply_overlay,
+    blend,
+    default_size,
+    encode_sample,
+    fill_latents,
+    plan_init,
+    slice_schedule,
+    start_step,
+)
+from .inputs import check_strength, load_image
 from .metadata import format_infotext
-from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
-from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
+from .model_folder import (
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    VAE_ENCODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+)
 from .rng import NoiseGenerator, make_generator
-from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
+from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-SAMPLER_LABELS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
-SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}  # None: A1111's "Automatic"
-RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
-ANCESTRAL_SAMPLERS = ("euler_a",)
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
 OUTPUT_TYPES = ("pil", "np")
@@ -50,20 +64,6 @@ class PipelineOutput:
     seeds: list[int]
     interrupted: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    cond: np.ndarray
-    uncond: np.ndarray | None
-    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
-
-
-@dataclass
-class SampleResult:
-    latents: np.ndarray  # VP latents ready for the VAE
-    interrupted: bool
-    pad_conds: bool
 
 
 @dataclass(frozen=True)
@@ -104,43 +104,90 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
     return [seed + index for index in range(count)]
 
 
-def build_request(
+@dataclass(frozen=True, eq=False)
+class CondPiece:
+    """The text conditioning of the steps before `until_step`: run() picks, for step i, the first
+    piece with i < until_step (today one piece covers every step)."""
+
+    until_step: int
+    cond: PromptChunks
+    uncond: PromptChunks | None  # None when guidance is off (scale <= 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A generation checked and planned once: what run() needs and nothing it must re-check."""
+
+    request: GenerationRequest
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
+    chunk_counts: dict[str, int]  # field -> 75-token chunks of that prompt (the server's limit)
+    init: InitPlan | None = None  # img2img / inpainting
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+    def with_first_seed(self, seed: int) -> Prepared:
+        """The same generation for seeds seed, seed+1, ... (A1111's n_iter batches continue the seeds)."""
+        seeds = resolve_seeds(seed, len(self.request.seeds))
+        return replace(self, request=replace(self.request, seeds=seeds))
+
+
+def prepare(
     manifest: Manifest,
     scheduler_config: dict[str, Any],
+    tokenizer: ClipTokenizer,
     *,
     prompt: str,
     negative_prompt: str = "",
-    steps: int = 28,
+    num_inference_steps: int = 28,
     guidance_scale: float = 11.0,
     width: int | None = None,
     height: int | None = None,
     seed: int | None = -1,
-    batch_size: int = 1,
+    num_images_per_prompt: int = 1,
     sampler: str = "euler_a",
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
-) -> GenerationRequest:
-    """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
-    including the schedule the model's scheduler config gives and the prompts' weights."""
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        check_prompt(name, text)
-    steps = _require_int("steps", steps)
+    image: Any = None,
+    strength: float = 0.75,
+    mask_image: Any = None,
+    **init_options: Any,
+) -> Prepared:
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
+    prompts parsed and chunked, schedule and seeds made: once, for run().
+
+    img2img: `image` (PIL image, array, path or bytes) and `strength` (A1111's denoising
+    strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
+    is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
+    `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
+    size (default: the image's own size rounded down to a multiple of 8)."""
+    if image is None and (mask_image is not None or init_options):
+        raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
+    if image is not None:
+        strength = check_strength(strength)
+        loaded = load_image(image, "image")
+        if width is None and height is None:
+            width, height = default_size(loaded, manifest.vae_scale_factor)
+            width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
+    chunks = {name: prompt_chunks(tokenizer, name, text)
+              for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt))}  # fmt: skip
+    steps = _require_int("steps", num_inference_steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
     check_guidance(guidance_scale)
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
-    count = _require_int("batch_size", batch_size)
+    count = _require_int("batch_size", num_images_per_prompt)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
-    if sampler not in SAMPLERS:
-        raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if schedule not in SCHEDULES:
-        raise InvalidRequestError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if rng not in RNG_LABELS:
-        raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
+    sampler = registry.sampler(sampler).key
+    schedule = registry.schedule(schedule)
+    rng = registry.rng(rng)
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
@@ -148,23 +195,46 @@ def build_request(
     if seeds[-1] + delta > MAX_GENERATOR_SEED:
         most = MAX_GENERATOR_SEED - seeds[-1]
         raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
-    make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
-    return GenerationRequest(
+    plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    init = None
+    if image is not None:
+        init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+        plan = slice_schedule(plan, start_step(plan.steps, strength))
+    request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         seeds, sampler, schedule, rng, delta,
     )  # fmt: skip
+    piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
+    counts = {name: item.count for name, item in chunks.items()}
+    return Prepared(request, plan, (piece,), padded, counts, init)
 
 
-def check_prompt(field_name: str, text: Any) -> None:
-    """A string whose attention weights are finite: `(x:1e400)` or thousands of nested brackets
-    would turn the embeddings into NaN (a black image in A1111)."""
+def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
+    """A prompt parsed and chunked, its attention weights finite: `(x:1e400)` or thousands of
+    nested brackets would turn the embeddings into NaN (a black image in A1111)."""
     if not isinstance(text, str):
         raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
-    for piece, weight in parse_prompt_attention(text):
-        if not np.isfinite(weight) or (weight != BREAK_WEIGHT and abs(weight) > MAX_WEIGHT):
-            raise InvalidRequestError(
-                field_name, f"weight {weight:g} of {piece!r} is out of range (|weight| <= {MAX_WEIGHT:g})"
-            )
+    chunks = prompt_to_chunks(tokenizer, text)
+    bad = chunks.weights[~np.isfinite(chunks.weights) | (np.abs(chunks.weights) > MAX_WEIGHT)]
+    if bad.size:
+        raise InvalidRequestError(field_name, f"weight {bad[0]:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    return chunks
+
+
+def pair_chunks(
+    tokenizer: ClipTokenizer, cond: PromptChunks, uncond: PromptChunks, steps: int, guidance_scale: float
+) -> tuple[CondPiece, bool]:
+    """The shorter prompt padded with empty chunks so one UNet call serves both halves. That is
+    A1111's "Pad prompt/negative prompt" option (off by default there: the web UI then runs two
+    UNet calls, each attending over its own tokens), so the infotext says `Pad conds: True`
+    whenever the chunk counts differed. Guidance at most 1 drops the negative prompt."""
+    if guidance_scale <= 1.0:
+        return CondPiece(steps, cond, None), False
+    count = max(cond.count, uncond.count)
+    padded = cond.count != uncond.count
+    return CondPiece(
+        steps, pad_to_chunk_count(cond, count, tokenizer), pad_to_chunk_count(uncond, count, tokenizer)
+    ), padded
 
 
 def check_guidance(guidance_scale: Any) -> None:
@@ -176,6 +246,13 @@ def check_guidance(guidance_scale: Any) -> None:
         raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
     if guidance_scale < 0:
         raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+
+
+def combine_guidance(eps: np.ndarray, batch: int, scale: float) -> np.ndarray:
+    """Classifier-free guidance on one UNet output holding the uncond half first (as diffusers):
+    eps = uncond + scale * (cond - uncond)."""
+    eps_uncond, eps_cond = eps[:batch], eps[batch:]
+    return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
 
 
 class Pipeline:
@@ -222,89 +299,11 @@ class Pipeline:
         """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
         self.sessions.release_memory(self.manifest)
 
-    # -- request checking ---------------------------------------------------------------------
+    # -- prepare and run ------------------------------------------------------------------------
 
-    def make_request(self, **parameters: Any) -> GenerationRequest:
-        """Check generation parameters against this model (keywords of build_request)."""
-        return build_request(self.manifest, self.scheduler_config, **parameters)
-
-    # -- the stages -----------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
-        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
-        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
-        on the token axis. The shorter prompt is padded with empty chunks so one UNet call serves
-        both halves. That is A1111's "Pad prompt/negative prompt" option (off by default there: the
-        web UI then runs two UNet calls, each attending over its own tokens), so the infotext says
-        `Pad conds: True` whenever the chunk counts differed."""
-        prompts = [prompt, negative_prompt] if with_negative else [prompt]
-        chunks = [prompt_to_chunks(self.tokenizer, text) for text in prompts]
-        count = max(item.count for item in chunks)
-        padded = any(item.count != count for item in chunks)
-        chunks = [pad_to_chunk_count(item, count, self.tokenizer) for item in chunks]
-        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
-        states = []
-        for index, item in enumerate(chunks):
-            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
-            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
-        return EncodedPrompt(cond=states[0], uncond=states[1] if with_negative else None, padded=padded)
-
-    def denoiser(
-        self,
-        schedule: Schedule,
-        cond: np.ndarray,
-        uncond: np.ndarray | None,
-        scale: float,
-        latent_shape: tuple,
-    ) -> Callable[[np.ndarray, int], np.ndarray]:
-        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
-        With guidance one UNet call runs the uncond and cond halves together (as diffusers does:
-        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond."""
-        batch = latent_shape[0]
-        halves = [uncond, cond] if uncond is not None else [cond]
-        context = np.stack([half for half in halves for _ in range(batch)])
-        unet = self.sessions.unet
-        unet.begin(context, (len(context), *latent_shape[1:]))
-
-        def denoise(x: np.ndarray, step: int) -> np.ndarray:
-            sigma = np.float32(schedule.sigmas[step])
-            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
-            model_input = np.concatenate([scaled] * len(halves))
-            timesteps = np.full((len(context),), schedule.timesteps[step], dtype=np.float32)
-            eps = unet(model_input, timesteps)
-            if uncond is not None:
-                eps_uncond, eps_cond = eps[:batch], eps[batch:]
-                eps = eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
-            return x - sigma * eps
-
-        return denoise
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
-        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
-        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
-        pixels = np.concatenate(images)
-        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
-
-    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
-        params = {
-            "Steps": request.steps,
-            "Sampler": SAMPLER_LABELS[request.sampler],
-            "Schedule type": SCHEDULE_LABELS[request.schedule],
-            "CFG scale": _number(request.guidance_scale),
-            "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
-            "Model hash": self.manifest.model_hash,
-            "Model": self.manifest.model_name,
-            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
-            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
-            "RNG": RNG_LABELS[request.rng],
-            "Pad conds": True if pad_conds else None,
-            "Version": f"acertain-onnx {__version__}",
-        }
-        return format_infotext(request.prompt, request.negative_prompt, params)
-
-    # -- the whole run --------------------------------------------------------------------------
+    def prepare(self, **parameters: Any) -> Prepared:
+        """Check and plan a generation (keywords of `__call__` but output_type and callbacks)."""
+        return prepare(self.manifest, self.scheduler_config, self.tokenizer, **parameters)
 
     def __call__(
         self,
@@ -323,49 +322,143 @@ class Pipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
+        **options: Any,
     ) -> PipelineOutput:
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
-        request = self.make_request(
-            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
-            width=width, height=height, seed=seed, batch_size=num_images_per_prompt, sampler=sampler,
-            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta,
+        """Generate: prepare (every parameter checked once) then run. `options` are prepare's
+        img2img, inpainting, hires-fix and VAE-tiling keywords."""
+        check_output_type(output_type)
+        prepared = self.prepare(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, width=width, height=height, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, sampler=sampler, schedule=schedule, rng=rng,
+            eta_noise_seed_delta=eta_noise_seed_delta, **options,
         )  # fmt: skip
-        result = self.sample(request, callback, cancel_event)
-        pixels = self.decode(result.latents)
-        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
-        infotexts = [self.infotext(request, seed, result.pad_conds) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.__dict__.copy())
+        return self.run(prepared, output_type, callback, cancel_event)
 
-    def sample(
+    def run(
         self,
-        request: GenerationRequest,
+        prepared: Prepared,
+        output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
-    ) -> SampleResult:
-        """Run the sampler. An interrupted run returns the last prediction of the clean image, as
-        the A1111 web UI shows on Interrupt."""
-        schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
-        with_negative = request.guidance_scale > 1.0
-        encoded = self.encode_prompt(request.prompt, request.negative_prompt, with_negative)
+    ) -> PipelineOutput:
+        """Sample, decode, write the infotexts. An interrupted run decodes the last prediction of
+        the clean image, as the A1111 web UI shows on Interrupt."""
+        check_output_type(output_type)
+        request = prepared.request
+        latents, interrupted = self._sample(prepared, callback, cancel_event)
+        pixels = self.decode(latents)
+        if prepared.init is not None and prepared.init.overlay is not None:
+            pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
+        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
+        infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    # -- the stages -----------------------------------------------------------------------------
+
+    def encode(self, piece: CondPiece) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
+        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
+        on the token axis."""
+        chunks = [piece.cond] if piece.uncond is None else [piece.cond, piece.uncond]
+        count = piece.cond.count
+        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
+        states = []
+        for index, item in enumerate(chunks):
+            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
+            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
+        return states[0], (states[1] if piece.uncond is not None else None)
+
+    def denoiser(
+        self, schedule: Schedule, conditioning: tuple[CondPiece, ...], scale: float, latent_shape: tuple
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+        Step i uses the first conditioning piece with i < until_step; the UNet is rebound only
+        when the piece changes. With guidance one UNet call runs the uncond and cond halves
+        together (uncond first, as diffusers does)."""
+        batch = latent_shape[0]
+        encoded = [self.encode(piece) for piece in conditioning]
+        unet = self.sessions.unet
+        bound: dict[str, int] = {}
+
+        def bind(step: int) -> int:
+            index = next((i for i, piece in enumerate(conditioning) if step < piece.until_step), len(conditioning) - 1)
+            if bound.get("piece") != index:
+                cond, uncond = encoded[index]
+                halves = [uncond, cond] if uncond is not None else [cond]
+                context = np.stack([half for half in halves for _ in range(batch)])
+                unet.begin(context, (len(context), *latent_shape[1:]))
+                bound["piece"], bound["halves"] = index, len(halves)
+            return bound["halves"]
+
+        def denoise(x: np.ndarray, step: int) -> np.ndarray:
+            halves = bind(step)
+            sigma = np.float32(schedule.sigmas[step])
+            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
+            model_input = np.concatenate([scaled] * halves)
+            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+            eps = unet(model_input, timesteps)
+            if halves == 2:
+                eps = combine_guidance(eps, batch, scale)
+            return x - sigma * eps
+
+        return denoise
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
+        pixels = np.concatenate(images)
+        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def infotext(self, prepared: Prepared, seed: int) -> str:
+        request = prepared.request
+        params = {
+            "Steps": request.steps,
+            "Sampler": registry.sampler(request.sampler).name,
+            "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
+            "CFG scale": _number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": self.manifest.model_hash,
+            "Model": self.manifest.model_name,
+            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
+            "RNG": registry.RNG_LABELS[request.rng],
+            "Pad conds": True if prepared.padded else None,
+            **(prepared.init.infotext if prepared.init is not None else {}),
+            "Version": f"acertain-onnx {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+    def _sample(
+        self,
+        prepared: Prepared,
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """(latents for the VAE, interrupted)."""
+        request, schedule = prepared.request, prepared.schedule
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip
-        x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
+        x, after_step = self._initial(prepared, generators, shape)
         if uses_ensd(request):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, encoded.cond, encoded.uncond, request.guidance_scale, x.shape)
+        denoise = self.denoiser(schedule, prepared.conditioning, request.guidance_scale, x.shape)
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
             last_denoised["x"] = denoise(x_in, step)
             return last_denoised["x"]
 
-        def on_step(step: int, latents: np.ndarray) -> None:
+        def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
+            latents = after_step(step, latents) if after_step is not None else latents
             stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
+            return latents
 
         try:
             noise = per_image_noise(generators, shape)
@@ -373,8 +466,48 @@ class Pipeline:
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
-            return SampleResult(last_denoised.get("x", x), True, encoded.padded)
-        return SampleResult(final_latents(x, schedule), False, encoded.padded)
+            return last_denoised.get("x", x), True
+        return final_latents(x, schedule), False
+
+    def _initial(
+        self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
+        """The first sample x (VE space) and what to do to x after each step. Each image's
+        generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
+        then the noise; inpainting also a (discarded) sample for the masked image."""
+        schedule, init = prepared.schedule, prepared.init
+        if init is None:
+            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+        moments = self.encode_pixels(init.pixels)
+        x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
+        noise = np.concatenate([g.randn(shape) for g in generators])
+        if init.latent_mask is None:
+            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+        for g in generators:
+            g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
+        x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        if init.strength == 1.0:  # diffusers starts from pure noise at full strength
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = x0 + noise * np.float32(schedule.sigmas[0])
+
+        def after_step(step: int, latents: np.ndarray) -> np.ndarray:
+            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+
+        return x.astype(np.float32), after_step
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked."""
+        if self.sessions.vae_encoder is None:
+            raise InvalidRequestError(
+                "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
+            )
+        return self.sessions.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
 
 class _Stop(Exception):
@@ -384,7 +517,7 @@ class _Stop(Exception):
 def uses_ensd(request: GenerationRequest) -> bool:
     """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
     and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and request.sampler in ANCESTRAL_SAMPLERS
+    return request.eta_noise_seed_delta > 0 and registry.sampler(request.sampler).ancestral
 
 
 def _number(value: float) -> int | float:

@@ -18,7 +18,7 @@ from ray.serve import Application
 
 from ..errors import UserError
 from ..model_folder import Manifest, read_manifest, read_scheduler_config
-from ..pipeline import GenerationRequest, build_request
+from ..pipeline import Prepared, prepare
 from ..server.app import build_app
 from ..tokenizer import ClipTokenizer
 from .backend import GENERATOR, ServeBackend
@@ -48,8 +48,9 @@ class ModelInfo:
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
         return cls(manifest, tokenizer, read_scheduler_config(manifest.folder))
 
-    def make_request(self, **parameters: Any) -> GenerationRequest:
-        return build_request(self.manifest, self.scheduler_config, **parameters)
+    def prepare(self, **parameters: Any) -> Prepared:
+        """The library's own checks and planning (Pipeline.prepare), without sessions."""
+        return prepare(self.manifest, self.scheduler_config, self.tokenizer, **parameters)
 
 
 @serve.ingress()

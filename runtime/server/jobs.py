@@ -96,22 +96,20 @@ def run_plan(
     infotexts: list[str] = []
     interrupted = False
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
-    for index, request in enumerate(plan.batches):
-        report(ProgressUpdate(index, 0, request.steps))
+    for index, prepared in enumerate(plan.batches):
+        steps = prepared.schedule.steps
+        report(ProgressUpdate(index, 0, steps))
 
-        def on_step(step: int, _total: int, x: Any, index: int = index, steps: int = request.steps) -> None:
+        def on_step(step: int, _total: int, x: Any, index: int = index, steps: int = steps) -> None:
             report(ProgressUpdate(index, step, steps, x[0].copy()))  # the first image: a preview
 
-        result = pipe.sample(request, callback=on_step, cancel_event=cancel)
+        out = pipe.run(prepared, "np", callback=on_step, cancel_event=cancel)
         if abandoned():
-            break  # nobody will read the images: skip the decode
-        pixels = pipe.decode(result.latents)
-        for image, seed in zip(pixels, request.seeds, strict=True):
-            text = pipe.infotext(request, seed, result.pad_conds)
-            infotexts.append(text)
-            if plan.send_images:
-                images.append(png_base64(image, text))
-        if result.interrupted:
+            break  # nobody will read the images
+        infotexts.extend(out.infotexts)
+        if plan.send_images:
+            images.extend(png_base64(image, text) for image, text in zip(out.images, out.infotexts, strict=True))
+        if out.interrupted:
             interrupted = True
             break
     return JobResult(images, infotexts, interrupted, timestamp)
@@ -119,7 +117,7 @@ def run_plan(
 
 def release_if_large(pipe: Pipeline, plan: Plan, job: str) -> None:
     """After a large job, give its memory back instead of holding it until the next one."""
-    request = plan.batches[0]
+    request = plan.batches[0].request
     if request.width * request.height * len(request.seeds) < RELEASE_AFTER_PIXELS:
         return
     try:

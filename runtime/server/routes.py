@@ -19,9 +19,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..registry import SAMPLERS, SCHEDULERS
 from .config import ServerConfig
 from .jobs import JobResult
-from .mapping import SAMPLERS, SCHEDULERS, Plan, PlanModel, build_plan, model_title
+from .mapping import Plan, PlanModel, build_plan, model_title
 from .schemas import (
     ErrorResponse,
     HealthResponse,
