@@ -96,7 +96,7 @@ def plan_init(
         overlay_mask = np.clip(np.asarray(work_mask).astype(np.float32) * 2, 0, 255).astype(np.uint8)
         work_image = inputs.resize_image(mode, original, width, height)
         original = work_image
-    if fill == FILL:
+    if fill != ORIGINAL:  # A1111 paints the hole for every mode but "original"
         work_image = inputs.fill_masked(work_image, work_mask)
     latent_size = (width // latent_factor, height // latent_factor)
     latent = np.asarray(work_mask.convert("RGB").resize(latent_size), dtype=np.float32)[..., 0] / 255

@@ -20,6 +20,7 @@ from PIL import Image
 from . import __version__, registry, samplers
 from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
 from .errors import InvalidRequestError
+from .hires import HiresPlan, plan_hires
 from .img2img import (
     InitPlan,
     apply_overlay,
@@ -44,7 +45,9 @@ from .model_folder import (
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
+from .tiling import VAE_TILING, TileSizes, tiled, use_tiling
 from .tokenizer import ClipTokenizer
+from .upscale import truncate, upscale_image, upscale_latents
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,11 @@ MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
 OUTPUT_TYPES = ("pil", "np")
+
+INIT_OPTIONS = (  # prepare()'s img2img / inpainting keywords beyond image, strength, mask_image
+    "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)  # fmt: skip
 
 StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
 
@@ -124,6 +132,9 @@ class Prepared:
     padded: bool  # the prompt pair had different chunk counts and the shorter was padded
     chunk_counts: dict[str, int]  # field -> 75-token chunks of that prompt (the server's limit)
     init: InitPlan | None = None  # img2img / inpainting
+    hires: HiresPlan | None = None  # txt2img's hires fix
+    hires_conditioning: tuple[CondPiece, ...] = ()
+    vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
 
     @property
     def seeds(self) -> list[int]:
@@ -155,6 +166,9 @@ def prepare(
     image: Any = None,
     strength: float = 0.75,
     mask_image: Any = None,
+    enable_hr: bool = False,
+    hires_options: dict[str, Any] | None = None,
+    vae_tiling: str = "auto",
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -164,7 +178,14 @@ def prepare(
     strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
     is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
     `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
-    size (default: the image's own size rounded down to a multiple of 8)."""
+    size (default: the image's own size rounded down to a multiple of 8).
+
+    Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
+    hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
+    hr_sampler_name (see runtime.hires.plan_hires)."""
+    unknown = set(init_options) - set(INIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if image is None and (mask_image is not None or init_options):
         raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
     if image is not None:
@@ -206,7 +227,33 @@ def prepare(
     )  # fmt: skip
     piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
     counts = {name: item.count for name, item in chunks.items()}
-    return Prepared(request, plan, (piece,), padded, counts, init)
+    if vae_tiling not in VAE_TILING:
+        raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
+    hires, hires_conditioning = None, ()
+    if enable_hr:
+        if image is not None:
+            raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
+        hires = plan_hires(
+            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            sampler, prompt, negative_prompt, steps, **(hires_options or {}),
+        )  # fmt: skip
+        hires_conditioning, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request, piece)
+        padded, counts = padded or padded_hr, {**counts, **hr_counts}
+    return Prepared(request, plan, (piece,), padded, counts, init, hires, hires_conditioning, vae_tiling)
+
+
+def _hires_conditioning(
+    tokenizer: ClipTokenizer, hires: HiresPlan, request: GenerationRequest, piece: CondPiece
+) -> tuple[tuple[CondPiece, ...], bool, dict[str, int]]:
+    """The second pass's conditioning: the first pass's, unless hr_prompt / hr_negative_prompt
+    say otherwise."""
+    steps = hires.schedule.steps
+    if hires.prompt == request.prompt and hires.negative_prompt == request.negative_prompt:
+        return (replace(piece, until_step=steps),), False, {}
+    cond = prompt_chunks(tokenizer, "hr_prompt", hires.prompt)
+    uncond = prompt_chunks(tokenizer, "hr_negative_prompt", hires.negative_prompt)
+    paired, padded = pair_chunks(tokenizer, cond, uncond, steps, request.guidance_scale)
+    return (paired,), padded, {"hr_prompt": cond.count, "hr_negative_prompt": uncond.count}
 
 
 def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
@@ -265,6 +312,7 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
     @classmethod
     def from_pretrained(
@@ -347,7 +395,7 @@ class Pipeline:
         check_output_type(output_type)
         request = prepared.request
         latents, interrupted = self._sample(prepared, callback, cancel_event)
-        pixels = self.decode(latents)
+        pixels = self.decode(latents, prepared.vae_tiling)
         if prepared.init is not None and prepared.init.overlay is not None:
             pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
@@ -404,10 +452,18 @@ class Pipeline:
 
         return denoise
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
+    def decode(self, latents: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory;
+        tiled (diffusers' tiled_decode) when `tiling` says so for this size."""
         scaled = latents / np.float32(self.manifest.vae_scaling_factor)
-        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
+        factor, sizes = self.manifest.vae_scale_factor, self.tile_sizes
+        tiles = use_tiling(tiling, scaled.shape[3] * factor, scaled.shape[2] * factor, sizes)
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return self.sessions.vae_decoder.run({VAE_DECODER_INPUT: tile})
+
+        images = [tiled(run, scaled[i : i + 1], sizes.latent, sizes.sample) if tiles else run(scaled[i : i + 1])
+                  for i in range(len(scaled))]  # fmt: skip
         pixels = np.concatenate(images)
         return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
@@ -419,7 +475,7 @@ class Pipeline:
             "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
             "CFG scale": _number(request.guidance_scale),
             "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
+            "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
@@ -427,6 +483,7 @@ class Pipeline:
             "RNG": registry.RNG_LABELS[request.rng],
             "Pad conds": True if prepared.padded else None,
             **(prepared.init.infotext if prepared.init is not None else {}),
+            **(prepared.hires.infotext if prepared.hires is not None else {}),
             "Version": f"acertain-onnx {__version__}",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)
@@ -437,16 +494,42 @@ class Pipeline:
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
     ) -> tuple[np.ndarray, bool]:
-        """(latents for the VAE, interrupted)."""
-        request, schedule = prepared.request, prepared.schedule
+        """(latents for the VAE, interrupted): the first pass, then the hires pass if asked."""
+        request = prepared.request
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
-        shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
-                 request.width // self.manifest.vae_scale_factor)  # fmt: skip
-        x, after_step = self._initial(prepared, generators, shape)
-        if uses_ensd(request):
+        x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, after_step)
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        if prepared.hires is None or interrupted:
+            return latents, interrupted
+        x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
+        # A1111: the second pass draws its noise from fresh generators of the same seeds.
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
+        x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
+        pass_ = _Pass(prepared.hires.sampler, prepared.hires.schedule, prepared.hires_conditioning, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event)
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        factor = self.manifest.vae_scale_factor
+        return (1, self.manifest.latent_channels, height // factor, width // factor)
+
+    def _loop(
+        self,
+        request: GenerationRequest,
+        pass_: _Pass,
+        x: np.ndarray,
+        generators: list[NoiseGenerator],
+        callback: StepCallback | None,
+        cancel_event: threading.Event | None,
+    ) -> tuple[np.ndarray, bool]:
+        """One sampling pass from x. An interrupted pass returns the last prediction of the
+        clean image, as the A1111 web UI shows on Interrupt."""
+        schedule, shape = pass_.schedule, (1, *x.shape[1:])
+        if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, prepared.conditioning, request.guidance_scale, x.shape)
+        denoise = self.denoiser(schedule, pass_.conditioning, request.guidance_scale, x.shape)
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
@@ -454,7 +537,7 @@ class Pipeline:
             return last_denoised["x"]
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
-            latents = after_step(step, latents) if after_step is not None else latents
+            latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
             stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
@@ -462,12 +545,27 @@ class Pipeline:
 
         try:
             noise = per_image_noise(generators, shape)
-            x = samplers.sample(request.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = samplers.sample(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return last_denoised.get("x", x), True
         return final_latents(x, schedule), False
+
+    def _upscale(self, latents: np.ndarray, plan: HiresPlan, tiling: str) -> np.ndarray:
+        """The first pass at the hires size: latents resized (latent upscalers), or decoded,
+        resized as an image and encoded again (the latent distribution's mean)."""
+        factor = self.manifest.vae_scale_factor
+        size = (plan.upscale_to[0] // factor, plan.upscale_to[1] // factor)
+        if plan.upscaler.latent:
+            upscaled = upscale_latents(latents, size, plan.upscaler)
+        else:
+            decoded = self.decode(latents, tiling)
+            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler) for image in decoded]
+            moments = [self.encode_pixels((image * 2 - 1).transpose(2, 0, 1)[None], tiling) for image in pixels]
+            upscaled = np.concatenate([np.split(m, 2, axis=1)[0] for m in moments])
+            upscaled = upscaled * np.float32(self.manifest.vae_scaling_factor)
+        return truncate(upscaled, *plan.truncate).astype(np.float32)
 
     def _initial(
         self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
@@ -478,7 +576,7 @@ class Pipeline:
         schedule, init = prepared.schedule, prepared.init
         if init is None:
             return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
-        moments = self.encode_pixels(init.pixels)
+        moments = self.encode_pixels(init.pixels, prepared.vae_tiling)
         x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
         noise = np.concatenate([g.randn(shape) for g in generators])
         if init.latent_mask is None:
@@ -496,13 +594,22 @@ class Pipeline:
 
         return x.astype(np.float32), after_step
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked."""
-        if self.sessions.vae_encoder is None:
+    def encode_pixels(self, pixels: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked;
+        tiled (diffusers' _tiled_encode) when `tiling` says so for this size."""
+        encoder = self.sessions.vae_encoder
+        if encoder is None:
             raise InvalidRequestError(
                 "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
             )
-        return self.sessions.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return encoder.run({VAE_ENCODER_INPUT: tile})
+
+        sizes = self.tile_sizes
+        if use_tiling(tiling, pixels.shape[3], pixels.shape[2], sizes):
+            return tiled(run, pixels, sizes.sample, sizes.latent)
+        return run(pixels)
 
 
 def check_output_type(output_type: str) -> None:
@@ -514,10 +621,18 @@ class _Stop(Exception):
     """Raised inside the sampler loop to leave it at a step boundary."""
 
 
-def uses_ensd(request: GenerationRequest) -> bool:
+def uses_ensd(request: GenerationRequest, sampler: str | None = None) -> bool:
     """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
     and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and registry.sampler(request.sampler).ancestral
+    return request.eta_noise_seed_delta > 0 and registry.sampler(sampler or request.sampler).ancestral
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    sampler: str
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None
 
 
 def _number(value: float) -> int | float:
