@@ -180,6 +180,18 @@ def test_concurrent_requests_use_both_replicas_and_match_the_one_box_server(
         assert info["node"] and all("Generator" not in text for text in info["infotexts"])
 
 
+def test_img2img_runs_on_a_replica_like_on_one_box(cluster: Cluster, one_box: httpx.Client) -> None:
+    with cluster.client() as client:
+        init = client.post("/sdapi/v1/txt2img", json=RECIPE).json()["images"][0]
+        body = {**RECIPE, "init_images": [init], "denoising_strength": 0.5, "force_task_id": "task(img2img)"}
+        answer = client.post("/sdapi/v1/img2img", json=body)
+        assert answer.status_code == 200, answer.text
+        assert client.post("/internal/progress", json={"id_task": "task(img2img)"}).json()["completed"]
+    reference = one_box.post("/sdapi/v1/img2img", json=body)
+    assert reference.status_code == 200, reference.text
+    assert _png(answer) == _png(reference)
+
+
 def _start(cluster: Cluster, task_id: str, answers: dict) -> threading.Thread:
     def run() -> None:
         answers[task_id] = httpx.post(

@@ -300,7 +300,6 @@ BAD_BODIES = [
     ({"override_settings": {"randn_source": "TPU"}}, 422, "override_settings.randn_source"),
     ({"override_settings": {"sd_model_checkpoint": "other-model"}}, 422, "override_settings.sd_model_checkpoint"),
     ({"override_settings": []}, 422, "override_settings"),
-    ({"enable_hr": True}, 422, "enable_hr"),
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
