@@ -210,7 +210,7 @@ def read_scheduler_config(folder: str | Path) -> dict[str, Any]:
     return _read_json(Path(folder) / SCHEDULER_CONFIG, "the model folder has no scheduler config")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -226,7 +226,7 @@ def verify_files(manifest: Manifest) -> None:
             path = info.path.parent / name
             if not path.is_file():
                 raise ModelFolderError(f"{path} is missing: the model folder is incomplete")
-            if _sha256(path) != expected:
+            if sha256_of_file(path) != expected:
                 raise ModelFolderError(
                     f"{path} does not match its sha256 in the manifest: the file is corrupt; copy or export it again"
                 )

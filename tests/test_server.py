@@ -388,13 +388,13 @@ def test_burst_of_24_concurrent_requests_gets_200_or_429(tight: Server) -> None:
         assert post(client, VALID).status_code == 200
 
 
-def _start_long_job(server: Server) -> tuple[threading.Thread, dict]:
+def _start_long_job(server: Server, **extra: Any) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
     def run() -> None:
         started = time.monotonic()
         with server.client(AUTH, timeout=120) as client:
-            outcome["answer"] = post(client, LONG_JOB)
+            outcome["answer"] = post(client, {**LONG_JOB, **extra})
         outcome["seconds"] = time.monotonic() - started
 
     thread = threading.Thread(target=run)
@@ -437,6 +437,40 @@ def test_progress_and_interrupt(main: Server) -> None:
     assert info["interrupted"] is True and len(answer.json()["images"]) == 1
     assert decode_png(answer.json()["images"][0])[0].shape == (64, 64, 3)
     assert after["state"]["job_count"] == 0
+
+
+def _task(client: httpx.Client, task_id: str) -> dict:
+    return client.post("/internal/progress", json={"id_task": task_id}).json()
+
+
+def test_task_ids_progress_and_interrupt_one_task(main: Server) -> None:
+    """A1111's per-task API: force_task_id, POST /internal/progress, and interrupt with ?id_task=."""
+    first, first_outcome = _start_long_job(main, force_task_id="task(first)")
+    with main.client(AUTH) as client:
+        _wait_until(client, lambda c: (_task(c, "task(first)")["progress"] or 0) > 0)
+        second, second_outcome = _start_long_job(main, force_task_id="task(second)")
+        waiting = _wait_until(client, lambda c: _task(c, "task(second)")["queued"] and _task(c, "task(second)"))
+        assert waiting["textinfo"] == "In queue: 1/1" and not waiting["active"] and waiting["progress"] is None
+        running = _task(client, "task(first)")
+        assert running["active"] and 0 < running["progress"] < 1 and running["eta"] > 0
+        assert running["live_preview"].startswith("data:image/png;base64,") and running["id_live_preview"] >= 0
+        again = client.post("/internal/progress", json={"id_task": "task(first)", "live_preview": False}).json()
+        assert again["live_preview"] is None
+        assert client.post("/sdapi/v1/interrupt", params={"id_task": "task(second)"}).json() == {}  # waits: no-op
+        assert _task(client, "task(first)")["active"]
+        client.post("/sdapi/v1/interrupt", params={"id_task": "task(first)"})
+        first.join(60)
+        _wait_until(client, lambda c: _task(c, "task(second)")["active"])
+        client.post("/sdapi/v1/interrupt", params={"id_task": "task(second)"})
+        second.join(60)
+        assert _task(client, "task(first)")["completed"] and not _task(client, "task(first)")["active"]
+        assert _task(client, "task(unknown)") | {"textinfo": None} == {
+            "active": False, "queued": False, "completed": False, "progress": None, "eta": None,
+            "live_preview": None, "id_live_preview": -1, "textinfo": None,
+        }  # fmt: skip
+    for outcome in (first_outcome, second_outcome):
+        assert outcome["answer"].status_code == 200
+        assert json.loads(outcome["answer"].json()["info"])["interrupted"] is True
 
 
 def _one_waiting(client: httpx.Client) -> bool:
@@ -597,7 +631,7 @@ class _FlakyPipe:
 def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
     from runtime.registry import SAMPLERS, SCHEDULERS
     from runtime.schedules import Schedule
-    from runtime.server.jobs import Job, JobFailure, JobResult, Worker
+    from runtime.server.jobs import JobFailure, JobResult, Worker
     from runtime.server.mapping import Plan
 
     def plan(prompt: str) -> Plan:
@@ -607,19 +641,18 @@ def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
 
     async def run() -> list:
         worker = Worker(_FlakyPipe(), queue_size=8)
-        worker.start()
-        jobs = [Job.create(plan(prompt)) for prompt in ("bug", "oom", "user", "fine")]
-        for job in jobs:
-            worker.submit(job)
-        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
-        worker.stop()
-        return outcomes
+        await worker.start()
+        jobs = [worker.generate(f"task-{prompt}", plan(prompt)) for prompt in ("bug", "oom", "user", "fine")]
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        await worker.stop()
+        return outcomes, worker.board.job_counts()
 
-    bug, oom, user, fine = asyncio.run(run())
+    (bug, oom, user, fine), counts = asyncio.run(run())
     assert isinstance(bug, JobFailure) and bug.status == 500
     assert isinstance(oom, JobFailure) and oom.status == 503 and "GPU" not in oom.message
     assert isinstance(user, JobFailure) and user.status == 422 and user.field == "steps"
     assert isinstance(fine, JobResult) and len(fine.images) == 1
+    assert counts == {"completed": 1, "interrupted": 0, "rejected": 0, "dropped": 0, "failed": 2}
 
 
 def test_mapping_rules() -> None:

@@ -52,14 +52,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
+def add_api_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the HTTP API, shared with `python -m runtime.cluster`."""
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="folder written by `python -m export`")
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
-    add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -84,9 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-active-requests", type=_positive, default=TRAFFIC.max_active_requests,
         help="requests handled at once besides /health and /progress; more get 503 (%(default)s)",
     )  # fmt: skip
-    add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add("--body-timeout", type=_positive_number, default=TRAFFIC.body_timeout, help="seconds (%(default)s)")
     add("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
+    add = parser.add_argument
+    add("--model", required=True, type=Path, help="folder written by `python -m export`")
+    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
+    add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
+    add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
+    add_api_options(parser)
     return parser.parse_args(argv)
 
 
@@ -96,13 +103,13 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_images=args.max_images, max_body_bytes=args.max_body_bytes, max_cfg_scale=args.max_cfg_scale,
     )  # fmt: skip
     traffic = Traffic(
-        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        header_timeout=getattr(args, "header_timeout", TRAFFIC.header_timeout), body_timeout=args.body_timeout,
         max_active_requests=args.max_active_requests, allowed_hosts=args.allowed_hosts,
     )  # fmt: skip
     return ServerConfig(
-        model=str(args.model), host=args.host, port=args.port, provider=args.provider, threads=args.threads,
-        queue_size=args.queue_size, credentials=parse_credentials(args.api_auth), limits=limits,
-        traffic=traffic,
+        model=str(args.model), host=args.host, port=args.port, provider=getattr(args, "provider", "auto"),
+        threads=getattr(args, "threads", None), queue_size=args.queue_size,
+        credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
     )  # fmt: skip
 
 

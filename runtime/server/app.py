@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,15 +19,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import InvalidRequestError
-from ..pipeline import Pipeline
 from .auth import BasicAuthMiddleware
 from .body_limit import BodyLimitMiddleware
 from .config import ServerConfig
 from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
+from .mapping import PlanModel
 from .responses import error_response
-from .routes import ServerContext, router
+from .routes import Backend, ServerContext, router
 from .schemas import ErrorResponse
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Unavailable)
     async def unavailable(_request: Request, error: Unavailable) -> JSONResponse:
-        return error_response(503, "Unavailable", str(error), headers={"Retry-After": "5"})
+        return error_response(503, "Unavailable", str(error), headers={"Retry-After": str(error.retry_after)})
 
     @app.exception_handler(JobFailure)
     async def job_failed(_request: Request, error: JobFailure) -> JSONResponse:
-        return error_response(error.status, error.kind, error.message, error.field)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+        return error_response(error.status, error.kind, error.message, error.field, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -134,16 +137,20 @@ class InternalErrorMiddleware:
 
 
 def create_app(pipe: Pipeline, config: ServerConfig) -> FastAPI:
-    """The app for one loaded pipeline. The worker thread runs between startup and shutdown."""
-    worker = Worker(pipe, config.queue_size)
+    """The one-box app: one loaded pipeline, run by a worker thread between startup and shutdown."""
+    return build_app(pipe, config, Worker(pipe, config.queue_size))
+
+
+def build_app(model: PlanModel, config: ServerConfig, backend: Backend) -> FastAPI:
+    """The API in front of any backend; the cluster's ingress builds it around Serve replicas."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        worker.start()
+        await backend.start()
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(worker.stop)
+            await backend.stop()
 
     app = FastAPI(
         title="acertain-onnx server",
@@ -151,7 +158,7 @@ def create_app(pipe: Pipeline, config: ServerConfig) -> FastAPI:
         description="AUTOMATIC1111-compatible txt2img API on ONNX Runtime (no torch). See docs/server.md.",
         lifespan=lifespan,
     )
-    app.state.context = ServerContext(pipe, config, worker)
+    app.state.context = ServerContext(model, config, backend)
     _install_error_handlers(app)
     app.include_router(router, responses=COMMON_ERRORS)
     # The last middleware added runs first: the guard (Host, Origin, Content-Type, room), auth,

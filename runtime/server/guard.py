@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import Traffic
 from .responses import error_response
 
-ALWAYS_ANSWERED = ("/health", "/sdapi/v1/progress")  # never refused for lack of room
+ALWAYS_ANSWERED = ("/health", "/sdapi/v1/progress", "/internal/progress")  # never refused for lack of room
 BUSY_RETRY_AFTER = "2"  # seconds: requests over the limit are short ones (they are not generations)
 JSON_TYPES = ("application/json",)
 

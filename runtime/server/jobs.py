@@ -1,17 +1,19 @@
-"""The job queue and the one worker thread that owns the model.
+"""Running generations: the code every front shares, and the one-box queue with its worker thread.
 
-ONNX Runtime sessions (and the GPU memory behind them) serve one generation at a time, so a single
-thread runs every job while the event loop keeps answering progress, health and new requests.
-Jobs wait in a bounded FIFO: when it is full, `submit` refuses at once (429) rather than letting
-requests pile up in memory. A job whose client went away is taken out of the queue (never run) or
-stopped at the next step (if running). The worker catches every exception a job raises, answers
-that job's request, and goes on with the next one.
+`run_plan` runs one validated job on a Pipeline and `failure_for` turns what it raised into the
+client's answer; the one-box `Worker` and each cluster replica (runtime/cluster) both use them.
+
+One box: ONNX Runtime sessions (and the GPU memory behind them) serve one generation at a time, so
+a single thread runs every job while the event loop keeps answering progress, health and new
+requests. Jobs wait in a bounded FIFO: when it is full, `generate` refuses at once (429) rather than
+letting requests pile up in memory. A job whose client went away is taken out of the queue (never
+run) or stopped at the next step (if running). The worker catches every exception a job raises,
+answers that job's request, and goes on with the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import threading
@@ -22,11 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..errors import NonFiniteError, OutOfMemoryError, UserError
-from .images import png_base64, preview_base64
+from .images import png_base64
 from .mapping import Plan
+from .tasks import JobProgress, ProgressUpdate, TaskBoard
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -42,20 +43,36 @@ class QueueFull(Exception):
         super().__init__(f"the queue is full; retry in about {retry_after} s")
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries in the cluster
+        return QueueFull, (self.retry_after,)
+
 
 class Unavailable(Exception):
-    """The worker is not running (shutting down): 503."""
+    """Nothing can run the job now (shutting down, no replica): 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple:
+        return Unavailable, (str(self), self.retry_after)
 
 
 class JobFailure(Exception):
     """What a failed job answers: a status, an error kind and a message for the client."""
 
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
         self.field = field
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple:
+        return JobFailure, (self.status, self.kind, self.message, self.field, self.retry_after)
 
 
 @dataclass
@@ -64,23 +81,117 @@ class JobResult:
     infotexts: list[str]
     interrupted: bool
     job_timestamp: str
+    where: dict[str, str] = field(default_factory=dict)  # cluster: the replica and node that ran it
+
+
+def run_plan(
+    pipe: Pipeline,
+    plan: Plan,
+    report: Callable[[ProgressUpdate], Any],
+    cancel: threading.Event,
+    abandoned: Callable[[], bool],
+) -> JobResult:
+    """Run the batches; stop after the one an interrupt (`cancel`) reached, as A1111 does."""
+    images: list[str] = []
+    infotexts: list[str] = []
+    interrupted = False
+    timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    for index, prepared in enumerate(plan.batches):
+        hires_steps = prepared.hires.schedule.steps if prepared.hires is not None else 0
+        steps = prepared.schedule.steps + hires_steps
+        report(ProgressUpdate(index, 0, steps))
+        out = pipe.run(prepared, "np", callback=_pass_counter(report, index, steps), cancel_event=cancel)
+        if abandoned():
+            break  # nobody will read the images
+        infotexts.extend(out.infotexts)
+        if plan.send_images:
+            images.extend(png_base64(image, text) for image, text in zip(out.images, out.infotexts, strict=True))
+        if out.interrupted:
+            interrupted = True
+            break
+    return JobResult(images, infotexts, interrupted, timestamp)
+
+
+def _pass_counter(report: Callable[[ProgressUpdate], Any], index: int, steps: int) -> Callable[..., None]:
+    """Progress over both passes of a hires job: each pass counts its steps from 1."""
+    counted = {"done": 0, "last": 0}
+
+    def on_step(step: int, _total: int, x: Any) -> None:
+        if step == 1 and counted["last"] > 0:  # the second pass began
+            counted["done"] += counted["last"]
+        counted["last"] = step
+        report(ProgressUpdate(index, counted["done"] + step, steps, x[0].copy()))  # the first image: a preview
+
+    return on_step
+
+
+def release_if_large(pipe: Pipeline, plan: Plan, job: str) -> None:
+    """After a large job, give its memory back instead of holding it until the next one."""
+    prepared = plan.batches[0]
+    size = prepared.hires or prepared.request  # a hires job's largest images are its second pass
+    if size.width * size.height * len(prepared.seeds) < RELEASE_AFTER_PIXELS:
+        return
+    try:
+        pipe.release_memory()
+    except Exception:  # never worth failing a finished job for
+        log.exception("job %s: could not release memory", job)
+
+
+def failure_for(error: Exception, job: str) -> JobFailure:
+    """Map what a job raised to its answer: the client's mistake, a full GPU, or our bug."""
+    if isinstance(error, JobFailure):
+        return error
+    if isinstance(error, OutOfMemoryError | MemoryError):  # sessions say which memory (GPU or system) ran out
+        log.error("job %s ran out of memory: %s", job, error)
+        return JobFailure(503, "OutOfMemory", str(error) or "out of memory; try a smaller size or batch", retry_after=5)
+    if isinstance(error, NonFiniteError):
+        log.error("job %s: %s", job, error)
+        return JobFailure(500, "NonFiniteOutput", str(error))
+    if isinstance(error, UserError):
+        return JobFailure(422, "InvalidRequest", str(error), getattr(error, "field", None))
+    log.error("job %s failed", job, exc_info=error)
+    return JobFailure(500, "InternalError", "generation failed because of a server error; see the server log")
+
+
+def outcome_name(outcome: JobResult | BaseException, abandoned: bool) -> str | None:
+    """The /health counter an ended job adds to (None: a 4xx, counted nowhere)."""
+    if abandoned:
+        return "dropped"
+    if isinstance(outcome, JobResult):
+        return "interrupted" if outcome.interrupted else "completed"
+    if isinstance(outcome, JobFailure) and outcome.status < 500:
+        return None
+    return "failed"
+
+
+class RetryEstimate:
+    """Seconds until a queue slot frees up: about one job's time (a moving average)."""
+
+    def __init__(self) -> None:
+        self._average = 0.0
+
+    def record(self, seconds: float) -> None:
+        self._average = seconds if not self._average else 0.7 * self._average + 0.3 * seconds
+
+    def seconds(self) -> int:
+        return max(1, min(600, math.ceil(self._average or 1.0)))
 
 
 @dataclass(eq=False)
 class Job:
-    """One txt2img request on its way through the queue. The future lives on the event loop."""
+    """One txt2img request on its way through the one-box queue. The future lives on the event loop."""
 
+    task_id: str
     plan: Plan
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     cancel: threading.Event = field(default_factory=threading.Event)  # interrupt, or the client left
     abandoned: bool = False
-    id: int = 0
 
     @classmethod
-    def create(cls, plan: Plan) -> Job:
+    def create(cls, task_id: str, plan: Plan) -> Job:
         loop = asyncio.get_running_loop()
-        return cls(plan, loop, loop.create_future())
+        return cls(task_id, plan, loop, loop.create_future())
 
     def settle(self, outcome: JobResult | BaseException) -> None:
         """Hand the outcome to the waiting request, from any thread."""
@@ -96,91 +207,33 @@ class Job:
         try:
             self.loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the loop is closed: the server is shutting down, nobody waits
-            log.debug("job %s finished after the event loop closed", self.id)
-
-
-class Progress:
-    """What GET /sdapi/v1/progress reports, written by the worker and read by the event loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state: dict[str, Any] = {}
-        self._started = 0.0
-        self._latents: np.ndarray | None = None
-        self.end()
-
-    def begin(self, job_count: int) -> None:
-        with self._lock:
-            self._state.update(
-                job="txt2img", job_count=job_count, job_no=0, sampling_step=0, sampling_steps=0,
-                interrupted=False, job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
-            )  # fmt: skip
-            self._started = time.monotonic()
-
-    def begin_batch(self, index: int, steps: int) -> None:
-        with self._lock:
-            self._state.update(job_no=index, sampling_step=0, sampling_steps=steps)
-
-    def step(self, step: int, latents: np.ndarray) -> None:
-        with self._lock:
-            self._state["sampling_step"] = step
-            self._latents = latents[0].copy()  # the first image: a preview, not the batch
-
-    def mark_interrupted(self) -> None:
-        with self._lock:
-            self._state["interrupted"] = True
-
-    def end(self) -> None:
-        with self._lock:
-            self._state = {
-                "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
-            }  # fmt: skip
-            self._latents = None
-
-    @property
-    def job_timestamp(self) -> str:
-        with self._lock:
-            return self._state["job_timestamp"]
-
-    def snapshot(self, with_preview: bool) -> dict[str, Any]:
-        """A1111's progress answer: progress over all batches, ETA from the time spent so far."""
-        with self._lock:
-            state, latents, elapsed = dict(self._state), self._latents, time.monotonic() - self._started
-        if not state["job_count"]:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-        steps = state["sampling_steps"] or 1
-        done = (state["job_no"] + state["sampling_step"] / steps) / state["job_count"]
-        eta = elapsed * (1 - done) / done if done > 0 else 0.0
-        text = f"batch {state['job_no'] + 1}/{state['job_count']}, step {state['sampling_step']}/{steps}"
-        preview = preview_base64(latents) if with_preview and latents is not None else None
-        return {"progress": min(done, 1.0), "eta_relative": eta, "state": state, "current_image": preview,
-                "textinfo": text}  # fmt: skip
+            log.debug("job %s finished after the event loop closed", self.task_id)
 
 
 class Worker:
-    """The bounded FIFO and the thread that runs its jobs, one at a time."""
+    """The one-box backend: a bounded FIFO and the thread that runs its jobs, one at a time."""
 
-    def __init__(self, pipe: Pipeline, queue_size: int) -> None:
+    def __init__(self, pipe: Pipeline, queue_size: int, board: TaskBoard | None = None) -> None:
         self._pipe = pipe
         self.capacity = queue_size
+        self.board = board or TaskBoard()
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._current: Job | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count(1)
-        self._average_seconds = 0.0
-        self.progress = Progress()
-        self.counts = {"completed": 0, "interrupted": 0, "rejected": 0, "dropped": 0, "failed": 0}
+        self._retry = RetryEstimate()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._thread = threading.Thread(target=self._run_forever, name="generation-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the running job at its next step, refuse the waiting ones, end the thread."""
         with self._cond:
             self._stopping = True
@@ -199,17 +252,28 @@ class Worker:
 
     # -- what the routes call -------------------------------------------------------------------
 
+    async def generate(self, task_id: str, plan: Plan) -> JobResult:
+        """Queue the job and wait for it; QueueFull (429) at once when the queue is full. Cancelling
+        the wait (the client left) drops the job if it waits, or stops it at its next step."""
+        job = Job.create(task_id, plan)
+        self.submit(job)
+        try:
+            return await job.future  # a JobFailure raises here and becomes its error answer
+        except asyncio.CancelledError:
+            self.abandon(job)
+            raise
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if not self.alive:
                 raise Unavailable("the generation worker is not running")
             if len(self._waiting) >= self.capacity:
-                self.counts["rejected"] += 1
-                raise QueueFull(self._retry_after())
-            job.id = next(self._ids)
+                self.board.reject()
+                raise QueueFull(self._retry.seconds())
             self._waiting.append(job)
+            self.board.queued(job.task_id, len(job.plan.batches))
             self._cond.notify()
-        log.info("job %s queued (%s waiting)", job.id, len(self._waiting))
+        log.info("job %s queued (%s waiting)", job.task_id, len(self._waiting))
 
     def abandon(self, job: Job) -> None:
         """The client went away: drop the job if it still waits, stop it if it runs."""
@@ -218,30 +282,28 @@ class Worker:
             job.cancel.set()
             if job in self._waiting:
                 self._waiting.remove(job)
-                self.counts["dropped"] += 1
-                log.info("job %s dropped: its client disconnected while it waited", job.id)
+                self.board.finish(job.task_id, "dropped")
+                log.info("job %s dropped: its client disconnected while it waited", job.task_id)
 
-    def interrupt(self) -> bool:
-        """A1111's Interrupt: the running job stops at its next step and answers what it has."""
+    def interrupt(self, task_id: str | None = None) -> int:
+        """A1111's Interrupt: the running job (if `task_id` is None or names it) stops at its next
+        step and answers what it has. Returns how many jobs were interrupted."""
         with self._cond:
-            if self._current is None:
-                return False
-            self._current.cancel.set()
-            self.progress.mark_interrupted()
-            log.info("job %s interrupted", self._current.id)
-            return True
+            job = self._current
+            if job is None or task_id not in (None, job.task_id):
+                return 0
+            job.cancel.set()
+            progress = self.board.progress_of(job.task_id)
+            if progress is not None:
+                progress.mark_interrupted()
+            log.info("job %s interrupted", job.task_id)
+            return 1
 
-    def status(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         with self._cond:
-            return {"running": self._current is not None, "waiting": len(self._waiting), "capacity": self.capacity}
-
-    def job_counts(self) -> dict[str, int]:
-        with self._cond:
-            return dict(self.counts)
-
-    def _retry_after(self) -> int:
-        # A slot frees up when the running job ends: about one job's time.
-        return max(1, min(600, math.ceil(self._average_seconds or 1.0)))
+            running, waiting = int(self._current is not None), len(self._waiting)
+        queue = {"running": running, "waiting": waiting, "capacity": self.capacity}
+        return {"ok": self.alive, "provider": self._pipe.provider, "queue": queue}
 
     # -- the worker thread ----------------------------------------------------------------------
 
@@ -259,7 +321,7 @@ class Worker:
             try:
                 self._serve(job)
             except Exception:  # a bug in the bookkeeping itself: answer the job, keep serving the others
-                log.exception("job %s: unexpected error outside the job", job.id)
+                log.exception("job %s: unexpected error outside the job", job.task_id)
                 job.settle(JobFailure(500, "InternalError", "the server failed; see the server log"))
             finally:
                 with self._cond:
@@ -268,85 +330,22 @@ class Worker:
 
     def _serve(self, job: Job) -> None:
         started = time.monotonic()
-        self.progress.begin(len(job.plan.batches))
+        progress: JobProgress = self.board.start(job.task_id)
         try:
-            outcome: JobResult | BaseException = self._generate(job)
+            outcome: JobResult | BaseException = run_plan(
+                self._pipe, job.plan, progress.update, job.cancel, lambda: job.abandoned
+            )
         except Exception as error:
-            outcome = self._failure(job, error)
-        finally:
-            self.progress.end()
-        self._release_if_large(job)
+            outcome = failure_for(error, job.task_id)
+        release_if_large(self._pipe, job.plan, job.task_id)
         seconds = time.monotonic() - started
-        self._average_seconds = seconds if not self._average_seconds else 0.7 * self._average_seconds + 0.3 * seconds
-        self._count(job, outcome)
-        log.info("job %s finished in %.2f s: %s", job.id, seconds, _describe(outcome))
+        self._retry.record(seconds)
+        self.board.finish(job.task_id, outcome_name(outcome, job.abandoned))
+        log.info("job %s finished in %.2f s: %s", job.task_id, seconds, describe(outcome))
         job.settle(outcome)
 
-    def _release_if_large(self, job: Job) -> None:
-        """After a large job, give its memory back instead of holding it until the next one."""
-        prepared = job.plan.batches[0]
-        size = prepared.hires or prepared.request  # a hires job's largest images are its second pass
-        if size.width * size.height * len(prepared.seeds) < RELEASE_AFTER_PIXELS:
-            return
-        try:
-            self._pipe.release_memory()
-        except Exception:  # never worth failing a finished job for
-            log.exception("job %s: could not release memory", job.id)
 
-    def _count(self, job: Job, outcome: JobResult | BaseException) -> None:
-        with self._cond:
-            if job.abandoned:
-                self.counts["dropped"] += 1
-            elif isinstance(outcome, JobFailure) and outcome.status >= 500:
-                self.counts["failed"] += 1
-            elif isinstance(outcome, JobResult):
-                self.counts["interrupted" if outcome.interrupted else "completed"] += 1
-
-    @staticmethod
-    def _failure(job: Job, error: Exception) -> JobFailure:
-        """Map what a job raised to its answer: the client's mistake, a full GPU, or our bug."""
-        if isinstance(error, OutOfMemoryError | MemoryError):
-            log.error("job %s ran out of memory: %s", job.id, error)
-            return JobFailure(503, "OutOfMemory", str(error) or "out of memory; try a smaller size or batch")
-        if isinstance(error, NonFiniteError):
-            log.error("job %s: %s", job.id, error)
-            return JobFailure(500, "NonFiniteOutput", str(error))
-        if isinstance(error, UserError):
-            return JobFailure(422, "InvalidRequest", str(error), getattr(error, "field", None))
-        log.exception("job %s failed", job.id, exc_info=error)
-        return JobFailure(500, "InternalError", "generation failed because of a server error; see the server log")
-
-    def _pass_counter(self) -> Callable[[int, int, np.ndarray], None]:
-        """Progress over both passes of a hires job: each pass counts its steps from 1."""
-        counted = {"done": 0, "last": 0}
-
-        def on_step(step: int, _total: int, latents: np.ndarray) -> None:
-            if step == 1 and counted["last"] > 0:  # the second pass began
-                counted["done"] += counted["last"]
-            counted["last"] = step
-            self.progress.step(counted["done"] + step, latents)
-
-        return on_step
-
-    def _generate(self, job: Job) -> JobResult:
-        """Run the batches; stop after the one an interrupt reached, as A1111 does."""
-        plan, images, infotexts, interrupted = job.plan, [], [], False
-        for index, prepared in enumerate(plan.batches):
-            hires_steps = prepared.hires.schedule.steps if prepared.hires is not None else 0
-            self.progress.begin_batch(index, prepared.schedule.steps + hires_steps)
-            out = self._pipe.run(prepared, "np", callback=self._pass_counter(), cancel_event=job.cancel)
-            if job.abandoned:
-                break  # nobody will read the images
-            infotexts.extend(out.infotexts)
-            if plan.send_images:
-                images.extend(png_base64(image, text) for image, text in zip(out.images, out.infotexts, strict=True))
-            if out.interrupted:
-                interrupted = True
-                break
-        return JobResult(images, infotexts, interrupted, self.progress.job_timestamp)
-
-
-def _describe(outcome: JobResult | BaseException) -> str:
+def describe(outcome: JobResult | BaseException) -> str:
     if isinstance(outcome, JobResult):
         return f"{len(outcome.infotexts)} images" + (" (interrupted)" if outcome.interrupted else "")
     return f"{type(outcome).__name__}: {outcome}"

@@ -25,10 +25,10 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidRequestError
-from ..pipeline import MAX_SEED, Prepared
+from ..pipeline import MAX_GENERATOR_SEED, MAX_SEED, Prepared
 from ..registry import (
     RNG_SOURCES,
     SamplerInfo,
@@ -41,9 +41,17 @@ from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 if TYPE_CHECKING:
     from ..model_folder import Manifest
-    from ..pipeline import Pipeline
 
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
+
+
+class PlanModel(Protocol):
+    """What checking a request needs of the model: a loaded Pipeline has it, and so has a cluster's
+    ingress, which reads the model folder without loading any ONNX session."""
+
+    manifest: Manifest
+
+    def prepare(self, **parameters: Any) -> Prepared: ...
 
 
 # The library's field names -> the API's, so that every 422 names what the client sent.
@@ -237,7 +245,7 @@ def _check_sizes(prepared: Prepared, limits: Limits) -> None:
 
 
 def _prepare_batch(
-    pipe: Pipeline, body: GenerationFields, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
+    pipe: PlanModel, body: GenerationFields, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
 ) -> Prepared:
     return pipe.prepare(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
@@ -247,7 +255,7 @@ def _prepare_batch(
     )  # fmt: skip
 
 
-def build_plan(pipe: Pipeline, body: GenerationFields, limits: Limits) -> Plan:
+def build_plan(pipe: PlanModel, body: GenerationFields, limits: Limits) -> Plan:
     """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field."""
     _check_defaults_only(body)
     rng, ensd = _check_overrides(body, pipe.manifest)
@@ -257,6 +265,10 @@ def build_plan(pipe: Pipeline, body: GenerationFields, limits: Limits) -> Plan:
     schedule = library_schedule(sampler, scheduler)
     total = body.batch_size * body.n_iter
     seed = resolve_seed(body.seed, total)
+    if seed + total - 1 + ensd > MAX_GENERATOR_SEED:  # prepare() checks the first batch's seeds only
+        most = MAX_GENERATOR_SEED - (seed + total - 1)
+        raise InvalidRequestError(_FIELD_NAMES["eta_noise_seed_delta"], f"seed + ENSD must stay below 2**64, "
+                                  f"so at most {most}")  # fmt: skip
     with _api_field_names():
         first = _prepare_batch(pipe, body, sampler, schedule, rng, ensd, seed)
         _check_prompt_length(first, limits)

@@ -1,12 +1,18 @@
-"""The endpoints: A1111's /sdapi/v1 subset for txt2img, plus /health."""
+"""The endpoints: A1111's /sdapi/v1 subset for txt2img, /internal/progress, plus /health.
+
+The same routes serve one box (`runtime.server`: a Worker thread runs the jobs) and a cluster
+(`runtime.cluster`: Ray Serve replicas run them): a `Backend` runs validated jobs and keeps the
+task board; everything a request means is decided here and in `mapping`, once, for both.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -16,16 +22,17 @@ from PIL import Image
 from .. import __version__
 from ..errors import InvalidRequestError
 from ..metadata import parse_infotext, read_infotext
-from ..pipeline import Pipeline
 from ..registry import SAMPLERS, SCHEDULERS, UPSCALERS
 from .config import ServerConfig
-from .jobs import Job, JobResult, Worker
-from .mapping import Plan, build_plan, decode_base64, model_title
+from .jobs import JobResult
+from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title
 from .schemas import (
     ErrorResponse,
     GenerationFields,
     HealthResponse,
     Img2ImgRequest,
+    InternalProgressRequest,
+    InternalProgressResponse,
     LatentUpscaleModeItem,
     PngInfoRequest,
     PngInfoResponse,
@@ -37,6 +44,7 @@ from .schemas import (
     Txt2ImgResponse,
     UpscalerItem,
 )
+from .tasks import TaskBoard, new_task_id
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +59,37 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "Body over the size limit"),
         (422, "Invalid field; `field` names it"),
         (429, "Queue full; see Retry-After"),
-        (503, "Worker unavailable, or the GPU ran out of memory"),
+        (503, "No worker or replica can run it now, or the GPU ran out of memory; see Retry-After"),
     )
 }
 
 
+class Backend(Protocol):
+    """What runs the jobs: the one-box Worker, or the cluster's Serve replicas."""
+
+    board: TaskBoard
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def generate(self, task_id: str, plan: Plan) -> JobResult:
+        """Run one job; raises QueueFull (429), Unavailable or JobFailure. Cancelling the call (the
+        client left) drops or stops the job."""
+        ...
+
+    def interrupt(self, task_id: str | None) -> int: ...
+
+    def health(self) -> dict[str, Any]:
+        """{"ok", "provider", "queue"} and, for a cluster, "replicas"."""
+        ...
+
+
 @dataclass(frozen=True)
 class ServerContext:
-    pipe: Pipeline
+    model: PlanModel  # the loaded Pipeline (one box) or the model's manifest and tokenizer (cluster ingress)
     config: ServerConfig
-    worker: Worker
+    backend: Backend
 
 
 def context(request: Request) -> ServerContext:
@@ -83,38 +112,39 @@ async def img2img(body: Img2ImgRequest, request: Request, ctx: Context) -> Any:
 
 
 async def _generate(body: GenerationFields, request: Request, ctx: Context) -> Any:
-    # Parsing prompts and decoding init images cost ms: keep them off the event loop.
-    plan = await anyio.to_thread.run_sync(build_plan, ctx.pipe, body, ctx.config.limits)
-    job = Job.create(plan)
-    ctx.worker.submit(job)  # QueueFull -> 429, before anything is held for this request
-    result = await _wait(job, request, ctx.worker)
+    # Parsing prompts and decoding init images cost ms: keep them off the event loop that serves /progress.
+    plan = await anyio.to_thread.run_sync(build_plan, ctx.model, body, ctx.config.limits)
+    result = await _unless_disconnected(ctx.backend.generate(body.force_task_id or new_task_id(), plan), request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    info = _info(ctx.pipe, body, plan, result)
+    info = _info(ctx.model, body, plan, result)
     parameters = body.model_dump()
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         parameters.update(init_images=None, mask=None)  # A1111 does not echo the images back
     return Txt2ImgResponse(images=result.images, parameters=parameters, info=json.dumps(info))
 
 
-async def _wait(job: Job, request: Request, worker: Worker) -> JobResult | None:
-    """The job's result, or None if the client disconnected (the job is then dropped or stopped)."""
+async def _unless_disconnected(work: Coroutine[Any, Any, JobResult], request: Request) -> JobResult | None:
+    """The job's result, or None if the client disconnected (the job is then cancelled: dropped or stopped)."""
+    task = asyncio.ensure_future(work)
     try:
         while True:
-            done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_SECONDS)
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
             if done:
-                return job.future.result()  # a JobFailure raises here and becomes its error answer
+                return task.result()  # QueueFull, JobFailure... raise here and become their answers
             if await request.is_disconnected():
-                worker.abandon(job)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
                 return None
-    except asyncio.CancelledError:
-        worker.abandon(job)
-        raise
+    finally:
+        task.cancel()  # our own cancellation (shutdown): no-op when the task is done
 
 
-def _info(pipe: Pipeline, body: GenerationFields, plan: Plan, result: JobResult) -> dict[str, Any]:
-    """A1111's Processed.js() fields, plus `scheduler` and `interrupted`."""
-    manifest, count = pipe.manifest, len(plan.all_seeds)
+def _info(model: PlanModel, body: GenerationFields, plan: Plan, result: JobResult) -> dict[str, Any]:
+    """A1111's Processed.js() fields, plus `scheduler`, `interrupted` and, from a cluster, the
+    `replica` and `node` that made the images (never in the PNG text: the same seed gives the same
+    PNG wherever it ran)."""
+    manifest, count = model.manifest, len(plan.all_seeds)
     return {
         "prompt": body.prompt,
         "all_prompts": [body.prompt] * count,
@@ -150,23 +180,33 @@ def _info(pipe: Pipeline, body: GenerationFields, plan: Plan, result: JobResult)
         "extra_generation_params": plan.extra_generation_params,
         "version": f"acertain-onnx {__version__}",
         "interrupted": result.interrupted,
+        **result.where,
     }
 
 
 @router.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["sdapi"])
 async def progress(ctx: Context, skip_current_image: bool = False) -> Any:
-    return ctx.worker.progress.snapshot(with_preview=not skip_current_image)
+    """The running job that started first (with many running, textinfo counts the others); one
+    task's progress is POST /internal/progress with its id."""
+    return ctx.backend.board.global_progress(with_preview=not skip_current_image)
+
+
+@router.post("/internal/progress", response_model=InternalProgressResponse, tags=["sdapi"])
+async def internal_progress(body: InternalProgressRequest, ctx: Context) -> Any:
+    """A1111's per-task progress: queued (with its place), active, or completed (the last 16)."""
+    return ctx.backend.board.task_progress(body.id_task, body.live_preview, body.id_live_preview)
 
 
 @router.post("/sdapi/v1/interrupt", tags=["sdapi"])
-async def interrupt(ctx: Context) -> dict:
-    ctx.worker.interrupt()
+async def interrupt(ctx: Context, id_task: str | None = None) -> dict:
+    """Without `id_task` (A1111's form): every running job. With it: only that task."""
+    ctx.backend.interrupt(id_task)
     return {}
 
 
 @router.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
 async def sd_models(ctx: Context) -> Any:
-    manifest = ctx.pipe.manifest
+    manifest = ctx.model.manifest
     return [
         SDModelItem(
             title=model_title(manifest),
@@ -224,7 +264,7 @@ async def png_info(body: PngInfoRequest) -> Any:
 @router.get("/sdapi/v1/options", response_model=dict[str, Any], tags=["sdapi"])
 async def options(ctx: Context) -> Any:
     """The A1111 settings this server has, read-only: per-request changes go in override_settings."""
-    manifest = ctx.pipe.manifest
+    manifest = ctx.model.manifest
     return {
         "sd_model_checkpoint": model_title(manifest),
         "sd_checkpoint_hash": manifest.model_hash,
@@ -242,9 +282,10 @@ async def options(ctx: Context) -> Any:
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["server"])
 async def health(ctx: Context) -> Any:
-    alive = ctx.worker.alive
+    state = await anyio.to_thread.run_sync(ctx.backend.health)  # a cluster asks Serve's controller
     body = HealthResponse(
-        status="ok" if alive else "unavailable", model=model_title(ctx.pipe.manifest), provider=ctx.pipe.provider,
-        queue=ctx.worker.status(), jobs=ctx.worker.job_counts(),
+        status="ok" if state["ok"] else "unavailable", model=model_title(ctx.model.manifest),
+        provider=state["provider"], queue=state["queue"], jobs=ctx.backend.board.job_counts(),
+        replicas=state.get("replicas"),
     )  # fmt: skip
-    return body if alive else JSONResponse(body.model_dump(), status_code=503)
+    return body if state["ok"] else JSONResponse(body.model_dump(), status_code=503)

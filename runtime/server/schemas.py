@@ -69,6 +69,9 @@ class GenerationFields(BaseModel):
     override_settings: OverrideSettings = Field(default_factory=OverrideSettings)
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
+    force_task_id: str | None = Field(
+        None, max_length=200, description="A1111's task id for POST /internal/progress (default: a new one)"
+    )
     save_images: bool = Field(False, description="Accepted and ignored: this server never writes files")
     eta: float | None = Field(None, allow_inf_nan=False, description="Only the samplers' own eta (1, DDIM 0)")
     # Accepted only at their defaults (see the module docstring).
@@ -174,6 +177,27 @@ class ProgressResponse(BaseModel):
     textinfo: str | None = None
 
 
+class InternalProgressRequest(BaseModel):
+    """POST /internal/progress, as A1111's web UI polls it for one task."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id_task: str | None = Field(None, description="force_task_id of a txt2img request")
+    id_live_preview: int = Field(-1, description="The id of the preview the client already has")
+    live_preview: bool = True
+
+
+class InternalProgressResponse(BaseModel):
+    active: bool = Field(description="The task is running now")
+    queued: bool = Field(description="The task waits for a worker")
+    completed: bool = Field(description="The task is one of the last 16 that ended")
+    progress: float | None = None
+    eta: float | None = Field(None, description="Seconds left")
+    live_preview: str | None = Field(None, description="data: URI of a PNG preview, when it changed")
+    id_live_preview: int | None = None
+    textinfo: str | None = None
+
+
 class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
@@ -200,9 +224,18 @@ class SDModelItem(BaseModel):
 
 
 class QueueInfo(BaseModel):
-    running: bool
+    running: int = Field(description="Jobs running now (one box: 0 or 1)")
     waiting: int
     capacity: int
+
+
+class ReplicaCounts(BaseModel):
+    """Cluster only: the generation replicas, as Ray Serve reports them."""
+
+    target: int
+    ready: int
+    starting: int = Field(description="Placed, loading the model and checking its hashes")
+    dead: int = Field(description="Target replicas not running or starting: died, or cannot be placed")
 
 
 class JobCounts(BaseModel):
@@ -219,6 +252,7 @@ class HealthResponse(BaseModel):
     provider: str
     queue: QueueInfo
     jobs: JobCounts
+    replicas: ReplicaCounts | None = None
 
 
 class ErrorResponse(BaseModel):
