@@ -18,11 +18,12 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, samplers
-from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from .conditioning import EncodedTexts, ScheduledConds, encode_texts
 from .errors import InvalidRequestError
 from .metadata import format_infotext
 from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
+from .prompt_schedule import ConditioningPlan
 from .rng import NoiseGenerator, make_generator
 from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
@@ -78,6 +79,17 @@ class GenerationRequest:
     schedule: str
     rng: str
     eta_noise_seed_delta: int
+    # Which text conditions each step: prompt editing, alternation and AND parts. build_request
+    # passes the plan it checked; a request made directly gets its plan made here.
+    plan: ConditioningPlan | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            object.__setattr__(self, "plan", ConditioningPlan.build(self.prompt, self.negative_prompt, self.steps))
+
+    def parameters(self) -> dict[str, Any]:
+        """The request's values as given (the plan is derived from them)."""
+        return {key: value for key, value in self.__dict__.items() if key != "plan"}
 
 
 def _require_int(field_name: str, value: Any) -> int:
@@ -146,8 +158,22 @@ def build_request(
     make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
     return GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta,
+        resolve_seeds(seed, count), sampler, schedule, rng, delta, make_plan(prompt, negative_prompt, steps),
     )  # fmt: skip
+
+
+def make_plan(prompt: str, negative_prompt: str, steps: int) -> ConditioningPlan:
+    """The prompts' editing/alternation/AND schedule over `steps`; every text it can condition a
+    step with, and every AND weight, checked as check_prompt checks a prompt."""
+    plan = ConditioningPlan.build(prompt, negative_prompt, steps)
+    for text in plan.positive_texts():
+        check_prompt("prompt", text)
+    for text in plan.negative_texts():
+        check_prompt("negative_prompt", text)
+    for _, weight in plan.parts:
+        if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise InvalidRequestError("prompt", f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    return plan
 
 
 def check_prompt(field_name: str, text: Any) -> None:
@@ -221,51 +247,66 @@ class Pipeline:
 
     # -- the stages -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
-        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
-        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
-        on the token axis. The shorter prompt is padded with empty chunks so one UNet call serves
-        both halves. That is A1111's "Pad prompt/negative prompt" option (off by default there: the
-        web UI then runs two UNet calls, each attending over its own tokens), so the infotext says
+    def encode_texts(self, texts: list[str]) -> EncodedTexts:
+        """Encoder states of each distinct text, one text-encoder run for all of them; texts of
+        different chunk counts are padded with empty chunks so one UNet call serves them all.
+        That is A1111's "Pad prompt/negative prompt" option (off by default there: the web UI
+        then runs two UNet calls, each attending over its own tokens), so the infotext says
         `Pad conds: True` whenever the chunk counts differed."""
-        prompts = [prompt, negative_prompt] if with_negative else [prompt]
-        chunks = [prompt_to_chunks(self.tokenizer, text) for text in prompts]
-        count = max(item.count for item in chunks)
-        padded = any(item.count != count for item in chunks)
-        chunks = [pad_to_chunk_count(item, count, self.tokenizer) for item in chunks]
-        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
-        states = []
-        for index, item in enumerate(chunks):
-            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
-            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
-        return EncodedPrompt(cond=states[0], uncond=states[1] if with_negative else None, padded=padded)
+        return encode_texts(self.tokenizer, lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), texts)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
+        """Hidden states of shape (77*k, width) for one prompt (and negative prompt) taken as
+        plain text, without editing or AND (see encode_texts)."""
+        encoded = self.encode_texts([prompt, negative_prompt] if with_negative else [prompt])
+        uncond = encoded.states[negative_prompt] if with_negative else None
+        return EncodedPrompt(cond=encoded.states[prompt], uncond=uncond, padded=encoded.padded)
+
+    def encode_plan(self, plan: ConditioningPlan, with_negative: bool) -> ScheduledConds:
+        """Every text the plan can condition a step with, encoded once in one run: a prompt
+        without editing, alternation or AND is one text (and one negative)."""
+        texts = plan.positive_texts() + (plan.negative_texts() if with_negative else [])
+        return ScheduledConds(plan, self.encode_texts(texts), with_negative)
 
     def denoiser(
-        self,
-        schedule: Schedule,
-        cond: np.ndarray,
-        uncond: np.ndarray | None,
-        scale: float,
-        latent_shape: tuple,
+        self, schedule: Schedule, conds: ScheduledConds, scale: float, latent_shape: tuple
     ) -> Callable[[np.ndarray, int], np.ndarray]:
         """The model as samplers see it: x in VE space and a step index -> predicted clean x.
         With guidance one UNet call runs the uncond and cond halves together (as diffusers does:
-        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond."""
+        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond.
+        With AND, every part is one more half and eps = uncond + sum of weight * scale *
+        (cond_part - uncond), A1111's composable diffusion (CFGDenoiser.combine_denoised, there
+        on the denoised images, which is the same sum since denoised = x - sigma * eps).
+        The conditioning is looked up per call, as A1111 counts calls; the UNet is handed a new
+        context only when the texts change (prompt editing, alternation)."""
         batch = latent_shape[0]
-        halves = [uncond, cond] if uncond is not None else [cond]
-        context = np.stack([half for half in halves for _ in range(batch)])
         unet = self.sessions.unet
-        unet.begin(context, (len(context), *latent_shape[1:]))
+        state: dict[str, Any] = {"call": 0, "key": None}
+
+        def use_conditioning() -> tuple[list[float], bool]:
+            key, parts, weights, uncond = conds.at_call(state["call"])
+            state["call"] += 1
+            if key != state["key"]:
+                halves = ([uncond] if uncond is not None else []) + parts
+                context = np.stack([half for half in halves for _ in range(batch)])
+                unet.begin(context, (len(context), *latent_shape[1:]))
+                state["key"] = key
+            return weights, uncond is not None
 
         def denoise(x: np.ndarray, step: int) -> np.ndarray:
+            weights, with_uncond = use_conditioning()
+            halves = len(weights) + with_uncond
             sigma = np.float32(schedule.sigmas[step])
             scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
-            model_input = np.concatenate([scaled] * len(halves))
-            timesteps = np.full((len(context),), schedule.timesteps[step], dtype=np.float32)
+            model_input = np.concatenate([scaled] * halves)
+            timesteps = np.full((halves * batch,), schedule.timesteps[step], dtype=np.float32)
             eps = unet(model_input, timesteps)
-            if uncond is not None:
-                eps_uncond, eps_cond = eps[:batch], eps[batch:]
-                eps = eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+            if with_uncond:
+                eps_uncond, combined = eps[:batch], eps[:batch]
+                for index, weight in enumerate(weights, start=1):
+                    eps_part = eps[index * batch : (index + 1) * batch]
+                    combined = combined + np.float32(weight * scale) * (eps_part - eps_uncond)
+                eps = combined
             return x - sigma * eps
 
         return denoise
@@ -326,7 +367,7 @@ class Pipeline:
         pixels = self.decode(result.latents)
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(request, seed, result.pad_conds) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.__dict__.copy())
+        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.parameters())
 
     def sample(
         self,
@@ -337,8 +378,9 @@ class Pipeline:
         """Run the sampler. An interrupted run returns the last prediction of the clean image, as
         the A1111 web UI shows on Interrupt."""
         schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
-        with_negative = request.guidance_scale > 1.0
-        encoded = self.encode_prompt(request.prompt, request.negative_prompt, with_negative)
+        # AND (or a part's weight) always combines around the uncond, as A1111 does.
+        with_negative = request.guidance_scale > 1.0 or request.plan.composable
+        conds = self.encode_plan(request.plan, with_negative)
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip
@@ -346,7 +388,7 @@ class Pipeline:
         if uses_ensd(request):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, encoded.cond, encoded.uncond, request.guidance_scale, x.shape)
+        denoise = self.denoiser(schedule, conds, request.guidance_scale, x.shape)
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
@@ -364,8 +406,8 @@ class Pipeline:
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
-            return SampleResult(last_denoised.get("x", x), True, encoded.padded)
-        return SampleResult(final_latents(x, schedule), False, encoded.padded)
+            return SampleResult(last_denoised.get("x", x), True, conds.encoded.padded)
+        return SampleResult(final_latents(x, schedule), False, conds.encoded.padded)
 
 
 class _Stop(Exception):
