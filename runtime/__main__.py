@@ -10,14 +10,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from .errors import InvalidRequestError, UserError
 from .metadata import save_png
-from .rng import RNG_KINDS
-from .schedules import SAMPLERS, SCHEDULES
+from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
 from .sessions import PROVIDERS
+
+if TYPE_CHECKING:
+    from .model_folder import Manifest
+    from .pipeline import Prepared
 
 log = logging.getLogger("runtime")
 
@@ -41,9 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="default: the model's native size (512 for SD1.x)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--batch-size", type=int, default=1, help="images of seeds seed, seed+1, ...")
-    parser.add_argument("--sampler", default="euler_a", help=f"one of {', '.join(SAMPLERS)}")
-    parser.add_argument("--schedule", default="model", help=f"one of {', '.join(SCHEDULES)}")
-    parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_KINDS)}: torch CPU or A1111 'NV' noise")
+    parser.add_argument(
+        "--sampler", default="euler_a", help=f"one of {', '.join(s.key for s in SAMPLERS)} or an A1111 name"
+    )
+    parser.add_argument("--schedule", default="model", help=f"one of {', '.join(SCHEDULE_LABELS)}")
+    parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_LABELS)}: torch CPU or A1111 'NV' noise")
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
     parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
@@ -77,21 +83,31 @@ def check_writable(paths: list[Path]) -> None:
             raise InvalidRequestError("output", f"folder {folder} is not writable")
 
 
+def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
+    """The generation the arguments ask for, checked and planned, before any graph loads."""
+    from .model_folder import read_scheduler_config
+    from .pipeline import prepare
+    from .tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+    return prepare(
+        manifest, read_scheduler_config(manifest.folder), tokenizer, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
+        width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
+        sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
-    from .model_folder import read_manifest, read_scheduler_config
-    from .pipeline import Pipeline, build_request
+    from .model_folder import read_manifest
+    from .pipeline import Pipeline
     from .sessions import resolve_provider
 
     manifest = read_manifest(args.model)
-    request = build_request(
-        manifest, read_scheduler_config(manifest.folder), prompt=args.prompt, negative_prompt=args.negative_prompt,
-        steps=args.steps, guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
-        batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-        eta_noise_seed_delta=args.eta_noise_seed_delta,
-    )  # fmt: skip
+    prepared = prepare_from_args(args, manifest)
     resolve_provider(args.provider)
-    paths = output_paths(args.output, len(request.seeds))
+    paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
@@ -102,12 +118,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
             bar.total = total  # the schedule's count (A1111's DDIM runs one step fewer than asked)
             bar.update(1)
 
-        out = pipe(
-            args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-            guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=request.seeds[0],
-            num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-            eta_noise_seed_delta=args.eta_noise_seed_delta, callback=progress,
-        )  # fmt: skip
+        out = pipe.run(prepared, callback=progress)
     for path, image, text in zip(paths, out.images, out.infotexts, strict=True):
         save_png(image, path, text)
     return list(zip(paths, out.seeds, strict=True))

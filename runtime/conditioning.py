@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .prompt_parser import is_break, parse_prompt_attention
-from .prompt_schedule import ConditioningPlan
 from .tokenizer import ClipTokenizer
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk
@@ -169,49 +168,24 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weighted * scale[:, None, None]).astype(np.float32, copy=False)
 
 
-@dataclass(frozen=True, eq=False)
-class EncodedTexts:
-    """Encoder states of several prompt texts, all with the same chunk count so that any of them
-    can share one UNet batch (and a CUDA graph keeps one shape for the whole run)."""
+def pad_chunks(chunks: dict[str, PromptChunks], tokenizer: ClipTokenizer) -> tuple[dict[str, PromptChunks], bool]:
+    """Every text padded with empty chunks to the longest one's count (so any of them can share
+    one UNet batch, and a CUDA graph keeps one shape for the whole run); True if any was padded."""
+    count = max(item.count for item in chunks.values())
+    padded = any(item.count != count for item in chunks.values())
+    return {text: pad_to_chunk_count(item, count, tokenizer) for text, item in chunks.items()}, padded
 
-    states: dict[str, np.ndarray]  # text -> (77*k, C) float32, emphasis applied
-    padded: bool  # the texts had different chunk counts; the shorter got empty chunks
 
-
-def encode_texts(
-    tokenizer: ClipTokenizer, run_encoder: Callable[[np.ndarray], np.ndarray], texts: list[str]
-) -> EncodedTexts:
-    """Every distinct text's chunks through the text encoder in one batch, A1111's emphasis per
-    text, chunks joined on the token axis. Shorter texts are padded with empty chunks (A1111's
-    "Pad prompt/negative prompt"; the infotext then says `Pad conds: True`)."""
-    texts = list(dict.fromkeys(texts))
-    chunks = [prompt_to_chunks(tokenizer, text) for text in texts]
-    count = max(item.count for item in chunks)
-    padded = any(item.count != count for item in chunks)
-    chunks = [pad_to_chunk_count(item, count, tokenizer) for item in chunks]
-    hidden = run_encoder(np.concatenate([item.token_ids for item in chunks]))
+def encode_chunks(
+    run_encoder: Callable[[np.ndarray], np.ndarray], chunks: dict[str, PromptChunks]
+) -> dict[str, np.ndarray]:
+    """Encoder states (77*k, C) of each text: all chunks (texts of one chunk count k) through the
+    text encoder in one batch, A1111's emphasis per text, chunks joined on the token axis."""
+    items = list(chunks.items())
+    count = items[0][1].count
+    hidden = run_encoder(np.concatenate([item.token_ids for _, item in items]))
     states = {}
-    for index, (text, item) in enumerate(zip(texts, chunks, strict=True)):
+    for index, (text, item) in enumerate(items):
         emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
         states[text] = emphasized.reshape(-1, emphasized.shape[-1])
-    return EncodedTexts(states, padded)
-
-
-@dataclass(frozen=True, eq=False)
-class ScheduledConds:
-    """The conditioning of each sampler call: the encoded texts a ConditioningPlan picks.
-
-    `at_call(i)` follows the web UI's CFGDenoiser, which counts its calls from 0 (one per step for
-    the samplers here) and looks each prompt's text up in its schedule for that count."""
-
-    plan: ConditioningPlan
-    encoded: EncodedTexts
-    with_negative: bool
-
-    def at_call(self, call: int) -> tuple[tuple[str, ...], list[np.ndarray], list[float], np.ndarray | None]:
-        """(key, conds, weights, uncond): `key` names the texts, equal keys mean equal tensors."""
-        parts, negative = self.plan.at_call(call)
-        conds = [self.encoded.states[text] for text, _ in parts]
-        uncond = self.encoded.states[negative] if self.with_negative else None
-        key = (*(text for text, _ in parts), negative if self.with_negative else "")
-        return key, conds, [weight for _, weight in parts], uncond
+    return states

@@ -10,33 +10,28 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import __version__, samplers
-from .conditioning import EncodedTexts, ScheduledConds, encode_texts
+from . import __version__, registry, samplers
+from .conditioning import PromptChunks, encode_chunks, pad_chunks, prompt_to_chunks
 from .errors import InvalidRequestError
 from .metadata import format_infotext
 from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
-from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .prompt_schedule import ConditioningPlan
 from .rng import NoiseGenerator, make_generator
-from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
+from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-SAMPLER_LABELS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
-SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}  # None: A1111's "Automatic"
-RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
-ANCESTRAL_SAMPLERS = ("euler_a",)
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
 
@@ -53,20 +48,6 @@ class PipelineOutput:
 
 
 @dataclass(frozen=True)
-class EncodedPrompt:
-    cond: np.ndarray
-    uncond: np.ndarray | None
-    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
-
-
-@dataclass
-class SampleResult:
-    latents: np.ndarray  # VP latents ready for the VAE
-    interrupted: bool
-    pad_conds: bool
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str
@@ -79,17 +60,6 @@ class GenerationRequest:
     schedule: str
     rng: str
     eta_noise_seed_delta: int
-    # Which text conditions each step: prompt editing, alternation and AND parts. build_request
-    # passes the plan it checked; a request made directly gets its plan made here.
-    plan: ConditioningPlan | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.plan is None:
-            object.__setattr__(self, "plan", ConditioningPlan.build(self.prompt, self.negative_prompt, self.steps))
-
-    def parameters(self) -> dict[str, Any]:
-        """The request's values as given (the plan is derived from them)."""
-        return {key: value for key, value in self.__dict__.items() if key != "plan"}
 
 
 def _require_int(field_name: str, value: Any) -> int:
@@ -115,77 +85,129 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
     return [seed + index for index in range(count)]
 
 
-def build_request(
+@dataclass(frozen=True, eq=False)
+class CondPiece:
+    """The text conditioning of the sampler calls before `until_step`: run() picks, for call i
+    (counted from 0 as A1111's CFGDenoiser counts them), the first piece with i < until_step.
+    A prompt without editing, alternation or AND is one piece for every step."""
+
+    until_step: int
+    conds: tuple[str, ...]  # the texts of the prompt's AND parts (one text without AND) ...
+    weights: tuple[float, ...]  # ... and their weights
+    uncond: str | None  # the negative prompt's text; None when guidance is off (scale <= 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A generation checked and planned once: what run() needs and nothing it must re-check."""
+
+    request: GenerationRequest
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    chunks: dict[str, PromptChunks]  # every text a piece names, all padded to one chunk count
+    padded: bool  # the texts had different chunk counts and the shorter were padded
+    chunk_counts: dict[str, int]  # field -> 75-token chunks of its longest text (the server's limit)
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+    def with_first_seed(self, seed: int) -> Prepared:
+        """The same generation for seeds seed, seed+1, ... (A1111's n_iter batches continue the seeds)."""
+        seeds = resolve_seeds(seed, len(self.request.seeds))
+        return replace(self, request=replace(self.request, seeds=seeds))
+
+
+def prepare(
     manifest: Manifest,
     scheduler_config: dict[str, Any],
+    tokenizer: ClipTokenizer,
     *,
     prompt: str,
     negative_prompt: str = "",
-    steps: int = 28,
+    num_inference_steps: int = 28,
     guidance_scale: float = 11.0,
     width: int | None = None,
     height: int | None = None,
     seed: int | None = -1,
-    batch_size: int = 1,
+    num_images_per_prompt: int = 1,
     sampler: str = "euler_a",
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
-) -> GenerationRequest:
-    """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
-    including the schedule the model's scheduler config gives and the prompts' weights."""
+) -> Prepared:
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
+    prompts parsed and chunked, schedule and seeds made: once, for run()."""
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        check_prompt(name, text)
-    steps = _require_int("steps", steps)
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+    steps = _require_int("steps", num_inference_steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
     check_guidance(guidance_scale)
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
-    count = _require_int("batch_size", batch_size)
+    count = _require_int("batch_size", num_images_per_prompt)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
-    if sampler not in SAMPLERS:
-        raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if schedule not in SCHEDULES:
-        raise InvalidRequestError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if rng not in RNG_LABELS:
-        raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
+    sampler = registry.sampler(sampler).key
+    schedule = registry.schedule(schedule)
+    rng = registry.rng(rng)
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
-    make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
-    return GenerationRequest(
+    plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta, make_plan(prompt, negative_prompt, steps),
+        resolve_seeds(seed, count), sampler, schedule, rng, delta,
     )  # fmt: skip
+    cond_plan = ConditioningPlan.build(prompt, negative_prompt, steps)
+    pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale)
+    return Prepared(request, plan, pieces, chunks, padded, counts)
 
 
-def make_plan(prompt: str, negative_prompt: str, steps: int) -> ConditioningPlan:
-    """The prompts' editing/alternation/AND schedule over `steps`; every text it can condition a
-    step with, and every AND weight, checked as check_prompt checks a prompt."""
-    plan = ConditioningPlan.build(prompt, negative_prompt, steps)
-    for text in plan.positive_texts():
-        check_prompt("prompt", text)
-    for text in plan.negative_texts():
-        check_prompt("negative_prompt", text)
+def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
+    """A prompt parsed and chunked, its attention weights finite: `(x:1e400)` or thousands of
+    nested brackets would turn the embeddings into NaN (a black image in A1111)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
+    chunks = prompt_to_chunks(tokenizer, text)
+    bad = chunks.weights[~np.isfinite(chunks.weights) | (np.abs(chunks.weights) > MAX_WEIGHT)]
+    if bad.size:
+        raise InvalidRequestError(field_name, f"weight {bad[0]:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    return chunks
+
+
+def plan_conditioning(
+    tokenizer: ClipTokenizer, plan: ConditioningPlan, guidance_scale: float
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
+    that pass's step count), and every text they name parsed and chunked once (its weights
+    checked as prompt_chunks does; a hires second pass builds its plan with hires_steps).
+
+    All texts are padded to one chunk count with empty chunks so one UNet call serves every
+    half. That is A1111's "Pad prompt/negative prompt" option (off by default there: the web UI
+    then runs two UNet calls, each attending over its own tokens), so the infotext says
+    `Pad conds: True` whenever the chunk counts differed. Guidance at most 1 drops the negative
+    prompt, except with AND or a part weight: A1111 combines those around the uncond always."""
     for _, weight in plan.parts:
         if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
             raise InvalidRequestError("prompt", f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
-    return plan
-
-
-def check_prompt(field_name: str, text: Any) -> None:
-    """A string whose attention weights are finite: `(x:1e400)` or thousands of nested brackets
-    would turn the embeddings into NaN (a black image in A1111)."""
-    if not isinstance(text, str):
-        raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
-    for piece, weight in parse_prompt_attention(text):
-        if not np.isfinite(weight) or (weight != BREAK_WEIGHT and abs(weight) > MAX_WEIGHT):
-            raise InvalidRequestError(
-                field_name, f"weight {weight:g} of {piece!r} is out of range (|weight| <= {MAX_WEIGHT:g})"
-            )
+    with_negative = guidance_scale > 1.0 or plan.composable
+    fields = {"prompt": plan.positive_texts(), "negative_prompt": plan.negative_texts()}
+    parsed = {name: {text: prompt_chunks(tokenizer, name, text) for text in texts} for name, texts in fields.items()}
+    counts = {name: max(item.count for item in texts.values()) for name, texts in parsed.items()}
+    used = {**parsed["prompt"], **(parsed["negative_prompt"] if with_negative else {})}
+    chunks, padded = pad_chunks(used, tokenizer)
+    pieces = []
+    for end in plan.boundaries():
+        parts, negative = plan.at_call(end)
+        pieces.append(CondPiece(
+            end + 1, tuple(text for text, _ in parts), tuple(weight for _, weight in parts),
+            negative if with_negative else None,
+        ))  # fmt: skip
+    return tuple(pieces), chunks, padded, counts
 
 
 def check_guidance(guidance_scale: Any) -> None:
@@ -197,6 +219,17 @@ def check_guidance(guidance_scale: Any) -> None:
         raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
     if guidance_scale < 0:
         raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+
+
+def combine_guidance(eps: np.ndarray, batch: int, scale: float, weights: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    """Classifier-free guidance on one UNet output holding the uncond half first (as diffusers):
+    eps = uncond + scale * (cond - uncond). With AND parts after it, A1111's composable
+    diffusion: eps = uncond + sum of weight * scale * (cond_part - uncond) (CFGDenoiser's
+    combine_denoised, there on the denoised images: the same sum, as denoised = x - sigma * eps)."""
+    eps_uncond = combined = eps[:batch]
+    for index, weight in enumerate(weights, start=1):
+        combined = combined + np.float32(weight * scale) * (eps[index * batch : (index + 1) * batch] - eps_uncond)
+    return combined
 
 
 class Pipeline:
@@ -239,104 +272,11 @@ class Pipeline:
     def provider(self) -> str:
         return self.sessions.provider
 
-    # -- request checking ---------------------------------------------------------------------
+    # -- prepare and run ------------------------------------------------------------------------
 
-    def make_request(self, **parameters: Any) -> GenerationRequest:
-        """Check generation parameters against this model (keywords of build_request)."""
-        return build_request(self.manifest, self.scheduler_config, **parameters)
-
-    # -- the stages -----------------------------------------------------------------------------
-
-    def encode_texts(self, texts: list[str]) -> EncodedTexts:
-        """Encoder states of each distinct text, one text-encoder run for all of them; texts of
-        different chunk counts are padded with empty chunks so one UNet call serves them all.
-        That is A1111's "Pad prompt/negative prompt" option (off by default there: the web UI
-        then runs two UNet calls, each attending over its own tokens), so the infotext says
-        `Pad conds: True` whenever the chunk counts differed."""
-        return encode_texts(self.tokenizer, lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), texts)
-
-    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
-        """Hidden states of shape (77*k, width) for one prompt (and negative prompt) taken as
-        plain text, without editing or AND (see encode_texts)."""
-        encoded = self.encode_texts([prompt, negative_prompt] if with_negative else [prompt])
-        uncond = encoded.states[negative_prompt] if with_negative else None
-        return EncodedPrompt(cond=encoded.states[prompt], uncond=uncond, padded=encoded.padded)
-
-    def encode_plan(self, plan: ConditioningPlan, with_negative: bool) -> ScheduledConds:
-        """Every text the plan can condition a step with, encoded once in one run: a prompt
-        without editing, alternation or AND is one text (and one negative)."""
-        texts = plan.positive_texts() + (plan.negative_texts() if with_negative else [])
-        return ScheduledConds(plan, self.encode_texts(texts), with_negative)
-
-    def denoiser(
-        self, schedule: Schedule, conds: ScheduledConds, scale: float, latent_shape: tuple
-    ) -> Callable[[np.ndarray, int], np.ndarray]:
-        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
-        With guidance one UNet call runs the uncond and cond halves together (as diffusers does:
-        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond.
-        With AND, every part is one more half and eps = uncond + sum of weight * scale *
-        (cond_part - uncond), A1111's composable diffusion (CFGDenoiser.combine_denoised, there
-        on the denoised images, which is the same sum since denoised = x - sigma * eps).
-        The conditioning is looked up per call, as A1111 counts calls; the UNet is handed a new
-        context only when the texts change (prompt editing, alternation)."""
-        batch = latent_shape[0]
-        unet = self.sessions.unet
-        state: dict[str, Any] = {"call": 0, "key": None}
-
-        def use_conditioning() -> tuple[list[float], bool]:
-            key, parts, weights, uncond = conds.at_call(state["call"])
-            state["call"] += 1
-            if key != state["key"]:
-                halves = ([uncond] if uncond is not None else []) + parts
-                context = np.stack([half for half in halves for _ in range(batch)])
-                unet.begin(context, (len(context), *latent_shape[1:]))
-                state["key"] = key
-            return weights, uncond is not None
-
-        def denoise(x: np.ndarray, step: int) -> np.ndarray:
-            weights, with_uncond = use_conditioning()
-            halves = len(weights) + with_uncond
-            sigma = np.float32(schedule.sigmas[step])
-            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
-            model_input = np.concatenate([scaled] * halves)
-            timesteps = np.full((halves * batch,), schedule.timesteps[step], dtype=np.float32)
-            eps = unet(model_input, timesteps)
-            if with_uncond:
-                eps_uncond, combined = eps[:batch], eps[:batch]
-                for index, weight in enumerate(weights, start=1):
-                    eps_part = eps[index * batch : (index + 1) * batch]
-                    combined = combined + np.float32(weight * scale) * (eps_part - eps_uncond)
-                eps = combined
-            return x - sigma * eps
-
-        return denoise
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
-        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
-        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
-        pixels = np.concatenate(images)
-        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
-
-    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
-        params = {
-            "Steps": request.steps,
-            "Sampler": SAMPLER_LABELS[request.sampler],
-            "Schedule type": SCHEDULE_LABELS[request.schedule],
-            "CFG scale": _number(request.guidance_scale),
-            "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
-            "Model hash": self.manifest.model_hash,
-            "Model": self.manifest.model_name,
-            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
-            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
-            "RNG": RNG_LABELS[request.rng],
-            "Pad conds": True if pad_conds else None,
-            "Version": f"acertain-onnx {__version__}",
-        }
-        return format_infotext(request.prompt, request.negative_prompt, params)
-
-    # -- the whole run --------------------------------------------------------------------------
+    def prepare(self, **parameters: Any) -> Prepared:
+        """Check and plan a generation (keywords of `__call__` but output_type and callbacks)."""
+        return prepare(self.manifest, self.scheduler_config, self.tokenizer, **parameters)
 
     def __call__(
         self,
@@ -355,32 +295,118 @@ class Pipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
+        **options: Any,
     ) -> PipelineOutput:
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
-        request = self.make_request(
-            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
-            width=width, height=height, seed=seed, batch_size=num_images_per_prompt, sampler=sampler,
-            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta,
+        """Generate: prepare (every parameter checked once) then run. `options` are prepare's
+        img2img, inpainting, hires-fix and VAE-tiling keywords."""
+        check_output_type(output_type)
+        prepared = self.prepare(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, width=width, height=height, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, sampler=sampler, schedule=schedule, rng=rng,
+            eta_noise_seed_delta=eta_noise_seed_delta, **options,
         )  # fmt: skip
-        result = self.sample(request, callback, cancel_event)
-        pixels = self.decode(result.latents)
-        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
-        infotexts = [self.infotext(request, seed, result.pad_conds) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.parameters())
+        return self.run(prepared, output_type, callback, cancel_event)
 
-    def sample(
+    def run(
         self,
-        request: GenerationRequest,
+        prepared: Prepared,
+        output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
-    ) -> SampleResult:
-        """Run the sampler. An interrupted run returns the last prediction of the clean image, as
-        the A1111 web UI shows on Interrupt."""
-        schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
-        # AND (or a part's weight) always combines around the uncond, as A1111 does.
-        with_negative = request.guidance_scale > 1.0 or request.plan.composable
-        conds = self.encode_plan(request.plan, with_negative)
+    ) -> PipelineOutput:
+        """Sample, decode, write the infotexts. An interrupted run decodes the last prediction of
+        the clean image, as the A1111 web UI shows on Interrupt."""
+        check_output_type(output_type)
+        request = prepared.request
+        latents, interrupted = self._sample(prepared, callback, cancel_event)
+        pixels = self.decode(latents)
+        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
+        infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    # -- the stages -----------------------------------------------------------------------------
+
+    def encode(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
+        chunks through the text encoder in one batch (one run, also with prompt editing),
+        A1111's emphasis applied per text, chunks joined on the token axis."""
+        return encode_chunks(lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), prepared.chunks)
+
+    def denoiser(
+        self, schedule: Schedule, prepared: Prepared, scale: float, latent_shape: tuple
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+        Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
+        piece with i < until_step; the UNet is rebound only when the piece changes. With
+        guidance one UNet call runs the uncond half first (as diffusers does), then one half per
+        AND part."""
+        batch = latent_shape[0]
+        conditioning = prepared.conditioning
+        states = self.encode(prepared)
+        unet = self.sessions.unet
+        bound: dict[str, Any] = {"calls": 0}
+
+        def bind() -> CondPiece:
+            call = bound["calls"]
+            bound["calls"] += 1
+            index = next((i for i, piece in enumerate(conditioning) if call < piece.until_step), 0)
+            if bound.get("piece") != index:
+                piece = conditioning[index]
+                halves = ([piece.uncond] if piece.uncond is not None else []) + list(piece.conds)
+                context = np.stack([states[text] for text in halves for _ in range(batch)])
+                unet.begin(context, (len(context), *latent_shape[1:]))
+                bound["piece"] = index
+            return conditioning[index]
+
+        def denoise(x: np.ndarray, step: int) -> np.ndarray:
+            piece = bind()
+            halves = len(piece.conds) + (piece.uncond is not None)
+            sigma = np.float32(schedule.sigmas[step])
+            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
+            model_input = np.concatenate([scaled] * halves)
+            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+            eps = unet(model_input, timesteps)
+            if piece.uncond is not None:
+                eps = combine_guidance(eps, batch, scale, piece.weights)
+            return x - sigma * eps
+
+        return denoise
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
+        pixels = np.concatenate(images)
+        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def infotext(self, prepared: Prepared, seed: int) -> str:
+        request = prepared.request
+        params = {
+            "Steps": request.steps,
+            "Sampler": registry.sampler(request.sampler).name,
+            "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
+            "CFG scale": _number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": self.manifest.model_hash,
+            "Model": self.manifest.model_name,
+            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
+            "RNG": registry.RNG_LABELS[request.rng],
+            "Pad conds": True if prepared.padded else None,
+            "Version": f"acertain-onnx {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+    def _sample(
+        self,
+        prepared: Prepared,
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """(latents for the VAE, interrupted)."""
+        request, schedule = prepared.request, prepared.schedule
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip
@@ -388,7 +414,7 @@ class Pipeline:
         if uses_ensd(request):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, conds, request.guidance_scale, x.shape)
+        denoise = self.denoiser(schedule, prepared, request.guidance_scale, x.shape)
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
@@ -406,8 +432,13 @@ class Pipeline:
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
-            return SampleResult(last_denoised.get("x", x), True, conds.encoded.padded)
-        return SampleResult(final_latents(x, schedule), False, conds.encoded.padded)
+            return last_denoised.get("x", x), True
+        return final_latents(x, schedule), False
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
 
 class _Stop(Exception):
@@ -417,7 +448,7 @@ class _Stop(Exception):
 def uses_ensd(request: GenerationRequest) -> bool:
     """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
     and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and request.sampler in ANCESTRAL_SAMPLERS
+    return request.eta_noise_seed_delta > 0 and registry.sampler(request.sampler).ancestral
 
 
 def _number(value: float) -> int | float:

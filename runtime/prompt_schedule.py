@@ -317,6 +317,11 @@ class ConditioningPlan:
     def negative_texts(self) -> list[str]:
         return _distinct(text for _, text in self.negative)
 
+    def boundaries(self) -> list[int]:
+        """The calls after which some text changes (each schedule's end_at_step), ascending."""
+        ends = {end for schedule, _ in self.parts for end, _ in schedule} | {end for end, _ in self.negative}
+        return sorted(ends)
+
     def at_call(self, call: int) -> tuple[tuple[tuple[str, float], ...], str]:
         """((text, weight) per part, negative text) for sampler call `call` (0-based)."""
         parts = tuple((text_for_call(list(schedule), call), weight) for schedule, weight in self.parts)

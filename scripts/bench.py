@@ -216,15 +216,18 @@ class RuntimeSystem:
         )
 
     def encode(self) -> Callable[[], Any]:
-        return lambda: self.pipe.encode_prompt(PROMPT, NEGATIVE, True)
+        prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
+        return lambda: self.pipe.encode(prepared)
 
     def unet_step(self) -> Callable[[], Any]:
         import numpy as np
 
-        encoded = self.pipe.encode_prompt(PROMPT, NEGATIVE, True)
+        prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
+        states, piece = self.pipe.encode(prepared), prepared.conditioning[0]
+        cond, uncond = states[piece.conds[0]], states[piece.uncond]
         shape = latent_shape(self.job, batch=2)
         unet = self.pipe.sessions.unet
-        unet.begin(np.stack([encoded.uncond, encoded.cond]), shape)
+        unet.begin(np.stack([uncond, cond]), shape)
         sample = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         timestep = np.full((2,), 500.0, dtype=np.float32)
         return lambda: unet(sample, timestep)

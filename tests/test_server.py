@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 
 from runtime.errors import InvalidRequestError  # noqa: E402
 from runtime.metadata import read_infotext  # noqa: E402
-from runtime.pipeline import GenerationRequest, SampleResult  # noqa: E402
+from runtime.pipeline import GenerationRequest, PipelineOutput, Prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_STACK = ("torch", "transformers", "diffusers", "optimum")
@@ -304,7 +304,22 @@ BAD_BODIES = [
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
+    ({"prompt": "[cat:" + "word " * 3000 + ":0.5]"}, 422, "prompt"),  # the edited-in text is over it
+    ({"negative_prompt": "[a|" + "word " * 3000 + "]"}, 422, "negative_prompt"),
+    ({"prompt": "a AND b:" + "9" * 400}, 422, "prompt"),  # an AND weight of inf
+    ({"prompt": "[(a:" + "9" * 400 + "):b:2]"}, 422, "prompt"),  # weights are checked in every edited text
 ]
+
+
+def test_edited_prompts_are_served_and_written_as_given(tight: Server) -> None:
+    """Prompt editing, alternation and AND are plain strings to the API; the infotext keeps them."""
+    prompt, negative = "masterpiece, [cat:dog:0.5], [red|blue] hair AND sky:0.5", "[lowres::2]"
+    with tight.client() as client:
+        answer = post(client, {**VALID, "prompt": prompt, "negative_prompt": negative})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["prompt"] == prompt and info["negative_prompt"] == negative
+    assert info["infotexts"][0].startswith(f"{prompt}\nNegative prompt: {negative}\nSteps: 4,")
 
 
 @pytest.mark.parametrize(("change", "status", "field"), BAD_BODIES, ids=[str(case[0])[:40] for case in BAD_BODIES])
@@ -582,29 +597,28 @@ def test_fuzzed_requests_never_get_a_5xx(tight: Server, txt2img_bodies: st.Searc
 class _FlakyPipe:
     """Fails the jobs whose prompt says so, succeeds otherwise."""
 
-    def sample(self, request: GenerationRequest, callback=None, cancel_event=None) -> SampleResult:
+    def run(self, prepared: Prepared, output_type: str = "np", callback=None, cancel_event=None) -> PipelineOutput:
+        request = prepared.request
         failures = {"bug": RuntimeError("boom"), "oom": RuntimeError("Failed to allocate memory for requested buffer")}
         if request.prompt in failures:
             raise failures[request.prompt]
         if request.prompt == "user":
             raise InvalidRequestError("steps", "too many for this model")
         callback(1, 1, np.zeros((1, 4, 8, 8), np.float32))
-        return SampleResult(np.zeros((1, 4, 8, 8), np.float32), False, False)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        return np.zeros((len(latents), 64, 64, 3), np.float32)
-
-    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
-        return f"{request.prompt}\nSeed: {seed}"
+        images = [np.zeros((64, 64, 3), np.float32) for _ in request.seeds]
+        return PipelineOutput(images, [f"{request.prompt}\nSeed: {seed}" for seed in request.seeds], request.seeds)
 
 
 def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
+    from runtime.registry import SAMPLERS, SCHEDULERS
+    from runtime.schedules import Schedule
     from runtime.server.jobs import Job, JobFailure, JobResult, Worker
-    from runtime.server.mapping import SAMPLERS, SCHEDULERS, Plan
+    from runtime.server.mapping import Plan
 
     def plan(prompt: str) -> Plan:
         request = GenerationRequest(prompt, "", 1, 7.0, 64, 64, [1], "euler", "a1111", "nv", 0)
-        return Plan((request,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
+        prepared = Prepared(request, Schedule(np.ones(2, np.float32), np.ones(1, np.float32), 1.0), (), False, {})
+        return Plan((prepared,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
 
     async def run() -> list:
         worker = Worker(_FlakyPipe(), queue_size=8)

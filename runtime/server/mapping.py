@@ -25,9 +25,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..conditioning import prompt_to_chunks
 from ..errors import InvalidRequestError
-from ..pipeline import MAX_SEED, GenerationRequest
+from ..pipeline import MAX_SEED, Prepared
+from ..registry import (
+    RNG_SOURCES,
+    SamplerInfo,
+    SchedulerInfo,
+    library_schedule,
+)
+from ..registry import sampler_and_scheduler as find_sampler
 from .config import Limits
 from .schemas import Txt2ImgRequest
 
@@ -38,47 +44,6 @@ if TYPE_CHECKING:
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
 
 
-@dataclass(frozen=True)
-class SamplerInfo:
-    name: str  # A1111's label
-    key: str  # the library's sampler
-    aliases: tuple[str, ...]  # A1111's aliases
-    options: dict
-    automatic: str  # the library schedule A1111's "Automatic" means for this sampler
-    eta: float | None = None  # the only eta the library's sampler implements, if it takes one
-
-
-SAMPLERS = (
-    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", eta=1.0),
-    SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
-    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
-    SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
-)
-_EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
-
-
-@dataclass(frozen=True)
-class SchedulerInfo:
-    name: str
-    label: str
-    schedule: str | None  # library schedule; None: "the sampler's automatic one"
-    aliases: tuple[str, ...] = ()
-    default_rho: float | None = None
-    need_inner_model: bool | None = None
-
-
-SCHEDULERS = (
-    SchedulerInfo("automatic", "Automatic", None),
-    SchedulerInfo("uniform", "Uniform", "a1111", need_inner_model=True),
-    SchedulerInfo("karras", "Karras", "karras", default_rho=7.0),
-    SchedulerInfo("diffusers", "Diffusers", "model"),
-)
-# A1111 schedulers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SCHEDULERS = (
-    "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform", "KL Optimal", "Align Your Steps",
-    "Simple", "Normal", "DDIM", "Beta",
-)  # fmt: skip
-RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 # The library's field names -> the API's, so that every 422 names what the client sent.
 _FIELD_NAMES = {
     "sampler": "sampler_name",
@@ -92,7 +57,7 @@ _FIELD_NAMES = {
 class Plan:
     """A validated txt2img job: one library request per n_iter batch, plus what the answer echoes."""
 
-    batches: tuple[GenerationRequest, ...]
+    batches: tuple[Prepared, ...]
     sampler: SamplerInfo
     scheduler: SchedulerInfo
     seed: int
@@ -101,63 +66,7 @@ class Plan:
 
     @property
     def steps(self) -> int:
-        return self.batches[0].steps
-
-
-def _key(name: str) -> str:
-    return " ".join(name.lower().split())
-
-
-def _sampler_table() -> dict[str, SamplerInfo]:
-    table = {}
-    for info in SAMPLERS:
-        for name in (info.name, info.key, *info.aliases):
-            table[_key(name)] = info
-    for name, key in _EXTRA_SAMPLER_NAMES.items():
-        table[_key(name)] = next(info for info in SAMPLERS if info.key == key)
-    return table
-
-
-_SAMPLER_TABLE = _sampler_table()
-_SCHEDULER_TABLE = {_key(n): info for info in SCHEDULERS for n in (info.name, info.label, *info.aliases)}
-
-
-def sampler_choices() -> str:
-    return ", ".join(repr(info.name) for info in SAMPLERS)
-
-
-def scheduler_choices() -> str:
-    return ", ".join(repr(info.label) for info in SCHEDULERS)
-
-
-def find_scheduler(name: str) -> SchedulerInfo:
-    info = _SCHEDULER_TABLE.get(_key(name))
-    if info is not None:
-        return info
-    if _key(name) in {_key(n) for n in UNSUPPORTED_SCHEDULERS}:
-        raise InvalidRequestError("scheduler", f"{name!r} is not supported by this server; use {scheduler_choices()}")
-    raise InvalidRequestError("scheduler", f"unknown scheduler {name!r}; use {scheduler_choices()}")
-
-
-def find_sampler(name: str, scheduler: str) -> tuple[SamplerInfo, SchedulerInfo]:
-    """The sampler, and the scheduler: from a suffix of the name ("DPM++ 2M Karras") or the field."""
-    info = _SAMPLER_TABLE.get(_key(name))
-    if info is not None:
-        return info, find_scheduler(scheduler)
-    for suffix in (*(n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)), *UNSUPPORTED_SCHEDULERS):
-        if _key(name).endswith(" " + _key(suffix)):
-            base = _SAMPLER_TABLE.get(_key(name)[: -len(_key(suffix)) - 1])
-            if base is not None:
-                return base, find_scheduler(suffix)
-    raise InvalidRequestError("sampler_name", f"unknown sampler {name!r}; choose one of {sampler_choices()}")
-
-
-def library_schedule(sampler: SamplerInfo, scheduler: SchedulerInfo) -> str:
-    if scheduler.schedule == "model":
-        return "model"
-    if sampler.key == "ddim":
-        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
-    return scheduler.schedule or sampler.automatic
+        return self.batches[0].request.steps
 
 
 def model_title(manifest: Manifest) -> str:
@@ -221,9 +130,8 @@ def _check_limits(body: Txt2ImgRequest, limits: Limits) -> None:
             raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
 
 
-def _check_prompt_length(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> None:
-    for name in ("prompt", "negative_prompt"):
-        count = prompt_to_chunks(pipe.tokenizer, getattr(body, name)).count
+def _check_prompt_length(prepared: Prepared, limits: Limits) -> None:
+    for name, count in prepared.chunk_counts.items():
         if count > limits.max_prompt_chunks:
             raise InvalidRequestError(
                 name, f"{count} chunks of 75 tokens is over this server's limit of {limits.max_prompt_chunks}"
@@ -253,13 +161,14 @@ def _api_field_names() -> Iterator[None]:
         raise InvalidRequestError(field, error.message) from None
 
 
-def _batch_request(
+def _prepare_batch(
     pipe: Pipeline, body: Txt2ImgRequest, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
-) -> GenerationRequest:
-    return pipe.make_request(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
-        width=body.width, height=body.height, seed=first_seed, batch_size=body.batch_size, sampler=sampler.key,
-        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd,
+) -> Prepared:
+    return pipe.prepare(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
+        guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
+        num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
+        eta_noise_seed_delta=ensd,
     )  # fmt: skip
 
 
@@ -270,13 +179,11 @@ def build_plan(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> Plan:
     sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler)
     _check_eta(body, sampler)
     _check_limits(body, limits)
-    _check_prompt_length(pipe, body, limits)
     schedule = library_schedule(sampler, scheduler)
     total = body.batch_size * body.n_iter
     seed = resolve_seed(body.seed, total)
     with _api_field_names():
-        batches = tuple(
-            _batch_request(pipe, body, sampler, schedule, rng, ensd, seed + index * body.batch_size)
-            for index in range(body.n_iter)
-        )
+        first = _prepare_batch(pipe, body, sampler, schedule, rng, ensd, seed)
+        _check_prompt_length(first, limits)
+    batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))
     return Plan(batches, sampler, scheduler, seed, list(range(seed, seed + total)), body.send_images)

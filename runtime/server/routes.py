@@ -14,9 +14,10 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..pipeline import Pipeline
+from ..registry import SAMPLERS, SCHEDULERS
 from .config import ServerConfig
 from .jobs import Job, JobResult, Worker
-from .mapping import SAMPLERS, SCHEDULERS, Plan, build_plan, model_title
+from .mapping import Plan, build_plan, model_title
 from .schemas import (
     ErrorResponse,
     HealthResponse,
