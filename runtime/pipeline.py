@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
+# Each AND part is one more UNet half per step; A1111 sets no bound, we bound the batch it makes.
+MAX_AND_PARTS = 16
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
 
@@ -191,6 +193,8 @@ def plan_conditioning(
     then runs two UNet calls, each attending over its own tokens), so the infotext says
     `Pad conds: True` whenever the chunk counts differed. Guidance at most 1 drops the negative
     prompt, except with AND or a part weight: A1111 combines those around the uncond always."""
+    if len(plan.parts) > MAX_AND_PARTS:
+        raise InvalidRequestError("prompt", f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
     for _, weight in plan.parts:
         if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
             raise InvalidRequestError("prompt", f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")

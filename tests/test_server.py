@@ -307,6 +307,7 @@ BAD_BODIES = [
     ({"prompt": "[cat:" + "word " * 3000 + ":0.5]"}, 422, "prompt"),  # the edited-in text is over it
     ({"negative_prompt": "[a|" + "word " * 3000 + "]"}, 422, "negative_prompt"),
     ({"prompt": "a AND b:" + "9" * 400}, 422, "prompt"),  # an AND weight of inf
+    ({"prompt": " AND ".join("x" * 17)}, 422, "prompt"),  # more AND parts than MAX_AND_PARTS
     ({"prompt": "[(a:" + "9" * 400 + "):b:2]"}, 422, "prompt"),  # weights are checked in every edited text
 ]
 
