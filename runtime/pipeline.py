@@ -20,13 +20,35 @@ from PIL import Image
 from . import __version__, registry, samplers
 from .conditioning import PromptChunks, encode_chunks, pad_chunks, prompt_to_chunks
 from .errors import InvalidRequestError
+from .hires import HiresPlan, plan_hires
+from .img2img import (
+    InitPlan,
+    apply_overlay,
+    blend,
+    default_size,
+    encode_sample,
+    fill_latents,
+    plan_init,
+    slice_schedule,
+    start_step,
+)
+from .inputs import check_strength, load_image
 from .metadata import format_infotext
-from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .model_folder import (
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    VAE_ENCODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+)
 from .prompt_schedule import ConditioningPlan
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
+from .tiling import VAE_TILING, TileSizes, tiled, use_tiling
 from .tokenizer import ClipTokenizer
+from .upscale import truncate, upscale_image, upscale_latents
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +58,11 @@ MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can
 MAX_AND_PARTS = 16
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
+
+INIT_OPTIONS = (  # prepare()'s img2img / inpainting keywords beyond image, strength, mask_image
+    "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)  # fmt: skip
 
 StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
 
@@ -107,8 +134,13 @@ class Prepared:
     schedule: Schedule
     conditioning: tuple[CondPiece, ...]
     chunks: dict[str, PromptChunks]  # every text a piece names, all padded to one chunk count
-    padded: bool  # the texts had different chunk counts and the shorter were padded
+    padded: bool  # the texts of a pass had different chunk counts and the shorter were padded
     chunk_counts: dict[str, int]  # field -> 75-token chunks of its longest text (the server's limit)
+    init: InitPlan | None = None  # img2img / inpainting
+    hires: HiresPlan | None = None  # txt2img's hires fix
+    hires_conditioning: tuple[CondPiece, ...] = ()
+    hires_chunks: dict[str, PromptChunks] = field(default_factory=dict)  # as chunks, second pass
+    vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
 
     @property
     def seeds(self) -> list[int]:
@@ -137,9 +169,37 @@ def prepare(
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
+    image: Any = None,
+    strength: float = 0.75,
+    mask_image: Any = None,
+    enable_hr: bool = False,
+    hires_options: dict[str, Any] | None = None,
+    vae_tiling: str = "auto",
+    **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
-    prompts parsed and chunked, schedule and seeds made: once, for run()."""
+    prompts parsed and chunked, schedule and seeds made: once, for run().
+
+    img2img: `image` (PIL image, array, path or bytes) and `strength` (A1111's denoising
+    strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
+    is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
+    `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
+    size (default: the image's own size rounded down to a multiple of 8).
+
+    Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
+    hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
+    hr_sampler_name (see runtime.hires.plan_hires)."""
+    unknown = set(init_options) - set(INIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if image is None and (mask_image is not None or init_options):
+        raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
+    if image is not None:
+        strength = check_strength(strength)
+        loaded = load_image(image, "image")
+        if width is None and height is None:
+            width, height = default_size(loaded, manifest.vae_scale_factor)
+            width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
             raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
@@ -160,13 +220,46 @@ def prepare(
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    init = None
+    if image is not None:
+        init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+        plan = slice_schedule(plan, start_step(plan.steps, strength))
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         resolve_seeds(seed, count), sampler, schedule, rng, delta,
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale)
-    return Prepared(request, plan, pieces, chunks, padded, counts)
+    if vae_tiling not in VAE_TILING:
+        raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
+    hires, hires_conditioning, hires_chunks = None, (), {}
+    if enable_hr:
+        if image is not None:
+            raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
+        hires = plan_hires(
+            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            sampler, prompt, negative_prompt, steps, **(hires_options or {}),
+        )  # fmt: skip
+        hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request)
+        padded = padded or padded_hr
+        counts = {name: max(count, counts.get(name, 0)) for name, count in {**counts, **hr_counts}.items()}
+    return Prepared(
+        request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling
+    )
+
+
+def _hires_conditioning(
+    tokenizer: ClipTokenizer, hires: HiresPlan, request: GenerationRequest
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The second pass's conditioning from hr_prompt / hr_negative_prompt (the first pass's
+    prompts unless given). As A1111, its editing schedule is over the second pass's steps on the
+    hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's."""
+    own = hires.prompt != request.prompt or hires.negative_prompt != request.negative_prompt
+    fields = ("hr_prompt", "hr_negative_prompt") if own else ("prompt", "negative_prompt")
+    cond_plan = ConditioningPlan.build(
+        hires.prompt, hires.negative_prompt, request.steps, hires_steps=hires.schedule.steps
+    )
+    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields)
 
 
 def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
@@ -182,7 +275,10 @@ def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> Promp
 
 
 def plan_conditioning(
-    tokenizer: ClipTokenizer, plan: ConditioningPlan, guidance_scale: float
+    tokenizer: ClipTokenizer,
+    plan: ConditioningPlan,
+    guidance_scale: float,
+    fields: tuple[str, str] = ("prompt", "negative_prompt"),
 ) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
     """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
     that pass's step count), and every text they name parsed and chunked once (its weights
@@ -193,16 +289,17 @@ def plan_conditioning(
     then runs two UNet calls, each attending over its own tokens), so the infotext says
     `Pad conds: True` whenever the chunk counts differed. Guidance at most 1 drops the negative
     prompt, except with AND or a part weight: A1111 combines those around the uncond always."""
+    positive, negative = fields
     if len(plan.parts) > MAX_AND_PARTS:
-        raise InvalidRequestError("prompt", f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
+        raise InvalidRequestError(positive, f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
     for _, weight in plan.parts:
         if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-            raise InvalidRequestError("prompt", f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+            raise InvalidRequestError(positive, f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
     with_negative = guidance_scale > 1.0 or plan.composable
-    fields = {"prompt": plan.positive_texts(), "negative_prompt": plan.negative_texts()}
-    parsed = {name: {text: prompt_chunks(tokenizer, name, text) for text in texts} for name, texts in fields.items()}
-    counts = {name: max(item.count for item in texts.values()) for name, texts in parsed.items()}
-    used = {**parsed["prompt"], **(parsed["negative_prompt"] if with_negative else {})}
+    texts = {positive: plan.positive_texts(), negative: plan.negative_texts()}
+    parsed = {name: {text: prompt_chunks(tokenizer, name, text) for text in items} for name, items in texts.items()}
+    counts = {name: max(item.count for item in items.values()) for name, items in parsed.items()}
+    used = {**parsed[positive], **(parsed[negative] if with_negative else {})}
     chunks, padded = pad_chunks(used, tokenizer)
     pieces = []
     for end in plan.boundaries():
@@ -246,6 +343,7 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
     @classmethod
     def from_pretrained(
@@ -324,21 +422,28 @@ class Pipeline:
         check_output_type(output_type)
         request = prepared.request
         latents, interrupted = self._sample(prepared, callback, cancel_event)
-        pixels = self.decode(latents)
+        pixels = self.decode(latents, prepared.vae_tiling)
+        if prepared.init is not None and prepared.init.overlay is not None:
+            pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
         return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
 
     # -- the stages -----------------------------------------------------------------------------
 
-    def encode(self, prepared: Prepared) -> dict[str, np.ndarray]:
+    def encode(self, chunks: dict[str, PromptChunks]) -> dict[str, np.ndarray]:
         """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
         chunks through the text encoder in one batch (one run, also with prompt editing),
         A1111's emphasis applied per text, chunks joined on the token axis."""
-        return encode_chunks(lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), prepared.chunks)
+        return encode_chunks(lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), chunks)
 
     def denoiser(
-        self, schedule: Schedule, prepared: Prepared, scale: float, latent_shape: tuple
+        self,
+        schedule: Schedule,
+        conditioning: tuple[CondPiece, ...],
+        states: dict[str, np.ndarray],
+        scale: float,
+        latent_shape: tuple,
     ) -> Callable[[np.ndarray, int], np.ndarray]:
         """The model as samplers see it: x in VE space and a step index -> predicted clean x.
         Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
@@ -346,8 +451,6 @@ class Pipeline:
         guidance one UNet call runs the uncond half first (as diffusers does), then one half per
         AND part."""
         batch = latent_shape[0]
-        conditioning = prepared.conditioning
-        states = self.encode(prepared)
         unet = self.sessions.unet
         bound: dict[str, Any] = {"calls": 0}
 
@@ -377,10 +480,18 @@ class Pipeline:
 
         return denoise
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
+    def decode(self, latents: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory;
+        tiled (diffusers' tiled_decode) when `tiling` says so for this size."""
         scaled = latents / np.float32(self.manifest.vae_scaling_factor)
-        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
+        factor, sizes = self.manifest.vae_scale_factor, self.tile_sizes
+        tiles = use_tiling(tiling, scaled.shape[3] * factor, scaled.shape[2] * factor, sizes)
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return self.sessions.vae_decoder.run({VAE_DECODER_INPUT: tile})
+
+        images = [tiled(run, scaled[i : i + 1], sizes.latent, sizes.sample) if tiles else run(scaled[i : i + 1])
+                  for i in range(len(scaled))]  # fmt: skip
         pixels = np.concatenate(images)
         return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
@@ -392,13 +503,15 @@ class Pipeline:
             "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
             "CFG scale": _number(request.guidance_scale),
             "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
+            "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": registry.RNG_LABELS[request.rng],
             "Pad conds": True if prepared.padded else None,
+            **(prepared.init.infotext if prepared.init is not None else {}),
+            **(prepared.hires.infotext if prepared.hires is not None else {}),
             "Version": f"acertain-onnx {__version__}",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)
@@ -409,35 +522,125 @@ class Pipeline:
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
     ) -> tuple[np.ndarray, bool]:
-        """(latents for the VAE, interrupted)."""
-        request, schedule = prepared.request, prepared.schedule
+        """(latents for the VAE, interrupted): the first pass, then the hires pass if asked."""
+        request = prepared.request
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
-        shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
-                 request.width // self.manifest.vae_scale_factor)  # fmt: skip
-        x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
-        if uses_ensd(request):
+        x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        if prepared.hires is None or interrupted:
+            return latents, interrupted
+        x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
+        # A1111: the second pass draws its noise from fresh generators of the same seeds.
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
+        x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
+        hires = prepared.hires
+        pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event)
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        factor = self.manifest.vae_scale_factor
+        return (1, self.manifest.latent_channels, height // factor, width // factor)
+
+    def _loop(
+        self,
+        request: GenerationRequest,
+        pass_: _Pass,
+        x: np.ndarray,
+        generators: list[NoiseGenerator],
+        callback: StepCallback | None,
+        cancel_event: threading.Event | None,
+    ) -> tuple[np.ndarray, bool]:
+        """One sampling pass from x. An interrupted pass returns the last prediction of the
+        clean image, as the A1111 web UI shows on Interrupt."""
+        schedule, shape = pass_.schedule, (1, *x.shape[1:])
+        if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, prepared, request.guidance_scale, x.shape)
+        denoise = self.denoiser(
+            schedule, pass_.conditioning, self.encode(pass_.chunks), request.guidance_scale, x.shape
+        )
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
             last_denoised["x"] = denoise(x_in, step)
             return last_denoised["x"]
 
-        def on_step(step: int, latents: np.ndarray) -> None:
+        def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
+            latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
             stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
+            return latents
 
         try:
             noise = per_image_noise(generators, shape)
-            x = samplers.sample(request.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = samplers.sample(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return last_denoised.get("x", x), True
         return final_latents(x, schedule), False
+
+    def _upscale(self, latents: np.ndarray, plan: HiresPlan, tiling: str) -> np.ndarray:
+        """The first pass at the hires size: latents resized (latent upscalers), or decoded,
+        resized as an image and encoded again (the latent distribution's mean)."""
+        factor = self.manifest.vae_scale_factor
+        size = (plan.upscale_to[0] // factor, plan.upscale_to[1] // factor)
+        if plan.upscaler.latent:
+            upscaled = upscale_latents(latents, size, plan.upscaler)
+        else:
+            decoded = self.decode(latents, tiling)
+            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler) for image in decoded]
+            moments = [self.encode_pixels((image * 2 - 1).transpose(2, 0, 1)[None], tiling) for image in pixels]
+            upscaled = np.concatenate([np.split(m, 2, axis=1)[0] for m in moments])
+            upscaled = upscaled * np.float32(self.manifest.vae_scaling_factor)
+        return truncate(upscaled, *plan.truncate).astype(np.float32)
+
+    def _initial(
+        self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
+        """The first sample x (VE space) and what to do to x after each step. Each image's
+        generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
+        then the noise; inpainting also a (discarded) sample for the masked image."""
+        schedule, init = prepared.schedule, prepared.init
+        if init is None:
+            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+        moments = self.encode_pixels(init.pixels, prepared.vae_tiling)
+        x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
+        noise = np.concatenate([g.randn(shape) for g in generators])
+        if init.latent_mask is None:
+            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+        for g in generators:
+            g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
+        x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        if init.strength == 1.0:  # diffusers starts from pure noise at full strength
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = x0 + noise * np.float32(schedule.sigmas[0])
+
+        def after_step(step: int, latents: np.ndarray) -> np.ndarray:
+            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+
+        return x.astype(np.float32), after_step
+
+    def encode_pixels(self, pixels: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked;
+        tiled (diffusers' _tiled_encode) when `tiling` says so for this size."""
+        encoder = self.sessions.vae_encoder
+        if encoder is None:
+            raise InvalidRequestError(
+                "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
+            )
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return encoder.run({VAE_ENCODER_INPUT: tile})
+
+        sizes = self.tile_sizes
+        if use_tiling(tiling, pixels.shape[3], pixels.shape[2], sizes):
+            return tiled(run, pixels, sizes.sample, sizes.latent)
+        return run(pixels)
 
 
 def check_output_type(output_type: str) -> None:
@@ -449,10 +652,19 @@ class _Stop(Exception):
     """Raised inside the sampler loop to leave it at a step boundary."""
 
 
-def uses_ensd(request: GenerationRequest) -> bool:
+def uses_ensd(request: GenerationRequest, sampler: str | None = None) -> bool:
     """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
     and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and registry.sampler(request.sampler).ancestral
+    return request.eta_noise_seed_delta > 0 and registry.sampler(sampler or request.sampler).ancestral
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    sampler: str
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    chunks: dict[str, PromptChunks]
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None
 
 
 def _number(value: float) -> int | float:

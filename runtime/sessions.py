@@ -363,6 +363,7 @@ class Sessions:
     unet: UNetSession
     vae_decoder: GraphSession
     provider: str
+    vae_encoder: GraphSession | None = None  # img2img and inpainting only
 
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
@@ -380,6 +381,9 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
         unet=UNetSession(manifest.graphs["unet"], provider, config),
         vae_decoder=GraphSession(manifest.graphs["vae_decoder"], provider, config),
         provider=provider,
+        vae_encoder=GraphSession(manifest.graphs["vae_encoder"], provider, config)
+        if "vae_encoder" in manifest.graphs
+        else None,
     )
     warn_cpu_fallback(config.provider, provider)
     return sessions

@@ -159,3 +159,16 @@ def test_each_distinct_text_is_encoded_once_in_one_run(runtime_fp32, monkeypatch
     assert len(calls) == 2  # one text-encoder run per generation
     # plain: prompt + negative; edited: "cat", "dog", " a", " b" and "lowres", one chunk each
     assert [feed[TEXT_INPUT].shape[0] for feed in calls] == [2, 5]
+
+
+def test_hires_pass_uses_the_hires_timeline(runtime_fp32):
+    """A1111: the second pass's schedule is over its own steps, fractions above 1 reaching into
+    it and step numbers counting on from the first pass (20 + 10 steps here)."""
+    prepared = runtime_fp32.prepare(
+        prompt="[a:b:1.5] [c:d:25]", negative_prompt="[x:y:0.5]", num_inference_steps=20, width=64, height=64,
+        enable_hr=True, hires_options={"hr_scale": 2, "hr_second_pass_steps": 10, "denoising_strength": 0.5},
+    )  # fmt: skip
+    first = [(piece.until_step, piece.conds, piece.uncond) for piece in prepared.conditioning]
+    assert first == [(11, ("a c",), "x"), (21, ("a c",), "y")]  # 1.5 * 20 caps at 20; 25 is past the pass
+    second = [(piece.until_step, piece.conds, piece.uncond) for piece in prepared.hires_conditioning]
+    assert second == [(6, ("a c",), "y"), (11, ("b d",), "y")]  # (1.5 - 1) * 10 = 5 and 25 - 20 = 5

@@ -56,13 +56,20 @@ def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
     script = (
         "import sys\n"
         "from runtime import Pipeline\n"
-        f"out = Pipeline.from_pretrained({str(tiny_fp32)!r})('1girl', seed=1, width=64, height=64,"
-        " num_inference_steps=2)\n"
+        f"pipe = Pipeline.from_pretrained({str(tiny_fp32)!r})\n"
+        "out = pipe('1girl', seed=1, width=64, height=64, num_inference_steps=2)\n"
+        "from PIL import Image\n"
+        "mask = Image.new('L', (64, 64))\n"
+        "mask.paste(255, (16, 16, 48, 48))\n"
+        "pipe('1girl', seed=1, num_inference_steps=2, image=out.images[0], strength=0.6)\n"
+        "pipe('1girl', seed=1, num_inference_steps=2, image=out.images[0], mask_image=mask)\n"
+        "hires = pipe('1girl', seed=1, width=64, height=64, num_inference_steps=2, enable_hr=True,"
+        " hires_options={'hr_scale': 2, 'hr_upscaler': 'Lanczos'}, vae_tiling='on')\n"
         f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
         "assert not loaded, loaded\n"
         "assert 'runtime' in sys.modules and sys.modules['runtime'].__file__.find('site-packages') > 0\n"
-        "print(out.images[0].size)\n"
+        "print(out.images[0].size, hires.images[0].size)\n"
     )
     result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(64, 64)"
+    assert result.stdout.strip() == "(64, 64) (128, 128)"
