@@ -256,9 +256,10 @@ def _hires_conditioning(
     hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's."""
     own = hires.prompt != request.prompt or hires.negative_prompt != request.negative_prompt
     fields = ("hr_prompt", "hr_negative_prompt") if own else ("prompt", "negative_prompt")
-    cond_plan = ConditioningPlan.build(
-        hires.prompt, hires.negative_prompt, request.steps, hires_steps=hires.schedule.steps
-    )
+    # A1111 plans it over hr_second_pass_steps (or the first pass's steps), not over the steps the
+    # denoising strength leaves to run; HiresPlan keeps that number in its infotext.
+    hires_steps = hires.infotext.get("Hires steps") or request.steps
+    cond_plan = ConditioningPlan.build(hires.prompt, hires.negative_prompt, request.steps, hires_steps=hires_steps)
     return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields)
 
 
