@@ -17,6 +17,7 @@ Textual-inversion embeddings, which the web UI also splices in here, are not sup
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,3 +166,26 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = (original_mean / new_mean).astype(np.float32)
     return (weighted * scale[:, None, None]).astype(np.float32, copy=False)
+
+
+def pad_chunks(chunks: dict[str, PromptChunks], tokenizer: ClipTokenizer) -> tuple[dict[str, PromptChunks], bool]:
+    """Every text padded with empty chunks to the longest one's count (so any of them can share
+    one UNet batch, and a CUDA graph keeps one shape for the whole run); True if any was padded."""
+    count = max(item.count for item in chunks.values())
+    padded = any(item.count != count for item in chunks.values())
+    return {text: pad_to_chunk_count(item, count, tokenizer) for text, item in chunks.items()}, padded
+
+
+def encode_chunks(
+    run_encoder: Callable[[np.ndarray], np.ndarray], chunks: dict[str, PromptChunks]
+) -> dict[str, np.ndarray]:
+    """Encoder states (77*k, C) of each text: all chunks (texts of one chunk count k) through the
+    text encoder in one batch, A1111's emphasis per text, chunks joined on the token axis."""
+    items = list(chunks.items())
+    count = items[0][1].count
+    hidden = run_encoder(np.concatenate([item.token_ids for _, item in items]))
+    states = {}
+    for index, (text, item) in enumerate(items):
+        emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
+        states[text] = emphasized.reshape(-1, emphasized.shape[-1])
+    return states

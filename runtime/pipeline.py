@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, registry, samplers
-from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from .conditioning import PromptChunks, encode_chunks, pad_chunks, prompt_to_chunks
 from .errors import InvalidRequestError, NonFiniteError
 from .hires import HiresPlan, plan_hires
 from .img2img import (
@@ -44,6 +44,7 @@ from .model_folder import (
     read_scheduler_config,
     verify_files,
 )
+from .prompt_schedule import ConditioningPlan
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
+# Each AND part is one more UNet half per step; A1111 sets no bound, we bound the batch it makes.
+MAX_AND_PARTS = 16
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
 OUTPUT_TYPES = ("pil", "np")
@@ -116,12 +119,14 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
 
 @dataclass(frozen=True, eq=False)
 class CondPiece:
-    """The text conditioning of the steps before `until_step`: run() picks, for step i, the first
-    piece with i < until_step (today one piece covers every step)."""
+    """The text conditioning of the sampler calls before `until_step`: run() picks, for call i
+    (counted from 0 as A1111's CFGDenoiser counts them), the first piece with i < until_step.
+    A prompt without editing, alternation or AND is one piece for every step."""
 
     until_step: int
-    cond: PromptChunks
-    uncond: PromptChunks | None  # None when guidance is off (scale <= 1)
+    conds: tuple[str, ...]  # the texts of the prompt's AND parts (one text without AND) ...
+    weights: tuple[float, ...]  # ... and their weights
+    uncond: str | None  # the negative prompt's text; None when guidance is off (scale <= 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,11 +136,13 @@ class Prepared:
     request: GenerationRequest
     schedule: Schedule
     conditioning: tuple[CondPiece, ...]
-    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
-    chunk_counts: dict[str, int]  # field -> 75-token chunks of that prompt (the server's limit)
+    chunks: dict[str, PromptChunks]  # every text a piece names, all padded to one chunk count
+    padded: bool  # the texts of a pass had different chunk counts and the shorter were padded
+    chunk_counts: dict[str, int]  # field -> 75-token chunks of its longest text (the server's limit)
     init: InitPlan | None = None  # img2img / inpainting
     hires: HiresPlan | None = None  # txt2img's hires fix
     hires_conditioning: tuple[CondPiece, ...] = ()
+    hires_chunks: dict[str, PromptChunks] = field(default_factory=dict)  # as chunks, second pass
     vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
 
     @property
@@ -200,8 +207,9 @@ def prepare(
         if width is None and height is None:
             width, height = default_size(loaded, manifest.vae_scale_factor)
             width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
-    chunks = {name: prompt_chunks(tokenizer, name, text)
-              for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt))}  # fmt: skip
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
     steps = _require_int("steps", num_inference_steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
@@ -232,11 +240,11 @@ def prepare(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         seeds, sampler, schedule, rng, delta,
     )  # fmt: skip
-    piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
-    counts = {name: item.count for name, item in chunks.items()}
+    cond_plan = ConditioningPlan.build(prompt, negative_prompt, steps)
+    pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale)
     if vae_tiling not in VAE_TILING:
         raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
-    hires, hires_conditioning = None, ()
+    hires, hires_conditioning, hires_chunks = None, (), {}
     if enable_hr:
         if image is not None:
             raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
@@ -245,23 +253,27 @@ def prepare(
             sampler, prompt, negative_prompt, steps, **(hires_options or {}),
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
-        hires_conditioning, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request, piece)
-        padded, counts = padded or padded_hr, {**counts, **hr_counts}
-    return Prepared(request, plan, (piece,), padded, counts, init, hires, hires_conditioning, vae_tiling)
+        hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request)
+        padded = padded or padded_hr
+        counts = {name: max(count, counts.get(name, 0)) for name, count in {**counts, **hr_counts}.items()}
+    return Prepared(
+        request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling
+    )
 
 
 def _hires_conditioning(
-    tokenizer: ClipTokenizer, hires: HiresPlan, request: GenerationRequest, piece: CondPiece
-) -> tuple[tuple[CondPiece, ...], bool, dict[str, int]]:
-    """The second pass's conditioning: the first pass's, unless hr_prompt / hr_negative_prompt
-    say otherwise."""
-    steps = hires.schedule.steps
-    if hires.prompt == request.prompt and hires.negative_prompt == request.negative_prompt:
-        return (replace(piece, until_step=steps),), False, {}
-    cond = prompt_chunks(tokenizer, "hr_prompt", hires.prompt)
-    uncond = prompt_chunks(tokenizer, "hr_negative_prompt", hires.negative_prompt)
-    paired, padded = pair_chunks(tokenizer, cond, uncond, steps, request.guidance_scale)
-    return (paired,), padded, {"hr_prompt": cond.count, "hr_negative_prompt": uncond.count}
+    tokenizer: ClipTokenizer, hires: HiresPlan, request: GenerationRequest
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The second pass's conditioning from hr_prompt / hr_negative_prompt (the first pass's
+    prompts unless given). As A1111, its editing schedule is over the second pass's steps on the
+    hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's."""
+    own = hires.prompt != request.prompt or hires.negative_prompt != request.negative_prompt
+    fields = ("hr_prompt", "hr_negative_prompt") if own else ("prompt", "negative_prompt")
+    # A1111 plans it over hr_second_pass_steps (or the first pass's steps), not over the steps the
+    # denoising strength leaves to run; HiresPlan keeps that number in its infotext.
+    hires_steps = hires.infotext.get("Hires steps") or request.steps
+    cond_plan = ConditioningPlan.build(hires.prompt, hires.negative_prompt, request.steps, hires_steps=hires_steps)
+    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields)
 
 
 def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
@@ -276,20 +288,41 @@ def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> Promp
     return chunks
 
 
-def pair_chunks(
-    tokenizer: ClipTokenizer, cond: PromptChunks, uncond: PromptChunks, steps: int, guidance_scale: float
-) -> tuple[CondPiece, bool]:
-    """The shorter prompt padded with empty chunks so one UNet call serves both halves. That is
-    A1111's "Pad prompt/negative prompt" option (off by default there: the web UI then runs two
-    UNet calls, each attending over its own tokens), so the infotext says `Pad conds: True`
-    whenever the chunk counts differed. Guidance at most 1 drops the negative prompt."""
-    if guidance_scale <= 1.0:
-        return CondPiece(steps, cond, None), False
-    count = max(cond.count, uncond.count)
-    padded = cond.count != uncond.count
-    return CondPiece(
-        steps, pad_to_chunk_count(cond, count, tokenizer), pad_to_chunk_count(uncond, count, tokenizer)
-    ), padded
+def plan_conditioning(
+    tokenizer: ClipTokenizer,
+    plan: ConditioningPlan,
+    guidance_scale: float,
+    fields: tuple[str, str] = ("prompt", "negative_prompt"),
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
+    that pass's step count), and every text they name parsed and chunked once (its weights
+    checked as prompt_chunks does; a hires second pass builds its plan with hires_steps).
+
+    All texts are padded to one chunk count with empty chunks so one UNet call serves every
+    half. That is A1111's "Pad prompt/negative prompt" option (off by default there: the web UI
+    then runs two UNet calls, each attending over its own tokens), so the infotext says
+    `Pad conds: True` whenever the chunk counts differed. Guidance at most 1 drops the negative
+    prompt, except with AND or a part weight: A1111 combines those around the uncond always."""
+    positive, negative = fields
+    if len(plan.parts) > MAX_AND_PARTS:
+        raise InvalidRequestError(positive, f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
+    for _, weight in plan.parts:
+        if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise InvalidRequestError(positive, f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    with_negative = guidance_scale > 1.0 or plan.composable
+    texts = {positive: plan.positive_texts(), negative: plan.negative_texts()}
+    parsed = {name: {text: prompt_chunks(tokenizer, name, text) for text in items} for name, items in texts.items()}
+    counts = {name: max(item.count for item in items.values()) for name, items in parsed.items()}
+    used = {**parsed[positive], **(parsed[negative] if with_negative else {})}
+    chunks, padded = pad_chunks(used, tokenizer)
+    pieces = []
+    for end in plan.boundaries():
+        parts, negative = plan.at_call(end)
+        pieces.append(CondPiece(
+            end + 1, tuple(text for text, _ in parts), tuple(weight for _, weight in parts),
+            negative if with_negative else None,
+        ))  # fmt: skip
+    return tuple(pieces), chunks, padded, counts
 
 
 def check_pixels(field_name: str, width: int, height: int, max_pixels: int | None) -> None:
@@ -320,11 +353,15 @@ def check_guidance(guidance_scale: Any) -> None:
         raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
 
 
-def combine_guidance(eps: np.ndarray, batch: int, scale: float) -> np.ndarray:
+def combine_guidance(eps: np.ndarray, batch: int, scale: float, weights: tuple[float, ...] = (1.0,)) -> np.ndarray:
     """Classifier-free guidance on one UNet output holding the uncond half first (as diffusers):
-    eps = uncond + scale * (cond - uncond)."""
-    eps_uncond, eps_cond = eps[:batch], eps[batch:]
-    return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+    eps = uncond + scale * (cond - uncond). With AND parts after it, A1111's composable
+    diffusion: eps = uncond + sum of weight * scale * (cond_part - uncond) (CFGDenoiser's
+    combine_denoised, there on the denoised images: the same sum, as denoised = x - sigma * eps)."""
+    eps_uncond = combined = eps[:batch]
+    for index, weight in enumerate(weights, start=1):
+        combined = combined + np.float32(weight * scale) * (eps[index * batch : (index + 1) * batch] - eps_uncond)
+    return combined
 
 
 class Pipeline:
@@ -437,50 +474,51 @@ class Pipeline:
 
     # -- the stages -----------------------------------------------------------------------------
 
-    def encode(self, piece: CondPiece) -> tuple[np.ndarray, np.ndarray | None]:
-        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
-        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
-        on the token axis."""
-        chunks = [piece.cond] if piece.uncond is None else [piece.cond, piece.uncond]
-        count = piece.cond.count
-        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
-        states = []
-        for index, item in enumerate(chunks):
-            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
-            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
-        return states[0], (states[1] if piece.uncond is not None else None)
+    def encode(self, chunks: dict[str, PromptChunks]) -> dict[str, np.ndarray]:
+        """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
+        chunks through the text encoder in one batch (one run, also with prompt editing),
+        A1111's emphasis applied per text, chunks joined on the token axis."""
+        return encode_chunks(lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), chunks)
 
     def denoiser(
-        self, schedule: Schedule, conditioning: tuple[CondPiece, ...], scale: float, latent_shape: tuple
+        self,
+        schedule: Schedule,
+        conditioning: tuple[CondPiece, ...],
+        states: dict[str, np.ndarray],
+        scale: float,
+        latent_shape: tuple,
     ) -> Callable[[np.ndarray, int], np.ndarray]:
         """The model as samplers see it: x in VE space and a step index -> predicted clean x.
-        Step i uses the first conditioning piece with i < until_step; the UNet is rebound only
-        when the piece changes. With guidance one UNet call runs the uncond and cond halves
-        together (uncond first, as diffusers does)."""
+        Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
+        piece with i < until_step; the UNet is rebound only when the piece changes. With
+        guidance one UNet call runs the uncond half first (as diffusers does), then one half per
+        AND part."""
         batch = latent_shape[0]
-        encoded = [self.encode(piece) for piece in conditioning]
         unet = self.sessions.unet
-        bound: dict[str, int] = {}
+        bound: dict[str, Any] = {"calls": 0}
 
-        def bind(step: int) -> int:
-            index = next((i for i, piece in enumerate(conditioning) if step < piece.until_step), len(conditioning) - 1)
+        def bind() -> CondPiece:
+            call = bound["calls"]
+            bound["calls"] += 1
+            index = next((i for i, piece in enumerate(conditioning) if call < piece.until_step), 0)
             if bound.get("piece") != index:
-                cond, uncond = encoded[index]
-                halves = [uncond, cond] if uncond is not None else [cond]
-                context = np.stack([half for half in halves for _ in range(batch)])
+                piece = conditioning[index]
+                halves = ([piece.uncond] if piece.uncond is not None else []) + list(piece.conds)
+                context = np.stack([states[text] for text in halves for _ in range(batch)])
                 unet.begin(context, (len(context), *latent_shape[1:]))
-                bound["piece"], bound["halves"] = index, len(halves)
-            return bound["halves"]
+                bound["piece"] = index
+            return conditioning[index]
 
         def denoise(x: np.ndarray, step: int) -> np.ndarray:
-            halves = bind(step)
+            piece = bind()
+            halves = len(piece.conds) + (piece.uncond is not None)
             sigma = np.float32(schedule.sigmas[step])
             scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
             model_input = np.concatenate([scaled] * halves)
             timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
             eps = unet(model_input, timesteps)
-            if halves == 2:
-                eps = combine_guidance(eps, batch, scale)
+            if piece.uncond is not None:
+                eps = combine_guidance(eps, batch, scale, piece.weights)
             return x - sigma * eps
 
         return denoise
@@ -532,7 +570,7 @@ class Pipeline:
         request = prepared.request
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
-        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, after_step)
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
         latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
         if prepared.hires is None or interrupted:
             return latents, interrupted
@@ -541,7 +579,8 @@ class Pipeline:
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
         x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
-        pass_ = _Pass(prepared.hires.sampler, prepared.hires.schedule, prepared.hires_conditioning, None)
+        hires = prepared.hires
+        pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
         return self._loop(request, pass_, x, generators, callback, cancel_event)
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
@@ -563,7 +602,9 @@ class Pipeline:
         if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, pass_.conditioning, request.guidance_scale, x.shape)
+        denoise = self.denoiser(
+            schedule, pass_.conditioning, self.encode(pass_.chunks), request.guidance_scale, x.shape
+        )
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
@@ -668,6 +709,7 @@ class _Pass:
     sampler: str
     schedule: Schedule
     conditioning: tuple[CondPiece, ...]
+    chunks: dict[str, PromptChunks]
     after_step: Callable[[int, np.ndarray], np.ndarray] | None
 
 

@@ -2,13 +2,23 @@
 
 A model folder may carry a `tokenizer.json` (what transformers 5 saves) or only the classic
 `vocab.json` + `merges.txt` pair (what ACertainThing's repository has); both load here.
+
+Text is cleaned first as the A1111 web UI's tokenizer cleans it: the web UI runs transformers 4's
+slow `CLIPTokenizer`, which (ftfy being in the web UI's requirements) repairs every text with
+ftfy's `fix_text` and folds whitespace before BPE. So `it’s`, `“quoted”`, `ﬁ`, `ＦＵＬＬ`, `&amp;`
+and mojibake such as `itâ€™s` give the ids they give there. HTML entities are unescaped by
+`fix_text` itself, once, and only in text without `<` or `>` (ftfy's "auto" rule): transformers
+does not apply the original CLIP's double `html.unescape`, so neither do we. The literal
+`<|endoftext|>` in a prompt is the end token (49407), as there.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import ftfy
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import ModelFolderError
@@ -20,6 +30,15 @@ MAX_LENGTH = 77  # CLIP's context: BOS + 75 tokens + EOS
 # CLIP's own split pattern: special tokens, English contractions, letter runs, single digits and
 # runs of other non-space characters.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """transformers' slow CLIPTokenizer cleaning: ftfy's fix_text, then runs of whitespace folded
+    to one space and the ends stripped. (Lower-casing is the tokenizer's normalizer.)"""
+    return _WHITESPACE.sub(" ", ftfy.fix_text(text)).strip()
 
 
 def build_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
@@ -99,8 +118,8 @@ class ClipTokenizer:
         return token_id
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text without BOS/EOS and without truncation."""
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        """Ids of each text without BOS/EOS and without truncation, after A1111's text cleaning."""
+        encodings = self._tokenizer.encode_batch([clean_text(text) for text in texts], add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def encode_padded(self, text: str, max_length: int = MAX_LENGTH) -> list[int]:

@@ -216,13 +216,15 @@ class RuntimeSystem:
         )
 
     def encode(self) -> Callable[[], Any]:
-        piece = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE).conditioning[0]
-        return lambda: self.pipe.encode(piece)
+        prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
+        return lambda: self.pipe.encode(prepared.chunks)
 
     def unet_step(self) -> Callable[[], Any]:
         import numpy as np
 
-        cond, uncond = self.pipe.encode(self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE).conditioning[0])
+        prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
+        states, piece = self.pipe.encode(prepared.chunks), prepared.conditioning[0]
+        cond, uncond = states[piece.conds[0]], states[piece.uncond]
         shape = latent_shape(self.job, batch=2)
         unet = self.pipe.sessions.unet
         unet.begin(np.stack([uncond, cond]), shape)

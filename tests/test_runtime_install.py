@@ -33,7 +33,7 @@ def test_pip_freeze_has_no_torch_stack(runtime_env):
     frozen = subprocess.run([str(runtime_env), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
     names = {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
     assert not {name for name in names if name.startswith(FORBIDDEN)}, frozen.stdout
-    assert {"onnxruntime", "numpy", "tokenizers", "pillow"} <= names
+    assert {"onnxruntime", "numpy", "tokenizers", "ftfy", "pillow"} <= names
 
 
 def test_cli_generates_an_image_without_torch(runtime_env, tiny_fp32, tmp_path):

@@ -304,7 +304,23 @@ BAD_BODIES = [
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
+    ({"prompt": "[cat:" + "word " * 3000 + ":0.5]"}, 422, "prompt"),  # the edited-in text is over it
+    ({"negative_prompt": "[a|" + "word " * 3000 + "]"}, 422, "negative_prompt"),
+    ({"prompt": "a AND b:" + "9" * 400}, 422, "prompt"),  # an AND weight of inf
+    ({"prompt": " AND ".join("x" * 17)}, 422, "prompt"),  # more AND parts than MAX_AND_PARTS
+    ({"prompt": "[(a:" + "9" * 400 + "):b:2]"}, 422, "prompt"),  # weights are checked in every edited text
 ]
+
+
+def test_edited_prompts_are_served_and_written_as_given(tight: Server) -> None:
+    """Prompt editing, alternation and AND are plain strings to the API; the infotext keeps them."""
+    prompt, negative = "masterpiece, [cat:dog:0.5], [red|blue] hair AND sky:0.5", "[lowres::2]"
+    with tight.client() as client:
+        answer = post(client, {**VALID, "prompt": prompt, "negative_prompt": negative})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["prompt"] == prompt and info["negative_prompt"] == negative
+    assert info["infotexts"][0].startswith(f"{prompt}\nNegative prompt: {negative}\nSteps: 4,")
 
 
 @pytest.mark.parametrize(("change", "status", "field"), BAD_BODIES, ids=[str(case[0])[:40] for case in BAD_BODIES])
