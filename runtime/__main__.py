@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
     parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
+    parser.add_argument(
+        "--inference-precision",
+        default="auto",
+        help="provider openvino: auto (bf16 where the CPU has it, else f32), bf16, f16 or f32",
+    )
     parser.add_argument(
         "--optimized-cache",
         action="store_true",
@@ -94,8 +100,9 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     paths = output_paths(args.output, len(request.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
-        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
-    )
+        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
+        device=args.device, inference_precision=args.inference_precision,
+    )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:

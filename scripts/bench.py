@@ -92,7 +92,8 @@ def source_key(arch: str) -> str:
 def export_key(arch: str, precision: str, target: str) -> str:
     """An export also depends on the exporter's code and the libraries that ran it."""
     digest = hashlib.sha256(f"{source_key(arch)} {precision} {target}".encode())
-    for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+    libraries = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino")
+    for name in libraries if target == "openvino" else libraries[:-1]:
         digest.update(f"{name}={_version(name)}".encode())
     _hash_files(digest, REPO / "export", "*.py")
     return digest.hexdigest()[:16]

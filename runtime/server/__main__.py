@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..openvino_sessions import PRECISIONS as OPENVINO_PRECISIONS
 from ..sessions import PROVIDERS
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, parse_credentials
 
@@ -43,8 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", required=True, type=Path, help="folder written by `python -m export`")
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
+    add("--provider", default="auto", choices=PROVIDERS, help="auto: CUDA if usable; OpenVINO exports: openvino")
     add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
+    add(
+        "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
+        help="provider openvino: auto (bf16 where the CPU has it, else f32)",
+    )  # fmt: skip
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -70,6 +76,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
     return ServerConfig(
         model=str(args.model), host=args.host, port=args.port, provider=args.provider, threads=args.threads,
+        device=args.device, inference_precision=args.inference_precision,
         queue_size=args.queue_size, credentials=parse_credentials(args.api_auth), limits=limits,
     )  # fmt: skip
 
@@ -89,7 +96,10 @@ def serve(config: ServerConfig) -> None:
     from ..pipeline import Pipeline
     from .app import create_app
 
-    pipe = Pipeline.from_pretrained(config.model, provider=config.provider, threads=config.threads)
+    pipe = Pipeline.from_pretrained(
+        config.model, provider=config.provider, threads=config.threads, device=config.device,
+        inference_precision=config.inference_precision,
+    )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)
