@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--target",
         choices=TARGETS,
         default="cpu",
-        help="cpu: fusions both providers run (default); cuda: adds GPU-only fusions (GroupNorm, packed attention)",
+        help="cpu: fusions both providers run (default); cuda: adds GPU-only fusions (GroupNorm, packed attention); "
+        "openvino: OpenVINO IR (plain graphs, fp16 = fp16-compressed weights) for --provider openvino",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument(

@@ -4,5 +4,5 @@ answers at once (torch, diffusers and onnx load only once an export runs)."""
 from runtime.model_folder import PRECISIONS  # one list for the exporter and the runtime's manifest check
 
 DEFAULT_MODEL = "JosephusCheung/ACertainThing"
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "openvino")  # openvino: model_folder.OPENVINO_TARGET
 __all__ = ["DEFAULT_MODEL", "PRECISIONS", "TARGETS"]

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from runtime import model_folder as layout
 from runtime.errors import UserError
 from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
-from . import graphs
+from . import graphs, openvino_ir
 from .choices import PRECISIONS, TARGETS
 from .sources import LoadedSource, file_sha256, load_source
 from .validate import ValidationResult, available_provider, validate_graph
@@ -90,6 +91,8 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError(f"--target must be one of {', '.join(TARGETS)}, not {options.target!r}")
     if options.clip_skip < 1:
         raise ExportError(f"--clip-skip counts as A1111 does (1 = last layer); {options.clip_skip} is below 1")
+    if options.target == layout.OPENVINO_TARGET and importlib.util.find_spec("openvino") is None:
+        raise ExportError("--target openvino needs OpenVINO: pip install 'acertain-onnx[openvino]'")
     output = options.output
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; give a folder")
@@ -115,17 +118,24 @@ def describe_values(values) -> list[dict[str, Any]]:
     return described
 
 
-def graph_entry(folder: Path, name: str, files: list[str], result: ValidationResult, note: str) -> dict[str, Any]:
-    graph_file = folder / layout.graph_path(name)
-    model = onnx.load(str(graph_file), load_external_data=False)
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
-    hashes = {file: file_sha256(graph_file.parent / file) for file in files}  # model.onnx is one of them
+def graph_entry(
+    folder: Path, name: str, files: list[str], result: ValidationResult, note: str, target: str = "cpu"
+) -> dict[str, Any]:
+    graph_file = folder / layout.graph_path(name, target)
+    if target == layout.OPENVINO_TARGET:
+        inputs, outputs, metadata = openvino_ir.describe(graph_file)
+        compute = metadata["compute"]
+    else:
+        model = onnx.load(str(graph_file), load_external_data=False)
+        inputs, outputs = describe_values(model.graph.input), describe_values(model.graph.output)
+        compute = {entry.key: entry.value for entry in model.metadata_props}[f"{layout.METADATA_PREFIX}compute"]
+    hashes = {file: file_sha256(graph_file.parent / file) for file in files}  # the graph file is one of them
     return {
-        "path": str(layout.graph_path(name)),
+        "path": str(layout.graph_path(name, target)),
         "precision": result.precision,
-        "compute_dtype": metadata[f"{layout.METADATA_PREFIX}compute"],
-        "inputs": describe_values(model.graph.input),
-        "outputs": describe_values(model.graph.output),
+        "compute_dtype": compute,
+        "inputs": inputs,
+        "outputs": outputs,
         "sha256": hashes[graph_file.name],
         "files": hashes,
         "validation": {
@@ -186,6 +196,8 @@ class _GraphJob:
 
     def build(self, precision: str) -> tuple[list[str], ValidationResult]:
         """Optimize at `precision`, save, and validate (the twin when the target's provider is missing)."""
+        if self.target == layout.OPENVINO_TARGET:
+            return self.build_openvino(precision)
         model = _timed(
             self.report, "optimize", lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision)
         )
@@ -199,6 +211,17 @@ class _GraphJob:
         result = _timed(self.report, "validate", lambda: validate_graph(checked, self.spec, precision, self.provider))
         return files, result
 
+    def build_openvino(self, precision: str) -> tuple[list[str], ValidationResult]:
+        """The plain exported graph as IR (no onnxruntime fusions: OpenVINO fuses at compile time);
+        the compute precision is the runtime's choice, so the graph records float32."""
+        files = _timed(
+            self.report,
+            "optimize",
+            lambda: openvino_ir.convert(self.fp32_path, self.spec, precision, self.final_path, "float32"),
+        )
+        result = _timed(self.report, "validate", lambda: openvino_ir.validate(self.final_path, self.spec, precision))
+        return files, result
+
 
 def plan_graph(spec: graphs.GraphSpec, staging: Path, options: ExportOptions, report: GraphReport) -> _GraphJob:
     work = staging / "_work" / spec.name
@@ -209,7 +232,7 @@ def plan_graph(spec: graphs.GraphSpec, staging: Path, options: ExportOptions, re
     return _GraphJob(
         spec=spec,
         fp32_path=work / "fp32" / "model.onnx",
-        final_path=staging / layout.graph_path(spec.name),
+        final_path=staging / layout.graph_path(spec.name, options.target),
         target=options.target,
         provider=provider,
         twin_path=work / "twin" / "model.onnx" if twin else None,
@@ -280,13 +303,13 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda item: list(item) if isinstance(item, tuple) else str(item)))
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(target: str = "cpu") -> dict[str, str]:
     import diffusers
     import numpy
     import onnxruntime
     import transformers
 
-    return {
+    versions = {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
@@ -294,6 +317,11 @@ def library_versions() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
     }
+    if target == layout.OPENVINO_TARGET:
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    return versions
 
 
 def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, entries: dict[str, dict]) -> dict:
@@ -315,7 +343,7 @@ def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, en
         "text_max_length": facts.text_max_length,
         "default_image_size": facts.default_image_size,
         "graphs": entries,
-        "library_versions": library_versions(),
+        "library_versions": library_versions(options.target),
     }
 
 
@@ -384,7 +412,7 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
             if progress:
                 progress(job.spec.name, index, len(jobs))
             files, result, note = finish_graph(job, options.precision)
-            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note)
+            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note, options.target)
             release_memory()
             log.info("%s done in %.1f s", job.spec.name, sum(job.report.seconds.values()))
         shutil.rmtree(staging / "_work")
@@ -407,14 +435,17 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
 
 
 def model_index(options: ExportOptions) -> dict[str, Any]:
-    """optimum's ONNX pipeline layout, so the folder reads like an `ORTStableDiffusionPipeline`."""
+    """optimum's pipeline layout, so the folder reads like an `ORTStableDiffusionPipeline` (or, for
+    OpenVINO, optimum-intel's `OVStableDiffusionPipeline`)."""
+    openvino = options.target == layout.OPENVINO_TARGET
+    graph = ["optimum", "OVModel"] if openvino else ["onnxruntime", "ORTModel"]
     return {
-        "_class_name": "ORTStableDiffusionPipeline",
+        "_class_name": "OVStableDiffusionPipeline" if openvino else "ORTStableDiffusionPipeline",
         "_acertain_onnx_format": layout.FORMAT_VERSION,
         "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-        "text_encoder": ["onnxruntime", "ORTModel"],
+        "text_encoder": graph,
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["onnxruntime", "ORTModel"],
-        "vae_decoder": ["onnxruntime", "ORTModel"],
-        **({"vae_encoder": ["onnxruntime", "ORTModel"]} if options.vae_encoder else {}),
+        "unet": graph,
+        "vae_decoder": graph,
+        **({"vae_encoder": graph} if options.vae_encoder else {}),
     }

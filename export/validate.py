@@ -8,6 +8,7 @@ hidden states whose outliers reach tens.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +52,30 @@ def validate_graph(path: Path, spec: GraphSpec, precision: str, provider: str) -
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=[provider])
     input_types = {item.name: ONNX_DTYPES[item.type] for item in session.get_inputs()}
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: value.astype(input_types[name]) for name, value in inputs.items()}
+        return session.run(None, feed)[0].astype(np.float32)
+
+    return compare_cases(spec, precision, run, provider, TOLERANCE)
+
+
+def compare_cases(
+    spec: GraphSpec,
+    precision: str,
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    provider: str,
+    tolerances: dict[str, float],
+) -> ValidationResult:
+    """Run every validation case through `run` and measure the worst error against torch."""
     worst_abs, worst_rel, finite = 0.0, 0.0, True
     for case in spec.cases:
-        feed = {name: value.astype(input_types[name]) for name, value in case.inputs.items()}
-        output = session.run(None, feed)[0].astype(np.float32)
+        output = run(case.inputs)
         finite = finite and bool(np.isfinite(output).all())
         error = float(np.abs(output - case.reference).max())
         scale = max(1.0, float(np.abs(case.reference).max()))
         worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, error / scale)
-    result = ValidationResult(spec.name, precision, worst_abs, worst_rel, TOLERANCE[precision], finite, provider)
+    result = ValidationResult(spec.name, precision, worst_abs, worst_rel, tolerances[precision], finite, provider)
     log.info(
         "%s (%s) vs torch: max abs error %.3g, relative %.3g (tolerance %.0e)%s",
         spec.name,

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--verify", action="store_true", help="check the graph files against the manifest's sha256 before loading"
     )
+    parser.add_argument("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
+    parser.add_argument(
+        "--inference-precision",
+        default="auto",
+        help="provider openvino: auto (bf16 where the CPU has it, else f32), bf16, f16 or f32",
+    )
     parser.add_argument(
         "--optimized-cache",
         action="store_true",
@@ -198,6 +204,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     pipe = Pipeline.from_pretrained(
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
         verify=args.verify,
+        device=args.device, inference_precision=args.inference_precision,
     )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 

@@ -5,6 +5,9 @@ two sides cannot drift apart. Layout (optimum-style, plus our manifest):
 
     model_index.json  manifest.json  scheduler/scheduler_config.json  tokenizer/tokenizer.json
     text_encoder/model.onnx  unet/model.onnx  vae_decoder/model.onnx  vae_encoder/model.onnx
+
+An export for OpenVINO (`--target openvino`) has <graph>/openvino_model.xml + .bin (IR) instead
+of model.onnx, as optimum-intel names them.
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ ONNX_DTYPES = {
 }
 
 
-def graph_path(name: str) -> Path:
-    return Path(name) / "model.onnx"
+OPENVINO_TARGET = "openvino"
+IR_FILE, IR_BIN = "openvino_model.xml", "openvino_model.bin"
+
+
+def graph_path(name: str, target: str = "cpu") -> Path:
+    return Path(name) / (IR_FILE if target == OPENVINO_TARGET else "model.onnx")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +25,7 @@ from .errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,
+    OPENVINO_TARGET,
     TEXT_INPUT,
     UNET_CONTEXT,
     UNET_OUTPUT,
@@ -34,13 +36,17 @@ from .model_folder import (
     Manifest,
 )
 
+if TYPE_CHECKING:
+    from .openvino_sessions import OpenVINOGraph, OpenVINOUNet
+
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "cuda", "cpu")
+PROVIDERS = ("auto", "cuda", "cpu", "openvino")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # run option: free unused arena chunks after the run
 ALLOCATION_FAILURES = ("failed to allocate", "bad_alloc", "out of memory", "cudaerrormemoryallocation")
+OPENVINO = "OpenVINO"  # not an onnxruntime provider: OpenVINO's own runtime (openvino_sessions)
 CACHE_MIN_BYTES = 64 * 2**20  # smaller graphs optimize in well under a second: not worth a saved copy
 # The ORT optimizers that turn fp16 weights into fp32 copies at load (CPU provider).
 FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFolding")
@@ -57,7 +63,10 @@ class SessionConfig:
     that ORT optimized (fusions, NCHWc convolution layout) under `cache_dir`, and later loads read it
     back instead of optimizing again (full-size UNet: 1 s instead of 6 s). `cache_dir` None means
     $ACERTAIN_ONNX_CACHE or ~/.cache/acertain-onnx/optimized; ACERTAIN_ONNX_OPTIMIZED_CACHE=0 turns
-    the cache off. CUDA graphs, when asked for, are used by the UNet session only."""
+    the cache off. CUDA graphs, when asked for, are used by the UNet session only.
+    `device` and `inference_precision` serve provider "openvino" only (OpenVINO device name, and
+    "auto" | "bf16" | "f16" | "f32"; auto: bf16 where the CPU has it); its model cache is always on
+    (folder <cache root>/openvino) unless ACERTAIN_ONNX_OPTIMIZED_CACHE=0."""
 
     provider: str = "auto"
     threads: int | None = None
@@ -65,14 +74,21 @@ class SessionConfig:
     optimized_cache: bool = False
     device_id: int = 0
     cache_dir: Path | None = None
+    device: str = "CPU"
+    inference_precision: str = "auto"
 
 
 def resolve_provider(requested: str) -> str:
     """ "auto" takes CUDA when onnxruntime-gpu can use it and falls back to the CPU (with one
     warning, see warn_cpu_fallback); an explicit "cuda" that cannot be had is an error rather than
-    a silently slow run."""
+    a silently slow run. "openvino" needs the `openvino` package (the openvino extra)."""
     if requested not in PROVIDERS:
         raise InvalidRequestError("provider", f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
+    if requested == "openvino":
+        from .openvino_sessions import import_openvino
+
+        import_openvino()
+        return OPENVINO
     available = ort.get_available_providers()
     if requested == "cpu":
         return CPU
@@ -134,7 +150,7 @@ def provider_list(provider: str, config: SessionConfig, cuda_graph: bool | None 
 # saved optimized graphs (CPU)
 
 
-def _cache_root(config: SessionConfig) -> Path:
+def cache_root(config: SessionConfig) -> Path:
     if config.cache_dir is not None:
         return Path(config.cache_dir)
     if os.environ.get("ACERTAIN_ONNX_CACHE"):
@@ -168,7 +184,7 @@ class OptimizedCache:
         for item in _graph_files(info.path):
             stat = item.stat()
             digest.update(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        self.folder = _cache_root(config) / f"{info.name}-{digest.hexdigest()[:20]}"
+        self.folder = cache_root(config) / f"{info.name}-{digest.hexdigest()[:20]}"
         self.graph = self.folder / "model.onnx"
 
     @staticmethod
@@ -395,9 +411,9 @@ class UNetSession(GraphSession):
 
 @dataclass
 class Sessions:
-    text_encoder: GraphSession
-    unet: UNetSession
-    vae_decoder: GraphSession
+    text_encoder: GraphSession | OpenVINOGraph
+    unet: UNetSession | OpenVINOUNet
+    vae_decoder: GraphSession | OpenVINOGraph
     provider: str
     vae_encoder: GraphSession | None = None  # img2img and inpainting only
 
@@ -423,8 +439,17 @@ def _trim_c_heap() -> None:
 
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
-    provider = resolve_provider(config.provider)
     target = manifest.raw.get("target", "cpu")
+    # An OpenVINO export runs on OpenVINO only, so "auto" means OpenVINO for it.
+    requested = "openvino" if config.provider == "auto" and target == OPENVINO_TARGET else config.provider
+    provider = resolve_provider(requested)
+    if (provider == OPENVINO) != (target == OPENVINO_TARGET):
+        raise ModelFolderError(
+            f"{manifest.folder} was exported with --target {target}, which provider {config.provider!r} cannot run; "
+            + ("use provider 'openvino'" if target == OPENVINO_TARGET else "re-export it with --target openvino")
+        )
+    if provider == OPENVINO:
+        return load_openvino_sessions(manifest, config)
     if target == "cuda" and provider == CPU:
         raise ModelFolderError(
             f"{manifest.folder} was exported with --target cuda (GPU-only fused ops) and cannot run on the CPU "
@@ -443,3 +468,20 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
     )
     warn_cpu_fallback(config.provider, provider)
     return sessions
+
+
+def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
+    from .openvino_sessions import OpenVINOGraph, OpenVINOUNet, cache_folder, compile_properties, make_core
+    from .openvino_sessions import resolve_precision as openvino_precision
+
+    core = make_core(config.device)
+    precision = openvino_precision(core, config.device, config.inference_precision)
+    properties = compile_properties(config.threads, precision, cache_folder(cache_root(config)), config.device)
+    log.info("OpenVINO on %s, inference precision %s", config.device, precision or "device default")
+    graphs = manifest.graphs
+    return Sessions(
+        text_encoder=OpenVINOGraph(core, graphs["text_encoder"], config.device, properties),
+        unet=OpenVINOUNet(core, graphs["unet"], config.device, properties),
+        vae_decoder=OpenVINOGraph(core, graphs["vae_decoder"], config.device, properties),
+        provider=f"{OPENVINO}:{config.device}",
+    )

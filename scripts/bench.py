@@ -50,7 +50,11 @@ PROMPT = "masterpiece, best quality, 1girl, looking at viewer, cherry blossoms"
 NEGATIVE = "lowres, bad anatomy, bad hands, text, error, missing fingers, worst quality"
 IMAGE_SEED = 114514
 CFG = 11.0
-SYSTEMS = ("runtime", "diffusers")
+# "openvino": the CPU peer, OpenVINO's runtime on the same weights (IR from `--target openvino`) with
+# OpenVINO's own defaults (device CPU, its default precision, no model cache), driven by the same
+# Python loop (under 5 ms a generation) so that its figures are OpenVINO's.
+SYSTEMS = ("runtime", "diffusers", "openvino")
+PEERS = ("diffusers", "openvino")
 FIGURES = ("text_encode", "unet_step", "vae_decode", "total", "peak_rss", "cold_start")
 RATIO_KEYS = {
     "unet_step": "unet_step_s",
@@ -64,6 +68,7 @@ RESULT_MARK = "BENCH_RESULT "
 OPTIMIZED_CACHE = CACHE_ROOT / "ort-optimized"  # the runtime's saved optimized graphs (ACERTAIN_ONNX_CACHE)
 # Packages a user installs for each system (their dependency closures are summed).
 RUNTIME_ROOTS = ("numpy", "onnxruntime", "tokenizers", "pillow", "tqdm")
+RUNTIME_ROOTS_OPENVINO = (*RUNTIME_ROOTS, "openvino")
 # onnxruntime-gpu with the CUDA 13 / cuDNN libraries its extras name (torch brings its own).
 RUNTIME_ROOTS_GPU = ("numpy", "onnxruntime-gpu[cuda,cudnn]", "tokenizers", "pillow", "tqdm")
 DIFFUSERS_ROOTS = ("torch", "diffusers", "transformers")
@@ -92,7 +97,8 @@ def source_key(arch: str) -> str:
 def export_key(arch: str, precision: str, target: str) -> str:
     """An export also depends on the exporter's code and the libraries that ran it."""
     digest = hashlib.sha256(f"{source_key(arch)} {precision} {target}".encode())
-    for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+    libraries = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino")
+    for name in libraries if target == "openvino" else libraries[:-1]:
         digest.update(f"{name}={_version(name)}".encode())
     _hash_files(digest, REPO / "export", "*.py")
     return digest.hexdigest()[:16]
@@ -182,6 +188,7 @@ class Job:
     warmup: int
     image_out: str = ""  # total: where to write the last image's raw RGB bytes
     optimized_cache: bool = False  # runtime: Pipeline.from_pretrained(optimized_cache=...)
+    inference_precision: str = "auto"  # provider openvino
 
 
 class RuntimeSystem:
@@ -207,12 +214,16 @@ class RuntimeSystem:
         from runtime import Pipeline
 
         job = self.job
+        if job.system == "openvino":  # the peer: OpenVINO's defaults (see SYSTEMS)
+            os.environ["ACERTAIN_ONNX_OPTIMIZED_CACHE"] = "0"
+            return Pipeline.from_pretrained(job.model, provider="openvino", threads=job.threads)
         return Pipeline.from_pretrained(
             job.model,
             provider=job.provider,
             threads=job.threads,
             cuda_graph=self.cuda_graph,
             optimized_cache=job.optimized_cache,
+            inference_precision=job.inference_precision,
         )
 
     def encode(self) -> Callable[[], Any]:
@@ -347,7 +358,8 @@ def latent_shape(job: Job, batch: int) -> tuple[int, int, int, int]:
 
 
 def peak_rss_bytes() -> int:
-    """High-water resident set of this process (VmHWM: since exec, not inherited from the parent)."""
+    """High-water resident set of this process (VmHWM: since exec, not inherited from the parent),
+    anonymous and file-backed (mapped weights) pages together."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
@@ -356,6 +368,17 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_parts() -> dict[str, float]:
+    """Resident MB now, by kind (RssAnon, RssFile): Linux keeps no high-water mark per kind, so
+    the peak_rss worker reads these right after its generation, when the weights are all loaded."""
+    parts = {}
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
+        if line.startswith(("RssAnon:", "RssFile:")):
+            parts[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return parts
 
 
 def time_calls(call: Callable[[], Any], sync: Callable[[], None], repeats: int) -> tuple[list[float], Any]:
@@ -376,7 +399,7 @@ def save_image(images: list, path: str) -> None:
 
 
 def run_worker(job: Job) -> dict[str, Any]:
-    system = RuntimeSystem(job) if job.system == "runtime" else DiffusersSystem(job)
+    system = DiffusersSystem(job) if job.system == "diffusers" else RuntimeSystem(job)
     load_start = time.perf_counter()
     system.load()
     ready = time.time()
@@ -384,6 +407,7 @@ def run_worker(job: Job) -> dict[str, Any]:
     if job.figure in ("cold_start", "peak_rss"):
         if job.figure == "peak_rss":
             system.generate()()
+            result["resident_mb"] = resident_parts()
         result["peak_rss_bytes"] = peak_rss_bytes()
     else:
         call = {"text_encode": system.encode, "unet_step": system.unet_step, "vae_decode": system.decode}.get(
@@ -440,6 +464,7 @@ class Measurement:
     torch_imported: bool
     attempts: int = 1
     cuda_graph: bool | None = None
+    resident_mb: dict[str, float] | None = None
 
 
 def spawn(job: Job) -> tuple[dict[str, Any], float, float]:
@@ -465,10 +490,11 @@ def measure_once(job: Job) -> Measurement:
         return Measurement(
             job.figure, job.system, statistics.median(samples), samples, result["load_s"], others,
             list(os.getloadavg()), result["torch_imported"], cuda_graph=result["cuda_graph"],
+            resident_mb=result.get("resident_mb"),
         )  # fmt: skip
     samples, others_all, loads, torch_seen = [], [], [], False
     for _ in range(job.repeats):
-        warm_page_cache(Path(job.model), *([OPTIMIZED_CACHE] if job.system == "runtime" else []))
+        warm_page_cache(Path(job.model), *([OPTIMIZED_CACHE] if job.system != "diffusers" else []))
         result, spawned, others = spawn(job)
         samples.append(result["ready_at"] - spawned)
         others_all.append(others)
@@ -537,7 +563,8 @@ def dependency_closure(roots: tuple[str, ...]) -> dict[str, int]:
 
 
 def environment_sizes(provider: str) -> dict[str, Any]:
-    runtime = dependency_closure(RUNTIME_ROOTS_GPU if provider == "cuda" else RUNTIME_ROOTS)
+    roots = {"cuda": RUNTIME_ROOTS_GPU, "openvino": RUNTIME_ROOTS_OPENVINO}.get(provider, RUNTIME_ROOTS)
+    runtime = dependency_closure(roots)
     diffusers = dependency_closure(DIFFUSERS_ROOTS)
     runtime_source = sum(path.stat().st_size for path in (REPO / "runtime").glob("*.py"))
 
@@ -566,8 +593,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "loadavg_start": list(os.getloadavg()),
-        "versions": {name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch", "diffusers",
-                                                       "transformers", "numpy")},
+        "versions": {name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "openvino", "torch",
+                                                       "diffusers", "transformers", "numpy")},
     }  # fmt: skip
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -595,7 +622,10 @@ def system_summary(measurements: list[Measurement], system: str) -> dict[str, An
             "attempts": item.attempts,
             "torch_imported": item.torch_imported,
             **({} if item.cuda_graph is None else {"cuda_graph": item.cuda_graph}),
+            **({} if item.resident_mb is None else {"resident_after_generation_mb": item.resident_mb}),
         }
+        if item.resident_mb and "RssAnon" in item.resident_mb:
+            summary["anon_rss_mb"] = round(item.resident_mb["RssAnon"], 1)
     summary["details"] = details
     return summary
 
@@ -610,24 +640,46 @@ def ratios(runtime: dict[str, Any], diffusers: dict[str, Any], env: dict[str, An
     return out
 
 
+def best_peer_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """runtime / the best (lowest) peer of each figure among diffusers and OpenVINO."""
+    out = {}
+    for name, key in RATIO_KEYS.items():
+        ours = report["runtime"].get(key)
+        peers = {peer: report[peer][key] for peer in PEERS if report.get(peer, {}).get(key)}
+        if ours and peers:
+            best = min(peers, key=peers.get)
+            out[name] = {"ratio": round(ours / peers[best], 3), "peer": best}
+    return out
+
+
 def table(report: dict[str, Any]) -> str:
-    rows = [("figure", "runtime", "diffusers", "ratio"), ("-" * 22, "-" * 10, "-" * 10, "-" * 6)]
+    rows = [
+        ("figure", "runtime", "diffusers", "openvino", "ratio", "vs best"),
+        ("-" * 22, "-" * 10, "-" * 10, "-" * 10, "-" * 6, "-" * 16),
+    ]
     labels = {
         "cold_start": "cold start (s)", "text_encode": "text encode (s)", "unet_step": "UNet step, batch 2 (s)",
         "vae_decode": "VAE decode (s)", "total": f"total, {report['settings']['steps']} steps (s)",
         "peak_rss": "peak RSS (MB)",
     }  # fmt: skip
     for name, key in RATIO_KEYS.items():
-        ours, theirs = report["runtime"].get(key), report["diffusers"].get(key)
-        if ours is None and theirs is None:
+        values = [report.get(system, {}).get(key) for system in SYSTEMS]
+        if all(value is None for value in values):
             continue
         ratio = report["ratios"].get(name)
-        rows.append((labels[name], _fmt(ours), _fmt(theirs), "" if ratio is None else f"{ratio:.2f}"))
+        best = report["ratios_vs_best_peer"].get(name)
+        rows.append((
+            labels[name], *map(_fmt, values), "" if ratio is None else f"{ratio:.2f}",
+            "" if best is None else f"{best['ratio']:.2f} ({best['peer']})",
+        ))  # fmt: skip
+    if report["runtime"].get("anon_rss_mb"):
+        anon = [report.get(system, {}).get("anon_rss_mb") for system in SYSTEMS]
+        rows.append(("anonymous RSS after (MB)", *map(_fmt, anon), "", ""))
     env = report.get("env_mb")
     if env:
         ratio = f"{report['ratios']['env_size']:.2f}"
-        rows.append(("installed env (MB)", _fmt(env["runtime"]), _fmt(env["diffusers"]), ratio))
-    return "\n".join(f"{a:<24}{b:>10}{c:>11}{d:>8}" for a, b, c, d in rows)
+        rows.append(("installed env (MB)", _fmt(env["runtime"]), _fmt(env["diffusers"]), "-", ratio, ""))
+    return "\n".join(f"{a:<25}{b:>10}{c:>11}{d:>10}{e:>8}  {f}" for a, b, c, d, e, f in rows)
 
 
 def _fmt(value: float | None) -> str:
@@ -663,24 +715,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--optimized-cache", action="store_true", help="runtime: save/read ORT's optimized graphs (fp32 on CPU)"
     )
-    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--provider", choices=("cpu", "cuda", "openvino"), default="cpu")
+    parser.add_argument(
+        "--inference-precision", default="auto", help="provider openvino: auto (bf16 where the CPU has it), f32, bf16"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op and torch threads")
     parser.add_argument("--repeats", type=int, help="repeats of every figure (default: per figure)")
     parser.add_argument("--retries", type=int, default=2, help="re-measure a figure disturbed by other processes")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this many times per figure")
     parser.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ",".join(FIGURES))
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of runtime,diffusers")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--export-dir", type=Path, help="use this exported folder instead of the cached export")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+def prepare(args: argparse.Namespace, systems: list[str]) -> tuple[Path, Path, Path | None]:
+    """The diffusers source, the runtime's export and (when the OpenVINO peer runs) the IR export."""
     source = build_source(args.arch)
-    target = "cuda" if args.provider == "cuda" else "cpu"
+    target = {"cuda": "cuda", "openvino": "openvino"}.get(args.provider, "cpu")
     exported = args.export_dir or export_model(args.arch, source, args.precision, target)
-    return source, exported
+    if "openvino" not in systems or args.provider == "cuda":
+        return source, exported, None
+    openvino = exported if target == "openvino" else export_model(args.arch, source, args.precision, "openvino")
+    return source, exported, openvino
 
 
 def make_job(args: argparse.Namespace, system: str, figure: str, model: Path, images: Path) -> Job:
@@ -690,7 +749,7 @@ def make_job(args: argparse.Namespace, system: str, figure: str, model: Path, im
         precision=args.precision if system == "runtime" else _torch_precision(args),
         repeats=default_repeats(args.arch, args.repeats)[figure], warmup=1,
         image_out=str(images / f"{system}.rgb") if figure == "total" else "",
-        optimized_cache=args.optimized_cache,
+        optimized_cache=args.optimized_cache, inference_precision=args.inference_precision,
     )  # fmt: skip
 
 
@@ -734,10 +793,11 @@ def run_plan(args: argparse.Namespace, models: dict[str, Path], images: Path) ->
     return measurements
 
 
-def image_parity(images: Path) -> dict[str, Any] | None:
-    """PSNR (dB, 8-bit RGB) between the two systems' images of the timed generation: same seed,
-    same weights, so a large difference would mean the two are not doing the same work."""
-    ours, theirs = images / "runtime.rgb", images / "diffusers.rgb"
+def image_parity(images: Path, system: str = "runtime") -> dict[str, Any] | None:
+    """PSNR (dB, 8-bit RGB) between a system's image of the timed generation and diffusers' fp32 one
+    (which our fp32 graphs reproduce at 87 dB): same seed, same weights, so a large difference
+    would mean the two are not doing the same work."""
+    ours, theirs = images / f"{system}.rgb", images / "diffusers.rgb"
     if not (ours.is_file() and theirs.is_file()):
         return None
     a, b = ours.read_bytes(), theirs.read_bytes()
@@ -759,6 +819,7 @@ def settings(args: argparse.Namespace, source: Path, exported: Path) -> dict[str
     return {
         "arch": args.arch, "height": args.height, "width": args.width, "steps": args.steps,
         "precision": args.precision, "diffusers_precision": _torch_precision(args), "provider": args.provider,
+        "inference_precision": args.inference_precision,
         "sampler": "Euler a", "cfg": CFG, "clip_skip": 2, "unet_batch": 2, "threads": args.threads,
         "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": IMAGE_SEED, "export": str(exported),
         "source": str(source),
@@ -771,18 +832,23 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker)
     started = time.time()
     machine = machine_info(args.threads)
-    source, exported = prepare(args)
-    print(f"diffusers source: {source}\nruntime export:   {exported}", flush=True)
     systems = [name for name in SYSTEMS if name in args.systems.split(",")]
-    models = {system: exported if system == "runtime" else source for system in systems}
+    source, exported, openvino = prepare(args, systems)
+    print(f"diffusers source: {source}\nruntime export:   {exported}\nOpenVINO IR:      {openvino}", flush=True)
+    if openvino is None and "openvino" in systems:
+        systems.remove("openvino")  # a GPU bench has no CPU peer
+    models = {"runtime": exported, "diffusers": source, "openvino": openvino}
+    models = {system: models[system] for system in systems}
     with tempfile.TemporaryDirectory(prefix="acertain-bench-") as images:
         loads = first_loads(args, models, Path(images)) if args.figures != "none" else {}
         measurements = run_plan(args, models, Path(images))
         parity = image_parity(Path(images))
-    runtime, diffusers = system_summary(measurements, "runtime"), system_summary(measurements, "diffusers")
-    for system, summary in (("runtime", runtime), ("diffusers", diffusers)):
+        parity_openvino = image_parity(Path(images), "openvino")
+    summaries = {system: system_summary(measurements, system) for system in SYSTEMS}
+    for system, summary in summaries.items():
         if system in loads:
             summary["first_load_s"] = loads[system]
+    runtime, diffusers = summaries["runtime"], summaries["diffusers"]
     env = environment_sizes(args.provider)
     machine["loadavg_end"] = list(os.getloadavg())
     report = {
@@ -791,12 +857,18 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(runtime, diffusers, env),
         "runtime": runtime,
         "diffusers": diffusers,
+        "openvino": summaries["openvino"],
         "env_mb": env,
         "parity": parity,
+        "parity_openvino": parity_openvino,
         "machine": machine,
         "seconds": round(time.time() - started, 1),
     }
+    report["ratios_vs_best_peer"] = best_peer_ratios(report)
     print(table(report))
+    for name, item in (("runtime", parity), ("openvino", parity_openvino)):
+        if item:
+            print(f"{name} image vs diffusers fp32: PSNR {item.get('psnr_db')} dB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

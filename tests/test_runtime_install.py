@@ -73,3 +73,34 @@ def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
     result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(64, 64) (128, 128)"
+
+
+def test_openvino_extra_stays_torch_free(runtime_env, tiny_source, tmp_path):
+    """`pip install '.[openvino]'` adds OpenVINO beside onnxruntime (never replacing it) and still no
+    torch stack; provider openvino generates there from an OpenVINO export. Runs last: it adds to
+    the shared environment."""
+    pytest.importorskip("openvino")  # the export side needs it in the test environment
+    from export.exporter import ExportOptions, run_export
+
+    subprocess.run(
+        [str(runtime_env), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"{REPO}[openvino]"],
+        check=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    frozen = subprocess.run([str(runtime_env), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+    names = {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
+    assert not {name for name in names if name.startswith(FORBIDDEN)}, frozen.stdout
+    assert {"openvino", "onnxruntime"} <= names and "onnxruntime-openvino" not in names
+    folder = tmp_path / "tiny-openvino"
+    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=folder, target="openvino"))
+    script = (
+        "import sys\n"
+        "from runtime import Pipeline\n"
+        f"out = Pipeline.from_pretrained({str(folder)!r}, provider='openvino')('1girl', seed=1, width=64, height=64,"
+        " num_inference_steps=2)\n"
+        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
+        "assert not loaded, loaded\n"
+        "print(out.images[0].size)\n"
+    )
+    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 64)"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..openvino_sessions import PRECISIONS as OPENVINO_PRECISIONS
 from ..sessions import PROVIDERS
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, Traffic, parse_credentials
 
@@ -89,8 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
     add = parser.add_argument
     add("--model", required=True, type=Path, help="folder written by `python -m export`")
-    add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
+    add("--provider", default="auto", choices=PROVIDERS, help="auto: CUDA if usable; OpenVINO exports: openvino")
     add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
+    add(
+        "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
+        help="provider openvino: auto (bf16 where the CPU has it, else f32)",
+    )  # fmt: skip
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
     add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add_api_options(parser)
@@ -108,7 +114,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
     return ServerConfig(
         model=str(args.model), host=args.host, port=args.port, provider=getattr(args, "provider", "auto"),
-        threads=getattr(args, "threads", None), queue_size=args.queue_size,
+        threads=getattr(args, "threads", None), device=getattr(args, "device", "CPU"),
+        inference_precision=getattr(args, "inference_precision", "auto"), queue_size=args.queue_size,
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
     )  # fmt: skip
 
@@ -129,7 +136,10 @@ def serve(config: ServerConfig) -> None:
     from .app import create_app
     from .protocol import protocol_with_timeout
 
-    pipe = Pipeline.from_pretrained(config.model, provider=config.provider, threads=config.threads)
+    pipe = Pipeline.from_pretrained(
+        config.model, provider=config.provider, threads=config.threads, device=config.device,
+        inference_precision=config.inference_precision,
+    )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)

@@ -50,6 +50,8 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     provider: str = "auto"
+    device: str = "CPU"  # provider openvino only
+    inference_precision: str = "auto"
     threads: int | None = None
     queue_size: int = 8  # jobs waiting behind the running one; more get 429
     credentials: dict[str, str] = field(default_factory=dict)  # user -> password; empty: no auth

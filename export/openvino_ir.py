@@ -1,0 +1,76 @@
+"""`--target openvino`: the plain torch.onnx graph (no onnxruntime fusions: OpenVINO does its own)
+converted to OpenVINO IR, validated against torch through OpenVINO itself.
+
+fp16 means fp16-compressed weights (`save_model(compress_to_fp16=True)`): half the file, and the
+runtime's inference precision (bf16 where the CPU has it, else f32) decides the arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.model_folder import IR_BIN, METADATA_PREFIX
+
+from .graphs import GraphSpec
+from .validate import TOLERANCE, ValidationResult, compare_cases
+
+log = logging.getLogger(__name__)
+
+RT_INFO_ROOT = METADATA_PREFIX.rstrip(".")  # rt_info path ["acertain_onnx", key]
+VALIDATION_DEVICE = "CPU"
+
+
+def convert(fp32_path: Path, spec: GraphSpec, precision: str, ir_path: Path, compute: str) -> list[str]:
+    """Convert the exported ONNX graph (its external weights are read from beside it) and save it as
+    IR: ir_path (.xml) and its .bin. Returns the file names written."""
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32_path))
+    for key, value in {"graph": spec.name, "precision": precision, "compute": compute}.items():
+        model.set_rt_info(value, [RT_INFO_ROOT, key])
+    ir_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(ir_path), compress_to_fp16=precision == "fp16")
+    return [ir_path.name, IR_BIN]
+
+
+def validate(ir_path: Path, spec: GraphSpec, precision: str) -> ValidationResult:
+    """Run the IR on OpenVINO's CPU device at f32 inference precision (the graph itself, not a
+    precision hint, is what the export vouches for) on the torch validation cases."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(ir_path), VALIDATION_DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
+    types = {name: port.get_element_type().to_dtype() for port in compiled.inputs for name in port.get_names()}
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: value.astype(types[name]) for name, value in inputs.items()}
+        return np.asarray(compiled(feed)[0], dtype=np.float32)
+
+    return compare_cases(spec, precision, run, f"OpenVINO {ov.__version__} {VALIDATION_DEVICE} f32", TOLERANCE)
+
+
+def describe(ir_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """Inputs and outputs (name, dtype, shape with -1 for dynamic axes) and our rt_info entries."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(ir_path))
+
+    def values(ports) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": port.any_name,
+                "dtype": port.get_element_type().to_dtype().name,
+                "shape": [dim.get_length() if dim.is_static else -1 for dim in port.get_partial_shape()],
+            }
+            for port in ports
+        ]
+
+    metadata = {}
+    for key in ("graph", "precision", "compute"):
+        if model.has_rt_info([RT_INFO_ROOT, key]):
+            metadata[key] = model.get_rt_info([RT_INFO_ROOT, key]).astype(str)
+    return values(model.inputs), values(model.outputs), metadata

@@ -1,0 +1,170 @@
+"""OpenVINO sessions (`provider="openvino"`): the IR graphs of a `--target openvino` export run by
+OpenVINO's own runtime, behind the same interface as the onnxruntime sessions, so the pipeline
+(samplers, RNG, prompts, every mode) does not know which one it drives.
+
+Inference precision: bf16 where the CPU reports BF16 among its optimization capabilities (OpenVINO's
+own default there), f32 otherwise; other devices keep their default (GPU: f16). OpenVINO's model
+cache (CACHE_DIR) keeps each compiled graph so that later loads skip compilation; it lives under the
+same folder as onnxruntime's saved optimized graphs (see sessions.cache_root).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRequestError, ModelFolderError
+from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, GraphInfo
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "f16", "f32")
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # OpenVINO's device combinators, passed through
+RT_INFO_TAIL_BYTES = 8192  # our rt_info block sits at the end of the IR's XML
+_RT_INFO = re.compile(r"<(\w+) value=\"([^\"]*)\" />")
+
+
+def import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise InvalidRequestError(
+            "provider", "OpenVINO is not installed: pip install 'acertain-onnx[openvino]'"
+        ) from None
+    return openvino
+
+
+def check_device(core: Any, device: str) -> None:
+    """A device OpenVINO cannot see is one clear error naming the ones it can."""
+    available = list(core.available_devices)
+    families = {name.split(".")[0] for name in available}
+    if device.split(":")[0] in VIRTUAL_DEVICES or device in available or device.split(".")[0] in families:
+        return
+    raise InvalidRequestError(
+        "device", f"OpenVINO has no device {device!r} on this machine; available: {', '.join(available) or 'none'}"
+    )
+
+
+def resolve_precision(core: Any, device: str, requested: str) -> str | None:
+    """The inference precision hint to pass; None leaves the device's default."""
+    if requested not in PRECISIONS:
+        raise InvalidRequestError(
+            "inference_precision", f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+    if requested != "auto":
+        return requested
+    if device != "CPU":
+        return None
+    return "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+
+
+def read_graph_metadata(path: Path) -> dict[str, str]:
+    """Our rt_info entries (graph, precision, compute) from the tail of the IR's XML, without
+    parsing the whole graph (a full-size UNet's XML is megabytes)."""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - RT_INFO_TAIL_BYTES))
+        tail = handle.read().decode("utf-8", errors="replace")
+    root = METADATA_PREFIX.rstrip(".")
+    block = re.search(rf"<{root}>(.*?)</{root}>", tail, re.DOTALL)
+    return dict(_RT_INFO.findall(block.group(1))) if block else {}
+
+
+class OpenVINOGraph:
+    """One compiled IR graph with one reusable infer request; returns float32 copies."""
+
+    def __init__(self, core: Any, info: GraphInfo, device: str, properties: dict[str, Any]) -> None:
+        self.info = info
+        self._check_metadata()
+        try:
+            self.compiled = core.compile_model(str(info.path), device, properties)
+        except RuntimeError as error:
+            raise ModelFolderError(f"{info.path} could not be compiled by OpenVINO for {device}: {error}") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_types = {
+            name: port.get_element_type().to_dtype() for port in self.compiled.inputs for name in port.get_names()
+        }
+        self._check_inputs()
+
+    def _check_metadata(self) -> None:
+        written = read_graph_metadata(self.info.path)
+        if "precision" not in written:
+            raise ModelFolderError(f"{self.info.path} was not written by `python -m export --target openvino`")
+        if written.get("graph") != self.info.name:
+            raise ModelFolderError(
+                f"{self.info.path} is the {written.get('graph')} graph, not the {self.info.name} graph"
+            )
+        if written["precision"] != self.info.precision:
+            raise ModelFolderError(
+                f"{self.info.path} is an {written['precision']} graph but the manifest says {self.info.precision}: "
+                "the folder mixes graphs of different exports; re-export it"
+            )
+
+    def _check_inputs(self) -> None:
+        for name, dtype in self.info.inputs.items():
+            if name not in self.input_types:
+                raise ModelFolderError(f"{self.info.path} has no input {name!r}, which the manifest lists")
+            if self.input_types[name].name != dtype:
+                raise ModelFolderError(
+                    f"{self.info.path}: input {name} is {self.input_types[name].name} but the manifest says {dtype}"
+                )
+
+    def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(value, dtype=self.input_types[name]) for name, value in inputs.items()}
+
+    def infer(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        self.request.infer(feed, share_inputs=True)
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.infer(self.feed(inputs))
+
+
+class OpenVINOUNet(OpenVINOGraph):
+    """The per-step call: the conditioning is fed once per generation, each step only the latents."""
+
+    def begin(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> None:
+        self._context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
+        feed[UNET_CONTEXT] = self._context
+        return self.infer(feed)
+
+
+def compile_properties(
+    threads: int | None, precision: str | None, cache_dir: Path | None, device: str
+) -> dict[str, Any]:
+    properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        properties["INFERENCE_PRECISION_HINT"] = precision
+    if threads and device == "CPU":
+        properties["INFERENCE_NUM_THREADS"] = threads
+    if cache_dir is not None:
+        properties["CACHE_DIR"] = str(cache_dir)
+    return properties
+
+
+def make_core(device: str) -> Any:
+    openvino = import_openvino()
+    core = openvino.Core()
+    check_device(core, device)
+    return core
+
+
+def cache_folder(root: Path) -> Path | None:
+    """OpenVINO's model cache: <root>/openvino (OpenVINO keys each blob by graph, device and
+    properties itself); None when turned off or not writable."""
+    if os.environ.get("ACERTAIN_ONNX_OPTIMIZED_CACHE", "1") == "0":
+        return None
+    folder = root / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.warning("OpenVINO model cache off: %s", error)
+        return None
+    return folder

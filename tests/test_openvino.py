@@ -1,0 +1,123 @@
+"""provider="openvino" and `python -m export --target openvino` on the tiny random-weight model:
+the IR against diffusers' torch modules, the images against our fp32 onnxruntime image, and the
+errors a user can run into (bad device, wrong provider for a folder)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+torch = pytest.importorskip("torch")
+
+from conftest import REPO  # noqa: E402
+from runtime import InvalidRequestError, ModelFolderError, Pipeline  # noqa: E402
+from runtime.model_folder import read_manifest  # noqa: E402
+
+# fp16-compressed weights, f32 arithmetic: the same rounding as the CPU target's fp16 graphs
+# (max abs difference / max(1, max |reference|)).
+FP16_WEIGHTS_TOLERANCE = 3e-2
+# PSNR (8-bit RGB) of an OpenVINO image against our fp32 onnxruntime image of the same seed:
+# fp16 weights move pixels by a level or two at most (measured 61.7 dB, 128x128, 28 steps).
+MIN_PSNR_DB = 40.0
+GENERATION = dict(
+    negative_prompt="lowres", num_inference_steps=8, guidance_scale=11.0, width=64, height=64, seed=114514,
+    output_type="np",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_openvino(tiny_source, tmp_path_factory) -> Path:
+    from export.exporter import ExportOptions, run_export
+
+    output = tmp_path_factory.mktemp("export") / "tiny-openvino"
+    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=output, precision="fp16", target="openvino"))
+    return output
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.round(a * 255) - np.round(b * 255)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_export_writes_validated_ir(tiny_openvino):
+    manifest = read_manifest(tiny_openvino)
+    assert manifest.raw["target"] == "openvino" and "openvino" in manifest.raw["library_versions"]
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        entry = manifest.raw["graphs"][name]
+        assert entry["path"] == f"{name}/openvino_model.xml"
+        assert set(entry["files"]) == {"openvino_model.xml", "openvino_model.bin"}
+        assert entry["validation"]["provider"].startswith("OpenVINO")
+        assert entry["validation"]["relative_error"] <= FP16_WEIGHTS_TOLERANCE
+        assert not list((tiny_openvino / name).glob("*.onnx"))
+
+
+def test_unet_ir_matches_diffusers(tiny_openvino, tiny_source):
+    """The IR run by OpenVINO against diffusers' own UNet, on inputs the exporter never saw."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_source["diffusers"] / "unet")).eval()
+    generator = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, unet.config.in_channels, 12, 10, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([999.0, 999.0])
+    with torch.no_grad():
+        reference = unet(sample, timestep, encoder_hidden_states=context).sample.numpy()
+    compiled = ov.Core().compile_model(str(tiny_openvino / "unet" / "openvino_model.xml"), "CPU")
+    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+    output = compiled({name: value.numpy() for name, value in inputs.items()})
+    error = np.abs(output[0] - reference).max() / max(1.0, np.abs(reference).max())
+    assert error <= FP16_WEIGHTS_TOLERANCE
+
+
+@pytest.mark.parametrize("precision", ["auto", "f32"])
+def test_openvino_image_is_close_to_our_fp32_image(tiny_openvino, tiny_fp32, tmp_path, precision):
+    reference = Pipeline.from_pretrained(tiny_fp32, provider="cpu")("1girl, cherry blossoms", **GENERATION)
+    pipe = Pipeline.from_pretrained(
+        tiny_openvino, provider="openvino", inference_precision=precision, cache_dir=tmp_path
+    )
+    assert pipe.provider == "OpenVINO:CPU"
+    out = pipe("1girl, cherry blossoms", **GENERATION)
+    assert out.images[0].shape == reference.images[0].shape
+    assert psnr(out.images[0], reference.images[0]) >= MIN_PSNR_DB
+    assert out.infotexts[0] == reference.infotexts[0]  # same parameters, same seed: same infotext
+
+
+def test_model_cache_is_written_and_reused(tiny_openvino, tmp_path):
+    first = Pipeline.from_pretrained(tiny_openvino, provider="openvino", cache_dir=tmp_path)
+    blobs = sorted((tmp_path / "openvino").glob("*.blob"))
+    assert len(blobs) == 3  # text encoder, UNet, VAE decoder
+    again = Pipeline.from_pretrained(tiny_openvino, provider="openvino", cache_dir=tmp_path)
+    assert sorted((tmp_path / "openvino").glob("*.blob")) == blobs
+    ids = {"input_ids": np.full((1, 77), 49407, dtype=np.int64)}
+    np.testing.assert_allclose(again.sessions.text_encoder.run(ids), first.sessions.text_encoder.run(ids), atol=1e-5)
+
+
+def test_auto_provider_runs_an_openvino_export(tiny_openvino, tmp_path):
+    assert Pipeline.from_pretrained(tiny_openvino, cache_dir=tmp_path).provider == "OpenVINO:CPU"
+
+
+def test_bad_device_and_precision_are_one_clear_error(tiny_openvino):
+    with pytest.raises(InvalidRequestError, match=r"no device 'XPU'.*available: CPU") as error:
+        Pipeline.from_pretrained(tiny_openvino, provider="openvino", device="XPU")
+    assert error.value.field == "device"
+    with pytest.raises(InvalidRequestError) as error:
+        Pipeline.from_pretrained(tiny_openvino, provider="openvino", inference_precision="int4")
+    assert error.value.field == "inference_precision"
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime", "--model", str(tiny_openvino), "--prompt", "x", "--provider", "openvino",
+         "--device", "XPU", "--width", "64", "--height", "64", "--steps", "1"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: device") and "Traceback" not in done.stderr
+
+
+def test_providers_refuse_folders_of_the_other_target(tiny_openvino, tiny_fp32):
+    with pytest.raises(ModelFolderError, match="use provider 'openvino'"):
+        Pipeline.from_pretrained(tiny_openvino, provider="cpu")
+    with pytest.raises(ModelFolderError, match="re-export it with --target openvino"):
+        Pipeline.from_pretrained(tiny_fp32, provider="openvino")
