@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="diffusers config folder for a single file whose architecture is not shipped",
     )
+    parser.add_argument(
+        "--vae",
+        help="separate VAE to use instead of the checkpoint's: A1111 .safetensors/.vae.pt/.ckpt (LDM layout; "
+        "pickles need --allow-pickle) or a diffusers folder",
+    )
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_pickle=args.allow_pickle,
         config=args.config,
         vae_encoder=not args.no_vae_encoder,
+        vae=args.vae,
     )
 
     def progress(name: str, index: int, total: int) -> None:

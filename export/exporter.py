@@ -29,8 +29,9 @@ from runtime import model_folder as layout
 from runtime.errors import UserError
 from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
-from . import graphs
+from . import graphs, lora_map
 from .sources import LoadedSource, file_sha256, load_source
+from .vae import load_vae
 from .validate import ValidationResult, available_provider, validate_graph
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ExportOptions:
     allow_pickle: bool = False
     config: Path | None = None
     vae_encoder: bool = True
+    vae: str | None = None  # a separate VAE (file or diffusers folder) used instead of the checkpoint's
 
 
 @dataclass
@@ -183,6 +185,7 @@ class _GraphJob:
     provider: str
     twin_path: Path | None  # where the CPU-runnable twin of a CUDA graph is validated, if needed
     report: GraphReport
+    lora_weights: dict[bytes, lora_map.Weight] | None = None  # fingerprints of the LoRA-targetable weights
 
     def build(self, precision: str) -> tuple[list[str], ValidationResult]:
         """Optimize at `precision`, save, and validate (the twin when the target's provider is missing)."""
@@ -190,6 +193,10 @@ class _GraphJob:
             self.report, "optimize", lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision)
         )
         files = graphs.save_graph(model, self.final_path)
+        if self.lora_weights is not None:
+            targets = lora_map.lora_targets(self.spec.name, self.final_path, model, self.lora_weights)
+            write_json(self.final_path.parent / lora_map.LORA_TARGETS_FILE, targets)
+            files.append(lora_map.LORA_TARGETS_FILE)
         del model
         checked = self.final_path
         if self.twin_path is not None:
@@ -342,12 +349,15 @@ def export_torch_graphs(
     weights are released: the ONNX stage (optimizer, float16 conversion, validation sessions) holds
     copies of the full-size UNet of its own, and the two stages together would not fit in 24 GB."""
     specs = build_specs(source, options, tokenizer)
+    lora_modules = {"text_encoder": source.pipe.text_encoder, "unet": source.pipe.unet}
     jobs = []
     for spec in specs:
         log.info("tracing %s", spec.name)
         report = GraphReport(spec.name, options.precision)
         reports.append(report)
         job = plan_graph(spec, staging, options, report)
+        if spec.name in lora_modules:
+            job.lora_weights = lora_map.fingerprints(spec.name, lora_modules[spec.name])
         _timed(report, "export", lambda job=job: graphs.export_fp32(job.spec, job.fp32_path))
         jobs.append(job)
     for spec in specs:
@@ -369,6 +379,11 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
     started = time.perf_counter()
     check_options(options)
     source = load_source(options.model, options.allow_pickle, options.config)
+    vae_info = None
+    if options.vae is not None:
+        separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle)
+        source.pipe.vae = separate.vae
+        vae_info = {"name": separate.name, "hash": separate.hash, "source": options.vae}
     output = options.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
@@ -393,7 +408,10 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
             if name in entries:
                 write_json(staging / name / "config.json", config)
         write_json(staging / "model_index.json", model_index(options))
-        write_json(staging / layout.MANIFEST_FILE, manifest(source, facts, options, entries))
+        write_json(
+            staging / layout.MANIFEST_FILE,
+            {**manifest(source, facts, options, entries), **({"vae": vae_info} if vae_info else {})},
+        )
         move_into_place(staging, output)
     except OSError as error:
         if error.errno == errno.ENOSPC:

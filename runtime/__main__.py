@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="save ORT's optimized graphs at the first load and reuse them (fp32 on CPU: faster start, more disk)",
     )
+    parser.add_argument("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
+    parser.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings")
     parser.add_argument("--output", type=Path, default=Path("out.png"), help="PNG path; batches add -1, -2, ...")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -79,6 +81,7 @@ def check_writable(paths: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
+    from .lora import LoraLibrary
     from .model_folder import read_manifest, read_scheduler_config
     from .pipeline import Pipeline, build_request
     from .sessions import resolve_provider
@@ -91,11 +94,15 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
         eta_noise_seed_delta=args.eta_noise_seed_delta,
     )  # fmt: skip
     resolve_provider(args.provider)
+    library = LoraLibrary(args.lora_dir)
+    for use in request.loras:  # names and files checked before the model loads
+        library.get(use.name)
     paths = output_paths(args.output, len(request.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
-        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache
-    )
+        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
+        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+    )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:

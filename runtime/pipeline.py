@@ -18,10 +18,21 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, samplers
-from .conditioning import apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
+from .embeddings import EmbeddingLibrary, ExtraRows, ti_hashes
 from .errors import InvalidRequestError
+from .extra_networks import LoraUse, parse_prompt
+from .lora import LoraLibrary, LoraSessions
 from .metadata import format_infotext
-from .model_folder import TEXT_INPUT, VAE_DECODER_INPUT, Manifest, read_manifest, read_scheduler_config
+from .model_folder import (
+    TEXT_EXTRA,
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+    text_vocab_size,
+)
 from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .rng import NoiseGenerator, make_generator
 from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
@@ -78,6 +89,12 @@ class GenerationRequest:
     schedule: str
     rng: str
     eta_noise_seed_delta: int
+    loras: tuple[LoraUse, ...] = ()  # from the prompt's <lora:...> tags
+    text_prompt: str | None = None  # the prompt without those tags (what the text encoder reads)
+
+    @property
+    def encoder_prompt(self) -> str:
+        return self.prompt if self.text_prompt is None else self.text_prompt
 
 
 def _require_int(field_name: str, value: Any) -> int:
@@ -122,7 +139,9 @@ def build_request(
 ) -> GenerationRequest:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
     including the schedule the model's scheduler config gives and the prompts' weights."""
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+    check_prompt("prompt", prompt)
+    text_prompt, loras = parse_prompt(prompt)
+    for name, text in (("prompt", text_prompt), ("negative_prompt", negative_prompt)):
         check_prompt(name, text)
     steps = _require_int("steps", steps)
     if steps < 1:
@@ -146,7 +165,7 @@ def build_request(
     make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
     return GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta,
+        resolve_seeds(seed, count), sampler, schedule, rng, delta, tuple(loras), text_prompt,
     )  # fmt: skip
 
 
@@ -177,12 +196,20 @@ class Pipeline:
     """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
 
     def __init__(
-        self, manifest: Manifest, sessions: Sessions, tokenizer: ClipTokenizer, scheduler_config: dict
+        self,
+        manifest: Manifest,
+        sessions: Sessions,
+        tokenizer: ClipTokenizer,
+        scheduler_config: dict,
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
     ) -> None:
         self.manifest = manifest
-        self.sessions = sessions
+        self.sessions = sessions  # the current request's (LoRA-patched or plain) sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
+        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
 
     @classmethod
     def from_pretrained(
@@ -193,6 +220,8 @@ class Pipeline:
         cuda_graph: bool = False,
         optimized_cache: bool = False,
         cache_dir: str | Path | None = None,
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
@@ -207,7 +236,8 @@ class Pipeline:
         )
         sessions = load_sessions(manifest, config)
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
-        return cls(manifest, sessions, tokenizer, read_scheduler_config(manifest.folder))
+        scheduler_config = read_scheduler_config(manifest.folder)
+        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir)
 
     @property
     def provider(self) -> str:
@@ -216,8 +246,11 @@ class Pipeline:
     # -- request checking ---------------------------------------------------------------------
 
     def make_request(self, **parameters: Any) -> GenerationRequest:
-        """Check generation parameters against this model (keywords of build_request)."""
-        return build_request(self.manifest, self.scheduler_config, **parameters)
+        """Check generation parameters against this model (keywords of build_request), including
+        that every LoRA the prompt names exists and fits the model."""
+        request = build_request(self.manifest, self.scheduler_config, **parameters)
+        self.loras.resolve(list(request.loras))
+        return request
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -229,16 +262,31 @@ class Pipeline:
         web UI then runs two UNet calls, each attending over its own tokens), so the infotext says
         `Pad conds: True` whenever the chunk counts differed."""
         prompts = [prompt, negative_prompt] if with_negative else [prompt]
-        chunks = [prompt_to_chunks(self.tokenizer, text) for text in prompts]
+        chunks, extra = self.prompt_chunks(prompts)
         count = max(item.count for item in chunks)
         padded = any(item.count != count for item in chunks)
         chunks = [pad_to_chunk_count(item, count, self.tokenizer) for item in chunks]
-        hidden = self.sessions.text_encoder.run({TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])})
+        feed = {TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])}
+        if extra.matrix() is not None:
+            feed[TEXT_EXTRA] = extra.matrix()
+        hidden = self.sessions.text_encoder.run(feed)
         states = []
         for index, item in enumerate(chunks):
             emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
             states.append(emphasized.reshape(-1, emphasized.shape[-1]))
         return EncodedPrompt(cond=states[0], uncond=states[1] if with_negative else None, padded=padded)
+
+    def prompt_chunks(self, prompts: list[str]) -> tuple[list[PromptChunks], ExtraRows]:
+        """Each prompt's chunks, with the embeddings named in them as rows of one ExtraRows."""
+        matcher = self.embeddings.matcher()
+        chunks = [prompt_to_chunks(self.tokenizer, text, embeddings=matcher) for text in prompts]
+        rows = matcher.rows if matcher is not None else ExtraRows(0)
+        if rows.used and TEXT_EXTRA not in self.sessions.text_encoder.input_types:
+            raise InvalidRequestError(
+                "prompt", f"embedding {next(iter(rows.used))!r} needs a text encoder exported with embedding "
+                "support; re-export the model with this version of `python -m export`"
+            )  # fmt: skip
+        return chunks, rows
 
     def denoiser(
         self,
@@ -287,10 +335,14 @@ class Pipeline:
             "Size": f"{request.width}x{request.height}",
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
+            "VAE hash": (self.manifest.raw.get("vae") or {}).get("hash"),
+            "VAE": (self.manifest.raw.get("vae") or {}).get("name"),
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": RNG_LABELS[request.rng],
             "Pad conds": True if pad_conds else None,
+            "Lora hashes": self.loras.hashes(list(request.loras)),
+            "TI hashes": ti_hashes(self.prompt_chunks([request.encoder_prompt, request.negative_prompt])[1].used),
             "Version": f"acertain-onnx {__version__}",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)
@@ -338,7 +390,8 @@ class Pipeline:
         the A1111 web UI shows on Interrupt."""
         schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
         with_negative = request.guidance_scale > 1.0
-        encoded = self.encode_prompt(request.prompt, request.negative_prompt, with_negative)
+        self.sessions = self.loras.sessions_for(list(request.loras)).sessions
+        encoded = self.encode_prompt(request.encoder_prompt, request.negative_prompt, with_negative)
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
                  request.width // self.manifest.vae_scale_factor)  # fmt: skip

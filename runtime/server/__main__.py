@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     add("--provider", default="auto", choices=PROVIDERS, help="onnxruntime provider (default auto: CUDA if usable)")
     add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight> in prompts")
+    add("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings, used by name")
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -71,6 +73,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=str(args.model), host=args.host, port=args.port, provider=args.provider, threads=args.threads,
         queue_size=args.queue_size, credentials=parse_credentials(args.api_auth), limits=limits,
+        lora_dir=str(args.lora_dir) if args.lora_dir else None,
+        embeddings_dir=str(args.embeddings_dir) if args.embeddings_dir else None,
     )  # fmt: skip
 
 
@@ -89,7 +93,10 @@ def serve(config: ServerConfig) -> None:
     from ..pipeline import Pipeline
     from .app import create_app
 
-    pipe = Pipeline.from_pretrained(config.model, provider=config.provider, threads=config.threads)
+    pipe = Pipeline.from_pretrained(
+        config.model, provider=config.provider, threads=config.threads, lora_dir=config.lora_dir,
+        embeddings_dir=config.embeddings_dir,
+    )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)

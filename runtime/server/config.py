@@ -36,6 +36,8 @@ class ServerConfig:
     queue_size: int = 8  # jobs waiting behind the running one; more get 429
     credentials: dict[str, str] = field(default_factory=dict)  # user -> password; empty: no auth
     limits: Limits = field(default_factory=Limits)
+    lora_dir: str | None = None  # kohya/A1111 LoRA files, used by <lora:name:m> in prompts
+    embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:
