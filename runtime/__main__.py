@@ -10,14 +10,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from .errors import InvalidRequestError, UserError
 from .metadata import save_png
-from .rng import RNG_KINDS
-from .schedules import SAMPLERS, SCHEDULES
+from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
 from .sessions import PROVIDERS
+
+if TYPE_CHECKING:
+    from .model_folder import Manifest
+    from .pipeline import Prepared
 
 log = logging.getLogger("runtime")
 
@@ -41,10 +45,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="default: the model's native size (512 for SD1.x)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--batch-size", type=int, default=1, help="images of seeds seed, seed+1, ...")
-    parser.add_argument("--sampler", default="euler_a", help=f"one of {', '.join(SAMPLERS)}")
-    parser.add_argument("--schedule", default="model", help=f"one of {', '.join(SCHEDULES)}")
-    parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_KINDS)}: torch CPU or A1111 'NV' noise")
+    parser.add_argument(
+        "--sampler", default="euler_a", help=f"one of {', '.join(s.key for s in SAMPLERS)} or an A1111 name"
+    )
+    parser.add_argument("--schedule", default="model", help=f"one of {', '.join(SCHEDULE_LABELS)}")
+    parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_LABELS)}: torch CPU or A1111 'NV' noise")
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    image = parser.add_argument_group("img2img and inpainting")
+    image.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    image.add_argument("--strength", type=float, help="img2img denoising strength in [0, 1] (default 0.75)")
+    image.add_argument("--resize-mode", type=int, default=0, help="0 just resize, 1 crop and resize, 2 resize and fill")
+    image.add_argument("--mask", type=Path, help="inpainting: white is repainted (needs --init-image)")
+    image.add_argument("--mask-blur", type=int, default=4)
+    image.add_argument(
+        "--inpainting-fill", default="original", help="masked content: original, fill, latent noise, latent nothing"
+    )
+    image.add_argument("--inpaint-full-res", action="store_true", help="inpaint only the masked area, then paste")
+    image.add_argument("--inpaint-padding", type=int, default=32, help="pixels around the masked area")
+    image.add_argument("--mask-invert", action="store_true", help="repaint what the mask leaves black")
+    hires = parser.add_argument_group("hires fix (txt2img)")
+    hires.add_argument("--hires-scale", type=float, help="turn hires fix on and upscale by this factor")
+    hires.add_argument("--hires-resize", help="turn hires fix on with a target size WxH instead of a factor")
+    hires.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0: as --steps)")
+    hires.add_argument("--hires-upscaler", default="Latent", help="Latent (...), Lanczos, Nearest or None")
+    hires.add_argument("--hires-prompt", default="")
+    hires.add_argument("--hires-negative-prompt", default="")
+    hires.add_argument("--hires-sampler", help="second-pass sampler (default: --sampler)")
+    parser.add_argument(
+        "--denoising-strength",
+        type=float,
+        help="hires denoising strength (0.7); img2img strength if no --strength",
+    )
+    parser.add_argument("--vae-tiling", default="auto", help="auto, on or off: tiled VAE decode/encode")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
     parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: physical cores)")
     parser.add_argument(
@@ -79,25 +111,73 @@ def check_writable(paths: list[Path]) -> None:
             raise InvalidRequestError("output", f"folder {folder} is not writable")
 
 
+def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
+    """The generation the arguments ask for, checked and planned, before any graph loads."""
+    from .embeddings import EmbeddingLibrary
+    from .model_folder import read_scheduler_config, text_vocab_size
+    from .pipeline import prepare
+    from .tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+    library = EmbeddingLibrary(args.embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+    return prepare(
+        manifest, read_scheduler_config(manifest.folder), tokenizer, embeddings=library.matcher(), prompt=args.prompt,
+        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
+        width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
+        sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
+        vae_tiling=args.vae_tiling, **mode_options(args),
+    )  # fmt: skip
+
+
+def mode_options(args: argparse.Namespace) -> dict[str, Any]:
+    """prepare()'s img2img / inpainting / hires keywords from the arguments."""
+    if args.init_image is not None:
+        strength = args.strength if args.strength is not None else args.denoising_strength
+        options: dict[str, Any] = {"image": args.init_image, "strength": 0.75 if strength is None else strength,
+                                   "resize_mode": args.resize_mode}  # fmt: skip
+        if args.mask is not None:
+            options.update(
+                mask_image=args.mask, mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
+                inpaint_full_res=args.inpaint_full_res, inpaint_full_res_padding=args.inpaint_padding,
+                inpainting_mask_invert=args.mask_invert,
+            )  # fmt: skip
+        return options
+    if args.mask is not None or args.strength is not None:
+        raise InvalidRequestError("init_image", "--mask and --strength need --init-image")
+    if args.hires_scale is None and args.hires_resize is None:
+        return {}
+    resize_x, resize_y = parse_size(args.hires_resize) if args.hires_resize else (0, 0)
+    hires = {
+        "hr_scale": 2.0 if args.hires_scale is None else args.hires_scale, "hr_resize_x": resize_x,
+        "hr_resize_y": resize_y, "hr_upscaler": args.hires_upscaler, "hr_second_pass_steps": args.hires_steps,
+        "denoising_strength": 0.7 if args.denoising_strength is None else args.denoising_strength,
+        "hr_prompt": args.hires_prompt, "hr_negative_prompt": args.hires_negative_prompt,
+        "hr_sampler_name": args.hires_sampler,
+    }  # fmt: skip
+    return {"enable_hr": True, "hires_options": hires}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise InvalidRequestError("hires_resize", f"must be WIDTHxHEIGHT, e.g. 1024x768, not {text!r}")
+    return int(width), int(height)
+
+
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
     from .lora import LoraLibrary
-    from .model_folder import read_manifest, read_scheduler_config
-    from .pipeline import Pipeline, build_request
+    from .model_folder import read_manifest
+    from .pipeline import Pipeline
     from .sessions import resolve_provider
 
     manifest = read_manifest(args.model)
-    request = build_request(
-        manifest, read_scheduler_config(manifest.folder), prompt=args.prompt, negative_prompt=args.negative_prompt,
-        steps=args.steps, guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
-        batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-        eta_noise_seed_delta=args.eta_noise_seed_delta,
-    )  # fmt: skip
+    prepared = prepare_from_args(args, manifest)
     resolve_provider(args.provider)
     library = LoraLibrary(args.lora_dir)
-    for use in request.loras:  # names and files checked before the model loads
+    for use in prepared.loras:  # names and files checked before the model loads
         library.get(use.name)
-    paths = output_paths(args.output, len(request.seeds))
+    paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
@@ -106,15 +186,11 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:
-            bar.total = total  # the schedule's count (A1111's DDIM runs one step fewer than asked)
+            if step == 1:  # a new pass (hires fix runs two); the schedule's count, not --steps
+                bar.reset(total)
             bar.update(1)
 
-        out = pipe(
-            args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-            guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=request.seeds[0],
-            num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
-            eta_noise_seed_delta=args.eta_noise_seed_delta, callback=progress,
-        )  # fmt: skip
+        out = pipe.run(prepared, callback=progress)
     for path, image, text in zip(paths, out.images, out.infotexts, strict=True):
         save_png(image, path, text)
     return list(zip(paths, out.seeds, strict=True))

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -316,5 +316,5 @@ class LoraSessions:
                 log.info("building the %s session with %d LoRA-patched weights", graph, len(overrides))
                 graphs[graph] = kind(info, base.provider, config, overrides)
                 size += sum(item.stat().st_size for item in info.path.parent.glob("model.onnx*"))
-        sessions = Sessions(graphs["text_encoder"], graphs["unet"], base.vae_decoder, base.provider, config)  # type: ignore[arg-type]
+        sessions = replace(base, text_encoder=graphs["text_encoder"], unet=graphs["unet"])
         return LoraSet(sessions, [], size)

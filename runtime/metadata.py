@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,3 +176,32 @@ def read_infotext(source: str | os.PathLike[str] | bytes) -> str | None:
             # A text chunk after the image data only shows up once the file is read to the end.
             value = image.text.get(PNG_TEXT_KEY)
     return value if isinstance(value, str) else None
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """The web UI's parse_generation_parameters: Prompt, Negative prompt and each `Key: value` of
+    the last line (quoted values unquoted, sizes split into `Key-1` / `Key-2`), values as text."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == '"' and value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+        size = _IMAGE_SIZE.match(str(value))
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = str(value)
+    return result

@@ -10,43 +10,54 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import __version__, samplers
+from . import __version__, registry, samplers
 from .conditioning import PromptChunks, apply_emphasis, pad_to_chunk_count, prompt_to_chunks
-from .embeddings import EmbeddingLibrary, ExtraRows, ti_hashes
+from .embeddings import EmbeddingLibrary, EmbeddingMatcher, ExtraRows, ti_hashes
 from .errors import InvalidRequestError
 from .extra_networks import LoraUse, parse_prompt
+from .hires import HiresPlan, plan_hires
+from .img2img import (
+    InitPlan,
+    apply_overlay,
+    blend,
+    default_size,
+    encode_sample,
+    fill_latents,
+    plan_init,
+    slice_schedule,
+    start_step,
+)
+from .inputs import check_strength, load_image
 from .lora import LoraLibrary, LoraSessions
 from .metadata import format_infotext
 from .model_folder import (
     TEXT_EXTRA,
     TEXT_INPUT,
     VAE_DECODER_INPUT,
+    VAE_ENCODER_INPUT,
     Manifest,
     read_manifest,
     read_scheduler_config,
     text_vocab_size,
 )
-from .prompt_parser import BREAK_WEIGHT, parse_prompt_attention
 from .rng import NoiseGenerator, make_generator
-from .schedules import SAMPLERS, SCHEDULES, Schedule, final_latents, make_schedule
+from .schedules import Schedule, final_latents, make_schedule
 from .sessions import SessionConfig, Sessions, load_sessions
+from .tiling import VAE_TILING, TileSizes, tiled, use_tiling
 from .tokenizer import ClipTokenizer
+from .upscale import truncate, upscale_image, upscale_latents
 
 log = logging.getLogger(__name__)
 
-SAMPLER_LABELS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
-SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}  # None: A1111's "Automatic"
-RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 MIN_SIZE = 64
 MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can do to the embeddings
-ANCESTRAL_SAMPLERS = ("euler_a",)
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 OUTPUT_TYPES = ("pil", "np")
 
@@ -63,20 +74,6 @@ class PipelineOutput:
 
 
 @dataclass(frozen=True)
-class EncodedPrompt:
-    cond: np.ndarray
-    uncond: np.ndarray | None
-    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
-
-
-@dataclass
-class SampleResult:
-    latents: np.ndarray  # VP latents ready for the VAE
-    interrupted: bool
-    pad_conds: bool
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str
@@ -89,12 +86,6 @@ class GenerationRequest:
     schedule: str
     rng: str
     eta_noise_seed_delta: int
-    loras: tuple[LoraUse, ...] = ()  # from the prompt's <lora:...> tags
-    text_prompt: str | None = None  # the prompt without those tags (what the text encoder reads)
-
-    @property
-    def encoder_prompt(self) -> str:
-        return self.prompt if self.text_prompt is None else self.text_prompt
 
 
 def _require_int(field_name: str, value: Any) -> int:
@@ -120,65 +111,186 @@ def resolve_seeds(seed: int | None, count: int) -> list[int]:
     return [seed + index for index in range(count)]
 
 
-def build_request(
+@dataclass(frozen=True, eq=False)
+class CondPiece:
+    """The text conditioning of the steps before `until_step`: run() picks, for step i, the first
+    piece with i < until_step (today one piece covers every step)."""
+
+    until_step: int
+    cond: PromptChunks
+    uncond: PromptChunks | None  # None when guidance is off (scale <= 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A generation checked and planned once: what run() needs and nothing it must re-check."""
+
+    request: GenerationRequest
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    padded: bool  # the prompt pair had different chunk counts and the shorter was padded
+    chunk_counts: dict[str, int]  # field -> 75-token chunks of that prompt (the server's limit)
+    init: InitPlan | None = None  # img2img / inpainting
+    hires: HiresPlan | None = None  # txt2img's hires fix
+    hires_conditioning: tuple[CondPiece, ...] = ()
+    vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
+    loras: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags (removed from the encoded text)
+    extra: ExtraRows | None = None  # the embeddings the prompts name: text-encoder extra_embeddings rows
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+    def with_first_seed(self, seed: int) -> Prepared:
+        """The same generation for seeds seed, seed+1, ... (A1111's n_iter batches continue the seeds)."""
+        seeds = resolve_seeds(seed, len(self.request.seeds))
+        return replace(self, request=replace(self.request, seeds=seeds))
+
+
+def prepare(
     manifest: Manifest,
     scheduler_config: dict[str, Any],
+    tokenizer: ClipTokenizer,
     *,
     prompt: str,
     negative_prompt: str = "",
-    steps: int = 28,
+    num_inference_steps: int = 28,
     guidance_scale: float = 11.0,
     width: int | None = None,
     height: int | None = None,
     seed: int | None = -1,
-    batch_size: int = 1,
+    num_images_per_prompt: int = 1,
     sampler: str = "euler_a",
     schedule: str = "model",
     rng: str = "cpu",
     eta_noise_seed_delta: int = 0,
-) -> GenerationRequest:
-    """Every parameter checked (one InvalidRequestError naming the field) before any work runs,
-    including the schedule the model's scheduler config gives and the prompts' weights."""
-    check_prompt("prompt", prompt)
-    text_prompt, loras = parse_prompt(prompt)
-    for name, text in (("prompt", text_prompt), ("negative_prompt", negative_prompt)):
-        check_prompt(name, text)
-    steps = _require_int("steps", steps)
+    image: Any = None,
+    strength: float = 0.75,
+    mask_image: Any = None,
+    enable_hr: bool = False,
+    hires_options: dict[str, Any] | None = None,
+    vae_tiling: str = "auto",
+    embeddings: EmbeddingMatcher | None = None,
+    **init_options: Any,
+) -> Prepared:
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
+    prompts parsed and chunked, schedule and seeds made: once, for run().
+
+    img2img: `image` (PIL image, array, path or bytes) and `strength` (A1111's denoising
+    strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
+    is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
+    `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
+    size (default: the image's own size rounded down to a multiple of 8).
+
+    Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
+    hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
+    hr_sampler_name (see runtime.hires.plan_hires).
+
+    `<lora:...>` tags are taken out of the prompt (runtime.extra_networks); `embeddings` (the
+    pipeline's EmbeddingMatcher) places textual-inversion embeddings named in any prompt."""
+    if image is None and (mask_image is not None or init_options):
+        raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
+    if image is not None:
+        strength = check_strength(strength)
+        loaded = load_image(image, "image")
+        if width is None and height is None:
+            width, height = default_size(loaded, manifest.vae_scale_factor)
+            width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
+    text_prompt, loras = parse_prompt(prompt) if isinstance(prompt, str) else (prompt, [])
+    chunks = {name: prompt_chunks(tokenizer, name, text, embeddings)
+              for name, text in (("prompt", text_prompt), ("negative_prompt", negative_prompt))}  # fmt: skip
+    steps = _require_int("steps", num_inference_steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
     check_guidance(guidance_scale)
     multiple = manifest.vae_scale_factor
     width = check_size("width", manifest.default_size if width is None else width, multiple)
     height = check_size("height", manifest.default_size if height is None else height, multiple)
-    count = _require_int("batch_size", batch_size)
+    count = _require_int("batch_size", num_images_per_prompt)
     if count < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
-    if sampler not in SAMPLERS:
-        raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if schedule not in SCHEDULES:
-        raise InvalidRequestError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if rng not in RNG_LABELS:
-        raise InvalidRequestError("rng", f"unknown rng {rng!r}; choose one of {', '.join(RNG_LABELS)}")
+    sampler = registry.sampler(sampler).key
+    schedule = registry.schedule(schedule)
+    rng = registry.rng(rng)
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
-    make_schedule(scheduler_config, sampler, schedule, steps)  # configs or step counts it cannot serve
-    return GenerationRequest(
+    plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    init = None
+    if image is not None:
+        init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+        plan = slice_schedule(plan, start_step(plan.steps, strength))
+    request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        resolve_seeds(seed, count), sampler, schedule, rng, delta, tuple(loras), text_prompt,
+        resolve_seeds(seed, count), sampler, schedule, rng, delta,
     )  # fmt: skip
+    piece, padded = pair_chunks(tokenizer, chunks["prompt"], chunks["negative_prompt"], plan.steps, guidance_scale)
+    counts = {name: item.count for name, item in chunks.items()}
+    if vae_tiling not in VAE_TILING:
+        raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
+    hires, hires_conditioning = None, ()
+    if enable_hr:
+        if image is not None:
+            raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
+        hires = plan_hires(
+            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            sampler, prompt, negative_prompt, steps, **(hires_options or {}),
+        )  # fmt: skip
+        hires_conditioning, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request, piece, embeddings)
+        padded, counts = padded or padded_hr, {**counts, **hr_counts}
+    rows = embeddings.rows if embeddings is not None else None
+    return Prepared(
+        request, plan, (piece,), padded, counts, init, hires, hires_conditioning, vae_tiling, tuple(loras), rows
+    )
 
 
-def check_prompt(field_name: str, text: Any) -> None:
-    """A string whose attention weights are finite: `(x:1e400)` or thousands of nested brackets
-    would turn the embeddings into NaN (a black image in A1111)."""
+def _hires_conditioning(
+    tokenizer: ClipTokenizer,
+    hires: HiresPlan,
+    request: GenerationRequest,
+    piece: CondPiece,
+    embeddings: EmbeddingMatcher | None = None,
+) -> tuple[tuple[CondPiece, ...], bool, dict[str, int]]:
+    """The second pass's conditioning: the first pass's, unless hr_prompt / hr_negative_prompt
+    say otherwise."""
+    steps = hires.schedule.steps
+    if hires.prompt == request.prompt and hires.negative_prompt == request.negative_prompt:
+        return (replace(piece, until_step=steps),), False, {}
+    # <lora:...> tags of a separate hires prompt are removed; the first pass's LoRAs stay on.
+    cond = prompt_chunks(tokenizer, "hr_prompt", parse_prompt(hires.prompt, "hr_prompt")[0], embeddings)
+    uncond = prompt_chunks(tokenizer, "hr_negative_prompt", hires.negative_prompt, embeddings)
+    paired, padded = pair_chunks(tokenizer, cond, uncond, steps, request.guidance_scale)
+    return (paired,), padded, {"hr_prompt": cond.count, "hr_negative_prompt": uncond.count}
+
+
+def prompt_chunks(
+    tokenizer: ClipTokenizer, field_name: str, text: Any, embeddings: EmbeddingMatcher | None = None
+) -> PromptChunks:
+    """A prompt parsed and chunked, its attention weights finite: `(x:1e400)` or thousands of
+    nested brackets would turn the embeddings into NaN (a black image in A1111)."""
     if not isinstance(text, str):
         raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
-    for piece, weight in parse_prompt_attention(text):
-        if not np.isfinite(weight) or (weight != BREAK_WEIGHT and abs(weight) > MAX_WEIGHT):
-            raise InvalidRequestError(
-                field_name, f"weight {weight:g} of {piece!r} is out of range (|weight| <= {MAX_WEIGHT:g})"
-            )
+    chunks = prompt_to_chunks(tokenizer, text, embeddings=embeddings)
+    bad = chunks.weights[~np.isfinite(chunks.weights) | (np.abs(chunks.weights) > MAX_WEIGHT)]
+    if bad.size:
+        raise InvalidRequestError(field_name, f"weight {bad[0]:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    return chunks
+
+
+def pair_chunks(
+    tokenizer: ClipTokenizer, cond: PromptChunks, uncond: PromptChunks, steps: int, guidance_scale: float
+) -> tuple[CondPiece, bool]:
+    """The shorter prompt padded with empty chunks so one UNet call serves both halves. That is
+    A1111's "Pad prompt/negative prompt" option (off by default there: the web UI then runs two
+    UNet calls, each attending over its own tokens), so the infotext says `Pad conds: True`
+    whenever the chunk counts differed. Guidance at most 1 drops the negative prompt."""
+    if guidance_scale <= 1.0:
+        return CondPiece(steps, cond, None), False
+    count = max(cond.count, uncond.count)
+    padded = cond.count != uncond.count
+    return CondPiece(
+        steps, pad_to_chunk_count(cond, count, tokenizer), pad_to_chunk_count(uncond, count, tokenizer)
+    ), padded
 
 
 def check_guidance(guidance_scale: Any) -> None:
@@ -190,6 +302,13 @@ def check_guidance(guidance_scale: Any) -> None:
         raise InvalidRequestError("cfg_scale", f"must be a number, not {guidance_scale!r}")
     if guidance_scale < 0:
         raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
+
+
+def combine_guidance(eps: np.ndarray, batch: int, scale: float) -> np.ndarray:
+    """Classifier-free guidance on one UNet output holding the uncond half first (as diffusers):
+    eps = uncond + scale * (cond - uncond)."""
+    eps_uncond, eps_cond = eps[:batch], eps[batch:]
+    return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
 
 
 class Pipeline:
@@ -205,11 +324,13 @@ class Pipeline:
         embeddings_dir: str | Path | None = None,
     ) -> None:
         self.manifest = manifest
-        self.sessions = sessions  # the current request's (LoRA-patched or plain) sessions
+        self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
         self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+        self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
+        self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
     @classmethod
     def from_pretrained(
@@ -243,111 +364,24 @@ class Pipeline:
     def provider(self) -> str:
         return self.sessions.provider
 
-    # -- request checking ---------------------------------------------------------------------
+    # -- prepare and run ------------------------------------------------------------------------
 
-    def make_request(self, **parameters: Any) -> GenerationRequest:
-        """Check generation parameters against this model (keywords of build_request), including
-        that every LoRA the prompt names exists and fits the model."""
-        request = build_request(self.manifest, self.scheduler_config, **parameters)
-        self.loras.resolve(list(request.loras))
-        return request
-
-    # -- the stages -----------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: str, negative_prompt: str, with_negative: bool) -> EncodedPrompt:
-        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
-        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
-        on the token axis. The shorter prompt is padded with empty chunks so one UNet call serves
-        both halves. That is A1111's "Pad prompt/negative prompt" option (off by default there: the
-        web UI then runs two UNet calls, each attending over its own tokens), so the infotext says
-        `Pad conds: True` whenever the chunk counts differed."""
-        prompts = [prompt, negative_prompt] if with_negative else [prompt]
-        chunks, extra = self.prompt_chunks(prompts)
-        count = max(item.count for item in chunks)
-        padded = any(item.count != count for item in chunks)
-        chunks = [pad_to_chunk_count(item, count, self.tokenizer) for item in chunks]
-        feed = {TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])}
-        if extra.matrix() is not None:
-            feed[TEXT_EXTRA] = extra.matrix()
-        hidden = self.sessions.text_encoder.run(feed)
-        states = []
-        for index, item in enumerate(chunks):
-            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
-            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
-        return EncodedPrompt(cond=states[0], uncond=states[1] if with_negative else None, padded=padded)
-
-    def prompt_chunks(self, prompts: list[str]) -> tuple[list[PromptChunks], ExtraRows]:
-        """Each prompt's chunks, with the embeddings named in them as rows of one ExtraRows."""
+    def prepare(self, **parameters: Any) -> Prepared:
+        """Check and plan a generation (keywords of `__call__` but output_type and callbacks),
+        including that every LoRA the prompt names exists and fits this model."""
         matcher = self.embeddings.matcher()
-        chunks = [prompt_to_chunks(self.tokenizer, text, embeddings=matcher) for text in prompts]
-        rows = matcher.rows if matcher is not None else ExtraRows(0)
-        if rows.used and TEXT_EXTRA not in self.sessions.text_encoder.input_types:
+        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
+        self.loras.resolve(list(prepared.loras))
+        if (
+            prepared.extra is not None
+            and prepared.extra.used
+            and TEXT_EXTRA not in self.sessions.text_encoder.input_types
+        ):
             raise InvalidRequestError(
-                "prompt", f"embedding {next(iter(rows.used))!r} needs a text encoder exported with embedding "
-                "support; re-export the model with this version of `python -m export`"
+                "prompt", f"embedding {next(iter(prepared.extra.used))!r} needs a text encoder exported with "
+                "embedding support; re-export the model with this version of `python -m export`"
             )  # fmt: skip
-        return chunks, rows
-
-    def denoiser(
-        self,
-        schedule: Schedule,
-        cond: np.ndarray,
-        uncond: np.ndarray | None,
-        scale: float,
-        latent_shape: tuple,
-    ) -> Callable[[np.ndarray, int], np.ndarray]:
-        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
-        With guidance one UNet call runs the uncond and cond halves together (as diffusers does:
-        uncond first), and eps = uncond + scale * (cond - uncond); scale <= 1 skips uncond."""
-        batch = latent_shape[0]
-        halves = [uncond, cond] if uncond is not None else [cond]
-        context = np.stack([half for half in halves for _ in range(batch)])
-        unet = self.sessions.unet
-        unet.begin(context, (len(context), *latent_shape[1:]))
-
-        def denoise(x: np.ndarray, step: int) -> np.ndarray:
-            sigma = np.float32(schedule.sigmas[step])
-            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
-            model_input = np.concatenate([scaled] * len(halves))
-            timesteps = np.full((len(context),), schedule.timesteps[step], dtype=np.float32)
-            eps = unet(model_input, timesteps)
-            if uncond is not None:
-                eps_uncond, eps_cond = eps[:batch], eps[batch:]
-                eps = eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
-            return x - sigma * eps
-
-        return denoise
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory."""
-        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
-        images = [self.sessions.vae_decoder.run({VAE_DECODER_INPUT: scaled[i : i + 1]}) for i in range(len(scaled))]
-        pixels = np.concatenate(images)
-        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
-
-    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
-        params = {
-            "Steps": request.steps,
-            "Sampler": SAMPLER_LABELS[request.sampler],
-            "Schedule type": SCHEDULE_LABELS[request.schedule],
-            "CFG scale": _number(request.guidance_scale),
-            "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
-            "Model hash": self.manifest.model_hash,
-            "Model": self.manifest.model_name,
-            "VAE hash": (self.manifest.raw.get("vae") or {}).get("hash"),
-            "VAE": (self.manifest.raw.get("vae") or {}).get("name"),
-            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
-            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
-            "RNG": RNG_LABELS[request.rng],
-            "Pad conds": True if pad_conds else None,
-            "Lora hashes": self.loras.hashes(list(request.loras)),
-            "TI hashes": ti_hashes(self.prompt_chunks([request.encoder_prompt, request.negative_prompt])[1].used),
-            "Version": f"acertain-onnx {__version__}",
-        }
-        return format_infotext(request.prompt, request.negative_prompt, params)
-
-    # -- the whole run --------------------------------------------------------------------------
+        return prepared
 
     def __call__(
         self,
@@ -366,69 +400,279 @@ class Pipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
+        **options: Any,
     ) -> PipelineOutput:
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
-        request = self.make_request(
-            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
-            width=width, height=height, seed=seed, batch_size=num_images_per_prompt, sampler=sampler,
-            schedule=schedule, rng=rng, eta_noise_seed_delta=eta_noise_seed_delta,
+        """Generate: prepare (every parameter checked once) then run. `options` are prepare's
+        img2img, inpainting, hires-fix and VAE-tiling keywords."""
+        check_output_type(output_type)
+        prepared = self.prepare(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, width=width, height=height, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, sampler=sampler, schedule=schedule, rng=rng,
+            eta_noise_seed_delta=eta_noise_seed_delta, **options,
         )  # fmt: skip
-        result = self.sample(request, callback, cancel_event)
-        pixels = self.decode(result.latents)
-        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
-        infotexts = [self.infotext(request, seed, result.pad_conds) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, result.interrupted, request.__dict__.copy())
+        return self.run(prepared, output_type, callback, cancel_event)
 
-    def sample(
+    def run(
         self,
-        request: GenerationRequest,
+        prepared: Prepared,
+        output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
-    ) -> SampleResult:
-        """Run the sampler. An interrupted run returns the last prediction of the clean image, as
-        the A1111 web UI shows on Interrupt."""
-        schedule = make_schedule(self.scheduler_config, request.sampler, request.schedule, request.steps)
-        with_negative = request.guidance_scale > 1.0
-        self.sessions = self.loras.sessions_for(list(request.loras)).sessions
-        encoded = self.encode_prompt(request.encoder_prompt, request.negative_prompt, with_negative)
+    ) -> PipelineOutput:
+        """Sample, decode, write the infotexts. An interrupted run decodes the last prediction of
+        the clean image, as the A1111 web UI shows on Interrupt."""
+        check_output_type(output_type)
+        request = prepared.request
+        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes.
+        self.sessions = self.loras.sessions_for(list(prepared.loras)).sessions
+        self._extra = prepared.extra.matrix() if prepared.extra is not None else None
+        latents, interrupted = self._sample(prepared, callback, cancel_event)
+        pixels = self.decode(latents, prepared.vae_tiling)
+        if prepared.init is not None and prepared.init.overlay is not None:
+            pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
+        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
+        infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    # -- the stages -----------------------------------------------------------------------------
+
+    def encode(self, piece: CondPiece) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hidden states of shape (77*k, width) for the prompt (and negative prompt): every chunk
+        through the text encoder in one batch, A1111's emphasis applied per prompt, chunks joined
+        on the token axis."""
+        chunks = [piece.cond] if piece.uncond is None else [piece.cond, piece.uncond]
+        count = piece.cond.count
+        feed = {TEXT_INPUT: np.concatenate([item.token_ids for item in chunks])}
+        if self._extra is not None:
+            feed[TEXT_EXTRA] = self._extra
+        hidden = self.sessions.text_encoder.run(feed)
+        states = []
+        for index, item in enumerate(chunks):
+            emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
+            states.append(emphasized.reshape(-1, emphasized.shape[-1]))
+        return states[0], (states[1] if piece.uncond is not None else None)
+
+    def denoiser(
+        self, schedule: Schedule, conditioning: tuple[CondPiece, ...], scale: float, latent_shape: tuple
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+        Step i uses the first conditioning piece with i < until_step; the UNet is rebound only
+        when the piece changes. With guidance one UNet call runs the uncond and cond halves
+        together (uncond first, as diffusers does)."""
+        batch = latent_shape[0]
+        encoded = [self.encode(piece) for piece in conditioning]
+        unet = self.sessions.unet
+        bound: dict[str, int] = {}
+
+        def bind(step: int) -> int:
+            index = next((i for i, piece in enumerate(conditioning) if step < piece.until_step), len(conditioning) - 1)
+            if bound.get("piece") != index:
+                cond, uncond = encoded[index]
+                halves = [uncond, cond] if uncond is not None else [cond]
+                context = np.stack([half for half in halves for _ in range(batch)])
+                unet.begin(context, (len(context), *latent_shape[1:]))
+                bound["piece"], bound["halves"] = index, len(halves)
+            return bound["halves"]
+
+        def denoise(x: np.ndarray, step: int) -> np.ndarray:
+            halves = bind(step)
+            sigma = np.float32(schedule.sigmas[step])
+            scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
+            model_input = np.concatenate([scaled] * halves)
+            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+            eps = unet(model_input, timesteps)
+            if halves == 2:
+                eps = combine_guidance(eps, batch, scale)
+            return x - sigma * eps
+
+        return denoise
+
+    def decode(self, latents: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory;
+        tiled (diffusers' tiled_decode) when `tiling` says so for this size."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        factor, sizes = self.manifest.vae_scale_factor, self.tile_sizes
+        tiles = use_tiling(tiling, scaled.shape[3] * factor, scaled.shape[2] * factor, sizes)
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return self.sessions.vae_decoder.run({VAE_DECODER_INPUT: tile})
+
+        images = [tiled(run, scaled[i : i + 1], sizes.latent, sizes.sample) if tiles else run(scaled[i : i + 1])
+                  for i in range(len(scaled))]  # fmt: skip
+        pixels = np.concatenate(images)
+        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def infotext(self, prepared: Prepared, seed: int) -> str:
+        request = prepared.request
+        params = {
+            "Steps": request.steps,
+            "Sampler": registry.sampler(request.sampler).name,
+            "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
+            "CFG scale": _number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
+            "Model hash": self.manifest.model_hash,
+            "Model": self.manifest.model_name,
+            "VAE hash": (self.manifest.raw.get("vae") or {}).get("hash"),
+            "VAE": (self.manifest.raw.get("vae") or {}).get("name"),
+            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
+            "RNG": registry.RNG_LABELS[request.rng],
+            "Pad conds": True if prepared.padded else None,
+            **(prepared.init.infotext if prepared.init is not None else {}),
+            **(prepared.hires.infotext if prepared.hires is not None else {}),
+            "Lora hashes": self.loras.hashes(list(prepared.loras)),
+            "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
+            "Version": f"acertain-onnx {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+    def _sample(
+        self,
+        prepared: Prepared,
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """(latents for the VAE, interrupted): the first pass, then the hires pass if asked."""
+        request = prepared.request
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
-        shape = (1, self.manifest.latent_channels, request.height // self.manifest.vae_scale_factor,
-                 request.width // self.manifest.vae_scale_factor)  # fmt: skip
-        x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
-        if uses_ensd(request):
+        x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, after_step)
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        if prepared.hires is None or interrupted:
+            return latents, interrupted
+        x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
+        # A1111: the second pass draws its noise from fresh generators of the same seeds.
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
+        x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
+        pass_ = _Pass(prepared.hires.sampler, prepared.hires.schedule, prepared.hires_conditioning, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event)
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        factor = self.manifest.vae_scale_factor
+        return (1, self.manifest.latent_channels, height // factor, width // factor)
+
+    def _loop(
+        self,
+        request: GenerationRequest,
+        pass_: _Pass,
+        x: np.ndarray,
+        generators: list[NoiseGenerator],
+        callback: StepCallback | None,
+        cancel_event: threading.Event | None,
+    ) -> tuple[np.ndarray, bool]:
+        """One sampling pass from x. An interrupted pass returns the last prediction of the
+        clean image, as the A1111 web UI shows on Interrupt."""
+        schedule, shape = pass_.schedule, (1, *x.shape[1:])
+        if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        denoise = self.denoiser(schedule, encoded.cond, encoded.uncond, request.guidance_scale, x.shape)
+        denoise = self.denoiser(schedule, pass_.conditioning, request.guidance_scale, x.shape)
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
             last_denoised["x"] = denoise(x_in, step)
             return last_denoised["x"]
 
-        def on_step(step: int, latents: np.ndarray) -> None:
+        def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
+            latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
             stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
+            return latents
 
         try:
             noise = per_image_noise(generators, shape)
-            x = samplers.sample(request.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = samplers.sample(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
-            return SampleResult(last_denoised.get("x", x), True, encoded.padded)
-        return SampleResult(final_latents(x, schedule), False, encoded.padded)
+            return last_denoised.get("x", x), True
+        return final_latents(x, schedule), False
+
+    def _upscale(self, latents: np.ndarray, plan: HiresPlan, tiling: str) -> np.ndarray:
+        """The first pass at the hires size: latents resized (latent upscalers), or decoded,
+        resized as an image and encoded again (the latent distribution's mean)."""
+        factor = self.manifest.vae_scale_factor
+        size = (plan.upscale_to[0] // factor, plan.upscale_to[1] // factor)
+        if plan.upscaler.latent:
+            upscaled = upscale_latents(latents, size, plan.upscaler)
+        else:
+            decoded = self.decode(latents, tiling)
+            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler) for image in decoded]
+            moments = [self.encode_pixels((image * 2 - 1).transpose(2, 0, 1)[None], tiling) for image in pixels]
+            upscaled = np.concatenate([np.split(m, 2, axis=1)[0] for m in moments])
+            upscaled = upscaled * np.float32(self.manifest.vae_scaling_factor)
+        return truncate(upscaled, *plan.truncate).astype(np.float32)
+
+    def _initial(
+        self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
+        """The first sample x (VE space) and what to do to x after each step. Each image's
+        generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
+        then the noise; inpainting also a (discarded) sample for the masked image."""
+        schedule, init = prepared.schedule, prepared.init
+        if init is None:
+            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+        moments = self.encode_pixels(init.pixels, prepared.vae_tiling)
+        x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
+        noise = np.concatenate([g.randn(shape) for g in generators])
+        if init.latent_mask is None:
+            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+        for g in generators:
+            g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
+        x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        if init.strength == 1.0:  # diffusers starts from pure noise at full strength
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = x0 + noise * np.float32(schedule.sigmas[0])
+
+        def after_step(step: int, latents: np.ndarray) -> np.ndarray:
+            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+
+        return x.astype(np.float32), after_step
+
+    def encode_pixels(self, pixels: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked;
+        tiled (diffusers' _tiled_encode) when `tiling` says so for this size."""
+        encoder = self.sessions.vae_encoder
+        if encoder is None:
+            raise InvalidRequestError(
+                "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
+            )
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return encoder.run({VAE_ENCODER_INPUT: tile})
+
+        sizes = self.tile_sizes
+        if use_tiling(tiling, pixels.shape[3], pixels.shape[2], sizes):
+            return tiled(run, pixels, sizes.sample, sizes.latent)
+        return run(pixels)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
 
 class _Stop(Exception):
     """Raised inside the sampler loop to leave it at a step boundary."""
 
 
-def uses_ensd(request: GenerationRequest) -> bool:
+def uses_ensd(request: GenerationRequest, sampler: str | None = None) -> bool:
     """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
     and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and request.sampler in ANCESTRAL_SAMPLERS
+    return request.eta_noise_seed_delta > 0 and registry.sampler(sampler or request.sampler).ancestral
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    sampler: str
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None
 
 
 def _number(value: float) -> int | float:

@@ -35,8 +35,8 @@ Denoiser = Callable[[np.ndarray, int], np.ndarray]
 """(x, step_index) -> denoised: the predicted clean sample (VE space) at ``sigmas[step_index]``."""
 NoiseSource = Callable[[], np.ndarray]
 """A fresh standard-normal array shaped like x, drawn from the per-image seeded generators."""
-StepCallback = Callable[[int, np.ndarray], None]
-"""Called after each step with (step_index, x); may raise to stop the run."""
+StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
+"""Called after each step with (step_index, x); may raise to stop the run, or return a new x."""
 
 # diffusers' DPMSolverMultistepScheduler with its default lower_order_final=True also takes a
 # first-order last step when the run is shorter than this, even if the schedule ends above 0.
@@ -47,9 +47,10 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _notify(callback: StepCallback | None, i: int, x: np.ndarray) -> None:
-    if callback is not None:
-        callback(i, x)
+def _notify(callback: StepCallback | None, i: int, x: np.ndarray) -> np.ndarray:
+    """The callback may return a replacement for x (inpainting blends the known latents in)."""
+    replaced = callback(i, x) if callback is not None else None
+    return x if replaced is None else _f32(replaced)
 
 
 def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[np.float32, np.float32]:
@@ -92,7 +93,7 @@ def sample_euler_ancestral(
         if sigma_up > 0:
             x = x + fresh * sigma_up
         x = _f32(x)
-        _notify(callback, i, x)
+        x = _notify(callback, i, x)
     return x
 
 
@@ -111,7 +112,7 @@ def sample_euler(
         sigma = sigmas[i]
         derivative = (x - denoise(x, i)) / sigma
         x = _f32(x + derivative * (sigmas[i + 1] - sigma))
-        _notify(callback, i, x)
+        x = _notify(callback, i, x)
     return x
 
 
@@ -159,7 +160,7 @@ def sample_dpmpp_2m(
                 blended = _f32((1.0 + half_inv_r) * denoised - half_inv_r * old_denoised)
             x = _f32((sigma_next / sigma) * x - math.expm1(-h) * blended)
         old_denoised = denoised
-        _notify(callback, i, x)
+        x = _notify(callback, i, x)
     return x
 
 
@@ -197,7 +198,7 @@ def sample_ddim(
         if target != sigmas[i + 1]:
             scale = math.sqrt(float(sigmas[i + 1]) ** 2 + 1.0) / math.sqrt(float(target) ** 2 + 1.0)
             x = _f32(x * np.float32(scale))
-        _notify(callback, i, x)
+        x = _notify(callback, i, x)
     return x
 
 

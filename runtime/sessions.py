@@ -401,6 +401,7 @@ class Sessions:
     unet: UNetSession
     vae_decoder: GraphSession
     provider: str
+    vae_encoder: GraphSession | None = None  # img2img and inpainting only
     config: SessionConfig = SessionConfig()  # how these were made: LoRA sets rebuild sessions the same way
 
 
@@ -419,6 +420,9 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
         unet=UNetSession(manifest.graphs["unet"], provider, config),
         vae_decoder=GraphSession(manifest.graphs["vae_decoder"], provider, config),
         provider=provider,
+        vae_encoder=GraphSession(manifest.graphs["vae_encoder"], provider, config)
+        if "vae_encoder" in manifest.graphs
+        else None,
         config=config,
     )
     warn_cpu_fallback(config.provider, provider)

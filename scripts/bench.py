@@ -216,15 +216,16 @@ class RuntimeSystem:
         )
 
     def encode(self) -> Callable[[], Any]:
-        return lambda: self.pipe.encode_prompt(PROMPT, NEGATIVE, True)
+        piece = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE).conditioning[0]
+        return lambda: self.pipe.encode(piece)
 
     def unet_step(self) -> Callable[[], Any]:
         import numpy as np
 
-        encoded = self.pipe.encode_prompt(PROMPT, NEGATIVE, True)
+        cond, uncond = self.pipe.encode(self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE).conditioning[0])
         shape = latent_shape(self.job, batch=2)
         unet = self.pipe.sessions.unet
-        unet.begin(np.stack([encoded.uncond, encoded.cond]), shape)
+        unet.begin(np.stack([uncond, cond]), shape)
         sample = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         timestep = np.full((2,), 500.0, dtype=np.float32)
         return lambda: unet(sample, timestep)

@@ -137,3 +137,50 @@ def assert_clean_refusal(result: subprocess.CompletedProcess, message: str, out:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert not out.exists() and not list(out.parent.glob("*.png")) if out.parent.exists() else True
+
+
+def _image(path: Path, size: tuple[int, int] = (64, 64), mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    Image.new(mode, size, 200 if mode == "L" else (40, 120, 200)).save(path)
+    return path
+
+
+def test_hires_and_inpainting_from_the_command_line(tiny_fp32, tmp_path):
+    hires = tmp_path / "hires.png"
+    result = run_cli(
+        "--model", str(tiny_fp32), "--prompt", PROMPT, "--seed", "3", "--steps", "2", "--width", "64",
+        "--height", "64", "--hires-scale", "2", "--hires-upscaler", "Latent (nearest)", "--vae-tiling", "on",
+        "--output", str(hires),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Hires upscale: 2, Hires upscaler: Latent (nearest)" in read_infotext(hires)
+    out = tmp_path / "inpaint.png"
+    result = run_cli(
+        "--model", str(tiny_fp32), "--prompt", PROMPT, "--steps", "2", "--init-image", str(hires),
+        "--strength", "0.6", "--mask", str(_image(tmp_path / "mask.png", (128, 128), "L")), "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Denoising strength: 0.6" in read_infotext(out) and "Mask blur: 4" in read_infotext(out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--init-image", "{tmp}/broken.png"], "image"),
+        (["--init-image", "{tmp}/init.png", "--strength", "1.5"], "strength"),
+        (["--init-image", "{tmp}/init.png", "--mask", "{tmp}/small.png"], "mask_image"),
+        (["--hires-scale", "2", "--hires-upscaler", "SwinIR"], "hr_upscaler"),
+        (["--vae-tiling", "maybe"], "vae_tiling"),
+    ],
+)
+def test_bad_image_options_are_one_line_and_exit_2(tiny_fp32, tmp_path, extra, field):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _image(tmp_path / "init.png")
+    _image(tmp_path / "small.png", (32, 32), "L")
+    out = tmp_path / "out.png"
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
+    result = run_cli("--model", str(tiny_fp32), "--prompt", PROMPT, "--steps", "2", *args, "--output", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: {field}: ")
+    assert not out.exists()

@@ -164,9 +164,9 @@ def test_bad_tags_are_one_clear_error(prompt, message):
 
 def test_unknown_pickled_malformed_and_foreign_loras_are_refused(runtime_fp32, lora_dir, tmp_path, tiny_fp32):
     with pytest.raises(InvalidRequestError, match=r"unknown LoRA 'nope'.*available: b, style_a"):
-        runtime_fp32.make_request(prompt="<lora:nope:1>")
+        runtime_fp32.prepare(prompt="<lora:nope:1>")
     with pytest.raises(InvalidRequestError, match=r"unknown LoRA '\.\./b'"):
-        runtime_fp32.make_request(prompt="<lora:../b:1>")
+        runtime_fp32.prepare(prompt="<lora:../b:1>")
     folder = tmp_path / "loras"
     folder.mkdir()
     (folder / "pickled.pt").write_bytes(b"\x80\x04not really")
@@ -188,4 +188,4 @@ def test_unknown_pickled_malformed_and_foreign_loras_are_refused(runtime_fp32, l
     }
     for name, message in cases.items():
         with pytest.raises(InvalidRequestError, match=message):
-            pipe.make_request(prompt=f"<lora:{name}:1>")
+            pipe.prepare(prompt=f"<lora:{name}:1>")

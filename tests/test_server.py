@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 
 from runtime.errors import InvalidRequestError  # noqa: E402
 from runtime.metadata import read_infotext  # noqa: E402
-from runtime.pipeline import GenerationRequest, SampleResult  # noqa: E402
+from runtime.pipeline import GenerationRequest, PipelineOutput, Prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_STACK = ("torch", "transformers", "diffusers", "optimum")
@@ -582,29 +582,28 @@ def test_fuzzed_requests_never_get_a_5xx(tight: Server, txt2img_bodies: st.Searc
 class _FlakyPipe:
     """Fails the jobs whose prompt says so, succeeds otherwise."""
 
-    def sample(self, request: GenerationRequest, callback=None, cancel_event=None) -> SampleResult:
+    def run(self, prepared: Prepared, output_type: str = "np", callback=None, cancel_event=None) -> PipelineOutput:
+        request = prepared.request
         failures = {"bug": RuntimeError("boom"), "oom": RuntimeError("Failed to allocate memory for requested buffer")}
         if request.prompt in failures:
             raise failures[request.prompt]
         if request.prompt == "user":
             raise InvalidRequestError("steps", "too many for this model")
         callback(1, 1, np.zeros((1, 4, 8, 8), np.float32))
-        return SampleResult(np.zeros((1, 4, 8, 8), np.float32), False, False)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        return np.zeros((len(latents), 64, 64, 3), np.float32)
-
-    def infotext(self, request: GenerationRequest, seed: int, pad_conds: bool = False) -> str:
-        return f"{request.prompt}\nSeed: {seed}"
+        images = [np.zeros((64, 64, 3), np.float32) for _ in request.seeds]
+        return PipelineOutput(images, [f"{request.prompt}\nSeed: {seed}" for seed in request.seeds], request.seeds)
 
 
 def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
+    from runtime.registry import SAMPLERS, SCHEDULERS
+    from runtime.schedules import Schedule
     from runtime.server.jobs import Job, JobFailure, JobResult, Worker
-    from runtime.server.mapping import SAMPLERS, SCHEDULERS, Plan
+    from runtime.server.mapping import Plan
 
     def plan(prompt: str) -> Plan:
         request = GenerationRequest(prompt, "", 1, 7.0, 64, 64, [1], "euler", "a1111", "nv", 0)
-        return Plan((request,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
+        prepared = Prepared(request, Schedule(np.ones(2, np.float32), np.ones(1, np.float32), 1.0), (), False, {})
+        return Plan((prepared,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
 
     async def run() -> list:
         worker = Worker(_FlakyPipe(), queue_size=8)
@@ -641,3 +640,97 @@ def test_mapping_rules() -> None:
     with pytest.raises(InvalidRequestError) as error:
         resolve("DPM++ 2M SGM Uniform")
     assert error.value.field == "scheduler"
+
+
+# -- img2img, inpainting, hires fix and their endpoints ---------------------------------------------
+
+
+def _png_base64(size: tuple[int, int] = (64, 64), mode: str = "RGB", box: tuple | None = None) -> str:
+    if mode == "L":
+        image = Image.new("L", size, 0)
+        if box:
+            image.paste(255, box)
+    else:
+        y, x = np.mgrid[0 : size[1], 0 : size[0]]
+        image = Image.fromarray(np.stack([x * 3, y * 3, (x + y) * 2], -1).astype(np.uint8) % 255)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMG2IMG = {
+    "prompt": "1girl", "steps": 4, "sampler_name": "Euler a", "seed": 114514, "cfg_scale": 7, **SMALL,
+    "denoising_strength": 0.6,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_img2img_matches_the_library(main: Server, tiny_fp32: Path, with_mask: bool) -> None:
+    from runtime import Pipeline
+
+    body = {**IMG2IMG, "init_images": [_png_base64()]}
+    options = {}
+    if with_mask:
+        body.update(mask="data:image/png;base64," + _png_base64(mode="L", box=(16, 16, 48, 40)), inpainting_fill=1)
+        options = {"mask_image": base64.b64decode(_png_base64(mode="L", box=(16, 16, 48, 40))), "inpainting_fill": 1,
+                   "inpaint_full_res": True, "inpaint_full_res_padding": 0, "mask_blur": 4}  # fmt: skip
+    with main.client(AUTH) as client:
+        answer = client.post("/sdapi/v1/img2img", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    info = json.loads(result["info"])
+    assert info["denoising_strength"] == 0.6 and result["parameters"]["init_images"] is None
+    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
+    expected = pipe(
+        "1girl", "", 4, 7.0, 64, 64, 114514, 1, sampler="euler_a", schedule="a1111", rng="nv",
+        image=base64.b64decode(_png_base64()), strength=0.6, **options,
+    )  # fmt: skip
+    pixels, text = decode_png(result["images"][0])
+    np.testing.assert_array_equal(pixels, np.asarray(expected.images[0]))
+    assert text == expected.infotexts[0] and "Denoising strength: 0.6" in text
+    if with_mask:
+        assert "Mask blur: 4" in text and info["extra_generation_params"]["Inpaint area"] == "Only masked"
+
+
+def test_txt2img_hires_fix(main: Server) -> None:
+    body = {"prompt": "1girl", "steps": 3, **SMALL, "seed": 5, "enable_hr": True, "hr_scale": 2,
+            "hr_upscaler": "Latent", "denoising_strength": 0.7}  # fmt: skip
+    with main.client(AUTH) as client:
+        answer = post(client, body)
+    assert answer.status_code == 200, answer.text
+    pixels, text = decode_png(answer.json()["images"][0])
+    assert pixels.shape == (128, 128, 3)
+    assert "Hires upscale: 2, Hires upscaler: Latent" in text and "Denoising strength: 0.7" in text
+    assert json.loads(answer.json()["info"])["denoising_strength"] == 0.7
+
+
+def test_upscaler_lists_and_png_info(main: Server) -> None:
+    with main.client(AUTH) as client:
+        upscalers = client.get("/sdapi/v1/upscalers").json()
+        modes = client.get("/sdapi/v1/latent-upscale-modes").json()
+        generated = post(client, {"prompt": "a (cat:1.2), b", "steps": 1, **SMALL, "seed": 9}).json()["images"][0]
+        info = client.post("/sdapi/v1/png-info", json={"image": generated}).json()
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in modes][:2] == ["Latent", "Latent (antialiased)"]
+    assert info["parameters"]["Prompt"] == "a (cat:1.2), b" and info["parameters"]["Seed"] == "9"
+    assert info["parameters"]["Size-1"] == "64" and info["info"].startswith("a (cat:1.2), b\n")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("img2img", {"init_images": ["not base64!"]}, "init_images"),
+        ("img2img", {"init_images": [base64.b64encode(b"GIF89a broken").decode()]}, "init_images"),
+        ("img2img", {"init_images": [_png_base64()], "denoising_strength": 1.5}, "denoising_strength"),
+        ("img2img", {"init_images": [_png_base64()], "mask": _png_base64((32, 32), "L")}, "mask"),
+        ("img2img", {"init_images": []}, "init_images"),
+        ("txt2img", {"enable_hr": True, "hr_scale": 3}, "hr_scale"),
+        ("txt2img", {"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
+        ("png-info", {"image": base64.b64encode(b"nope").decode()}, "image"),
+    ],
+)
+def test_bad_image_requests_are_422_naming_the_field(tight: Server, path: str, body: dict, field: str) -> None:
+    with tight.client() as client:
+        answer = client.post(f"/sdapi/v1/{path}", json={"prompt": "x", "steps": 2, **SMALL, **body})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field

@@ -300,20 +300,17 @@ class Worker:
     def _generate(self, job: Job) -> JobResult:
         """Run the batches; stop after the one an interrupt reached, as A1111 does."""
         plan, images, infotexts, interrupted = job.plan, [], [], False
-        for index, request in enumerate(plan.batches):
-            self.progress.begin_batch(index, request.steps)
-            result = self._pipe.sample(
-                request, callback=lambda step, _total, x: self.progress.step(step, x), cancel_event=job.cancel
+        for index, prepared in enumerate(plan.batches):
+            self.progress.begin_batch(index, prepared.schedule.steps)
+            out = self._pipe.run(
+                prepared, "np", callback=lambda step, _total, x: self.progress.step(step, x), cancel_event=job.cancel
             )
             if job.abandoned:
-                break  # nobody will read the images: skip the decode
-            pixels = self._pipe.decode(result.latents)
-            for image, seed in zip(pixels, request.seeds, strict=True):
-                text = self._pipe.infotext(request, seed, result.pad_conds)
-                infotexts.append(text)
-                if plan.send_images:
-                    images.append(png_base64(image, text))
-            if result.interrupted:
+                break  # nobody will read the images
+            infotexts.extend(out.infotexts)
+            if plan.send_images:
+                images.extend(png_base64(image, text) for image, text in zip(out.images, out.infotexts, strict=True))
+            if out.interrupted:
                 interrupted = True
                 break
         return JobResult(images, infotexts, interrupted, self.progress.job_timestamp)

@@ -19,17 +19,25 @@ Mapping decisions (docs/server.md has the table):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..conditioning import prompt_to_chunks
 from ..errors import InvalidRequestError
-from ..pipeline import MAX_SEED, GenerationRequest
+from ..pipeline import MAX_SEED, Prepared
+from ..registry import (
+    RNG_SOURCES,
+    SamplerInfo,
+    SchedulerInfo,
+    library_schedule,
+)
+from ..registry import sampler_and_scheduler as find_sampler
 from .config import Limits
-from .schemas import Txt2ImgRequest
+from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 if TYPE_CHECKING:
     from ..model_folder import Manifest
@@ -38,53 +46,15 @@ if TYPE_CHECKING:
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
 
 
-@dataclass(frozen=True)
-class SamplerInfo:
-    name: str  # A1111's label
-    key: str  # the library's sampler
-    aliases: tuple[str, ...]  # A1111's aliases
-    options: dict
-    automatic: str  # the library schedule A1111's "Automatic" means for this sampler
-    eta: float | None = None  # the only eta the library's sampler implements, if it takes one
-
-
-SAMPLERS = (
-    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", eta=1.0),
-    SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
-    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
-    SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
-)
-_EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
-
-
-@dataclass(frozen=True)
-class SchedulerInfo:
-    name: str
-    label: str
-    schedule: str | None  # library schedule; None: "the sampler's automatic one"
-    aliases: tuple[str, ...] = ()
-    default_rho: float | None = None
-    need_inner_model: bool | None = None
-
-
-SCHEDULERS = (
-    SchedulerInfo("automatic", "Automatic", None),
-    SchedulerInfo("uniform", "Uniform", "a1111", need_inner_model=True),
-    SchedulerInfo("karras", "Karras", "karras", default_rho=7.0),
-    SchedulerInfo("diffusers", "Diffusers", "model"),
-)
-# A1111 schedulers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SCHEDULERS = (
-    "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform", "KL Optimal", "Align Your Steps",
-    "Simple", "Normal", "DDIM", "Beta",
-)  # fmt: skip
-RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 # The library's field names -> the API's, so that every 422 names what the client sent.
 _FIELD_NAMES = {
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "rng": "override_settings.randn_source",
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
+    "image": "init_images",
+    "mask_image": "mask",
+    "strength": "denoising_strength",
 }
 
 
@@ -92,7 +62,7 @@ _FIELD_NAMES = {
 class Plan:
     """A validated txt2img job: one library request per n_iter batch, plus what the answer echoes."""
 
-    batches: tuple[GenerationRequest, ...]
+    batches: tuple[Prepared, ...]
     sampler: SamplerInfo
     scheduler: SchedulerInfo
     seed: int
@@ -101,63 +71,20 @@ class Plan:
 
     @property
     def steps(self) -> int:
-        return self.batches[0].steps
+        return self.batches[0].request.steps
 
+    @property
+    def denoising_strength(self) -> float | None:
+        first = self.batches[0]
+        plan = first.init or first.hires
+        return plan.strength if plan is not None else None
 
-def _key(name: str) -> str:
-    return " ".join(name.lower().split())
-
-
-def _sampler_table() -> dict[str, SamplerInfo]:
-    table = {}
-    for info in SAMPLERS:
-        for name in (info.name, info.key, *info.aliases):
-            table[_key(name)] = info
-    for name, key in _EXTRA_SAMPLER_NAMES.items():
-        table[_key(name)] = next(info for info in SAMPLERS if info.key == key)
-    return table
-
-
-_SAMPLER_TABLE = _sampler_table()
-_SCHEDULER_TABLE = {_key(n): info for info in SCHEDULERS for n in (info.name, info.label, *info.aliases)}
-
-
-def sampler_choices() -> str:
-    return ", ".join(repr(info.name) for info in SAMPLERS)
-
-
-def scheduler_choices() -> str:
-    return ", ".join(repr(info.label) for info in SCHEDULERS)
-
-
-def find_scheduler(name: str) -> SchedulerInfo:
-    info = _SCHEDULER_TABLE.get(_key(name))
-    if info is not None:
-        return info
-    if _key(name) in {_key(n) for n in UNSUPPORTED_SCHEDULERS}:
-        raise InvalidRequestError("scheduler", f"{name!r} is not supported by this server; use {scheduler_choices()}")
-    raise InvalidRequestError("scheduler", f"unknown scheduler {name!r}; use {scheduler_choices()}")
-
-
-def find_sampler(name: str, scheduler: str) -> tuple[SamplerInfo, SchedulerInfo]:
-    """The sampler, and the scheduler: from a suffix of the name ("DPM++ 2M Karras") or the field."""
-    info = _SAMPLER_TABLE.get(_key(name))
-    if info is not None:
-        return info, find_scheduler(scheduler)
-    for suffix in (*(n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)), *UNSUPPORTED_SCHEDULERS):
-        if _key(name).endswith(" " + _key(suffix)):
-            base = _SAMPLER_TABLE.get(_key(name)[: -len(_key(suffix)) - 1])
-            if base is not None:
-                return base, find_scheduler(suffix)
-    raise InvalidRequestError("sampler_name", f"unknown sampler {name!r}; choose one of {sampler_choices()}")
-
-
-def library_schedule(sampler: SamplerInfo, scheduler: SchedulerInfo) -> str:
-    if scheduler.schedule == "model":
-        return "model"
-    if sampler.key == "ddim":
-        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
-    return scheduler.schedule or sampler.automatic
+    @property
+    def extra_generation_params(self) -> dict[str, Any]:
+        """A1111's Processed.extra_generation_params: the mode's infotext fields."""
+        first = self.batches[0]
+        fields = {**(first.init.infotext if first.init else {}), **(first.hires.infotext if first.hires else {})}
+        return {key: value for key, value in fields.items() if value is not None and key != "Denoising strength"}
 
 
 def model_title(manifest: Manifest) -> str:
@@ -165,10 +92,9 @@ def model_title(manifest: Manifest) -> str:
     return f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
 
 
-def _check_defaults_only(body: Txt2ImgRequest) -> None:
+def _check_defaults_only(body: GenerationFields) -> None:
     """Refuse features that would silently change the image if they were ignored."""
     unsupported = {
-        "enable_hr": (body.enable_hr, "hires fix is not supported"),
         "restore_faces": (body.restore_faces, "face restoration is not supported"),
         "tiling": (body.tiling, "tiling is not supported"),
         "styles": (body.styles, "prompt styles are not supported: put the style text in the prompt"),
@@ -183,7 +109,7 @@ def _check_defaults_only(body: Txt2ImgRequest) -> None:
             raise InvalidRequestError(name, message)
 
 
-def _check_overrides(body: Txt2ImgRequest, manifest: Manifest) -> tuple[str, int]:
+def _check_overrides(body: GenerationFields, manifest: Manifest) -> tuple[str, int]:
     """(library rng, ENSD) from override_settings; clip skip and model must match the export."""
     settings = body.override_settings
     clip_skip = settings.CLIP_stop_at_last_layers
@@ -203,27 +129,28 @@ def _check_overrides(body: Txt2ImgRequest, manifest: Manifest) -> tuple[str, int
     return RNG_SOURCES[settings.randn_source or "GPU"], settings.eta_noise_seed_delta or 0
 
 
-def _check_eta(body: Txt2ImgRequest, sampler: SamplerInfo) -> None:
+def _check_eta(body: GenerationFields, sampler: SamplerInfo) -> None:
     if body.eta is None or sampler.eta is None or body.eta == sampler.eta:
         return
     raise InvalidRequestError("eta", f"{sampler.name} runs with eta {sampler.eta:g} only, not {body.eta:g}")
 
 
-def _check_limits(body: Txt2ImgRequest, limits: Limits) -> None:
+def _check_limits(body: GenerationFields, limits: Limits) -> None:
     checks = (
         ("steps", body.steps, limits.max_steps, "steps"),
         ("batch_size", body.batch_size, limits.max_batch, "images per batch"),
         ("n_iter", body.batch_size * body.n_iter, limits.max_images, "images per request (batch_size * n_iter)"),
         ("width", body.width * body.height, limits.max_pixels, "pixels per image (width * height)"),
     )
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        checks += (("hr_second_pass_steps", body.hr_second_pass_steps, limits.max_steps, "steps"),)
     for name, value, limit, what in checks:
         if value > limit:
             raise InvalidRequestError(name, f"{value} {what} is over this server's limit of {limit}")
 
 
-def _check_prompt_length(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> None:
-    for name in ("prompt", "negative_prompt"):
-        count = prompt_to_chunks(pipe.tokenizer, getattr(body, name)).count
+def _check_prompt_length(prepared: Prepared, limits: Limits) -> None:
+    for name, count in prepared.chunk_counts.items():
         if count > limits.max_prompt_chunks:
             raise InvalidRequestError(
                 name, f"{count} chunks of 75 tokens is over this server's limit of {limits.max_prompt_chunks}"
@@ -253,30 +180,85 @@ def _api_field_names() -> Iterator[None]:
         raise InvalidRequestError(field, error.message) from None
 
 
-def _batch_request(
-    pipe: Pipeline, body: Txt2ImgRequest, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
-) -> GenerationRequest:
-    return pipe.make_request(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance_scale=body.cfg_scale,
-        width=body.width, height=body.height, seed=first_seed, batch_size=body.batch_size, sampler=sampler.key,
-        schedule=schedule, rng=rng, eta_noise_seed_delta=ensd,
+def decode_base64(field: str, text: str) -> bytes:
+    """A1111's decode_base64_to_image input: plain base64 or a data: URL."""
+    if text.startswith("data:"):
+        text = text.split(";", 1)[1].split(",", 1)[-1] if ";" in text else ""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(field, "is not valid base64") from None
+
+
+def _mode_options(body: GenerationFields) -> dict[str, Any]:
+    """The library keywords of the request's mode: hires fix for txt2img, the init image, mask and
+    inpainting options for img2img."""
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise InvalidRequestError("init_images", "needs one image")
+        options: dict[str, Any] = {
+            "image": decode_base64("init_images", body.init_images[0]), "strength": body.denoising_strength,
+            "resize_mode": body.resize_mode,
+        }  # fmt: skip
+        if body.mask is not None:
+            options.update(
+                mask_image=decode_base64("mask", body.mask), mask_blur=body.mask_blur,
+                inpainting_fill=body.inpainting_fill, inpaint_full_res=body.inpaint_full_res,
+                inpaint_full_res_padding=body.inpaint_full_res_padding,
+                inpainting_mask_invert=bool(body.inpainting_mask_invert),
+            )  # fmt: skip
+        return options
+    if not isinstance(body, Txt2ImgRequest) or not body.enable_hr:
+        return {}
+    hires = {
+        "hr_scale": body.hr_scale, "hr_resize_x": body.hr_resize_x, "hr_resize_y": body.hr_resize_y,
+        "hr_upscaler": body.hr_upscaler or "Latent", "hr_second_pass_steps": body.hr_second_pass_steps,
+        "denoising_strength": 0.7 if body.denoising_strength is None else body.denoising_strength,
+        "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt,
+        "hr_sampler_name": body.hr_sampler_name,
+    }  # fmt: skip
+    return {"enable_hr": True, "hires_options": hires}
+
+
+def _check_sizes(prepared: Prepared, limits: Limits) -> None:
+    """The hires output and the init image count against the pixel limit too."""
+    hires = prepared.hires
+    if hires is not None and hires.width * hires.height > limits.max_pixels:
+        raise InvalidRequestError(
+            "hr_scale", f"the hires size {hires.width}x{hires.height} is over this server's limit of "
+            f"{limits.max_pixels} pixels per image",
+        )  # fmt: skip
+    init = prepared.init
+    if init is not None and init.overlay is not None:
+        width, height = init.overlay.original.size
+        if width * height > 4 * limits.max_pixels:
+            raise InvalidRequestError("init_images", f"{width}x{height} is over 4x this server's pixel limit")
+
+
+def _prepare_batch(
+    pipe: Pipeline, body: GenerationFields, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
+) -> Prepared:
+    return pipe.prepare(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
+        guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
+        num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
+        eta_noise_seed_delta=ensd, **_mode_options(body),
     )  # fmt: skip
 
 
-def build_plan(pipe: Pipeline, body: Txt2ImgRequest, limits: Limits) -> Plan:
-    """Check a txt2img request completely; raises InvalidRequestError naming the field."""
+def build_plan(pipe: Pipeline, body: GenerationFields, limits: Limits) -> Plan:
+    """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field."""
     _check_defaults_only(body)
     rng, ensd = _check_overrides(body, pipe.manifest)
     sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler)
     _check_eta(body, sampler)
     _check_limits(body, limits)
-    _check_prompt_length(pipe, body, limits)
     schedule = library_schedule(sampler, scheduler)
     total = body.batch_size * body.n_iter
     seed = resolve_seed(body.seed, total)
     with _api_field_names():
-        batches = tuple(
-            _batch_request(pipe, body, sampler, schedule, rng, ensd, seed + index * body.batch_size)
-            for index in range(body.n_iter)
-        )
+        first = _prepare_batch(pipe, body, sampler, schedule, rng, ensd, seed)
+        _check_prompt_length(first, limits)
+        _check_sizes(first, limits)
+    batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))
     return Plan(batches, sampler, scheduler, seed, list(range(seed, seed + total)), body.send_images)

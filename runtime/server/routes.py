@@ -11,23 +11,33 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
 from .. import __version__
+from ..errors import InvalidRequestError
+from ..metadata import parse_infotext, read_infotext
 from ..pipeline import Pipeline
+from ..registry import SAMPLERS, SCHEDULERS, UPSCALERS
 from .config import ServerConfig
 from .jobs import Job, JobResult, Worker
-from .mapping import SAMPLERS, SCHEDULERS, Plan, build_plan, model_title
+from .mapping import Plan, build_plan, decode_base64, model_title
 from .schemas import (
     EmbeddingsResponse,
     ErrorResponse,
+    GenerationFields,
     HealthResponse,
+    Img2ImgRequest,
+    LatentUpscaleModeItem,
     LoraItem,
+    PngInfoRequest,
+    PngInfoResponse,
     ProgressResponse,
     SamplerItem,
     SchedulerItem,
     SDModelItem,
     Txt2ImgRequest,
     Txt2ImgResponse,
+    UpscalerItem,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +75,17 @@ router = APIRouter()
 
 @router.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse, responses=_ERRORS, tags=["sdapi"])
 async def txt2img(body: Txt2ImgRequest, request: Request, ctx: Context) -> Any:
-    # Parsing prompts costs a few ms: keep it off the event loop that serves /progress.
+    return await _generate(body, request, ctx)
+
+
+@router.post("/sdapi/v1/img2img", response_model=Txt2ImgResponse, responses=_ERRORS, tags=["sdapi"])
+async def img2img(body: Img2ImgRequest, request: Request, ctx: Context) -> Any:
+    """A1111's img2img: an init image, and with `mask` inpainting."""
+    return await _generate(body, request, ctx)
+
+
+async def _generate(body: GenerationFields, request: Request, ctx: Context) -> Any:
+    # Parsing prompts and decoding init images cost ms: keep them off the event loop.
     plan = await anyio.to_thread.run_sync(build_plan, ctx.pipe, body, ctx.config.limits)
     job = Job.create(plan)
     ctx.worker.submit(job)  # QueueFull -> 429, before anything is held for this request
@@ -73,7 +93,10 @@ async def txt2img(body: Txt2ImgRequest, request: Request, ctx: Context) -> Any:
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     info = _info(ctx.pipe, body, plan, result)
-    return Txt2ImgResponse(images=result.images, parameters=body.model_dump(), info=json.dumps(info))
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)  # A1111 does not echo the images back
+    return Txt2ImgResponse(images=result.images, parameters=parameters, info=json.dumps(info))
 
 
 async def _wait(job: Job, request: Request, worker: Worker) -> JobResult | None:
@@ -91,7 +114,7 @@ async def _wait(job: Job, request: Request, worker: Worker) -> JobResult | None:
         raise
 
 
-def _info(pipe: Pipeline, body: Txt2ImgRequest, plan: Plan, result: JobResult) -> dict[str, Any]:
+def _info(pipe: Pipeline, body: GenerationFields, plan: Plan, result: JobResult) -> dict[str, Any]:
     """A1111's Processed.js() fields, plus `scheduler` and `interrupted`."""
     manifest, count = pipe.manifest, len(plan.all_seeds)
     return {
@@ -119,14 +142,14 @@ def _info(pipe: Pipeline, body: Txt2ImgRequest, plan: Plan, result: JobResult) -
         "sd_vae_hash": (manifest.raw.get("vae") or {}).get("hash"),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
-        "extra_generation_params": {},
+        "denoising_strength": plan.denoising_strength,
         "index_of_first_image": 0,
         "infotexts": result.infotexts,
         "styles": [],
         "job_timestamp": result.job_timestamp,
         "clip_skip": manifest.clip_skip,
         "is_using_inpainting_conditioning": False,
+        "extra_generation_params": plan.extra_generation_params,
         "version": f"acertain-onnx {__version__}",
         "interrupted": result.interrupted,
     }
@@ -199,6 +222,29 @@ async def schedulers() -> Any:
         )
         for s in SCHEDULERS
     ]
+
+
+@router.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], tags=["sdapi"])
+async def upscalers() -> Any:
+    """The image upscalers (hr_upscaler); A1111 lists the latent modes separately."""
+    return [UpscalerItem(name=u.name, scale=4 if u.name != "None" else None) for u in UPSCALERS if not u.latent]
+
+
+@router.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem], tags=["sdapi"])
+async def latent_upscale_modes() -> Any:
+    return [LatentUpscaleModeItem(name=u.name) for u in UPSCALERS if u.latent]
+
+
+@router.post("/sdapi/v1/png-info", response_model=PngInfoResponse, responses=_ERRORS, tags=["sdapi"])
+async def png_info(body: PngInfoRequest) -> Any:
+    """An image's "parameters" text, parsed as A1111's parse_generation_parameters."""
+    data = decode_base64("image", body.image)
+    try:
+        text = read_infotext(data) or ""
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise InvalidRequestError("image", "is not a readable image") from None
+    items = {"parameters": text} if text else {}
+    return PngInfoResponse(info=text, items=items, parameters=parse_infotext(text) if text else {})
 
 
 @router.get("/sdapi/v1/options", response_model=dict[str, Any], tags=["sdapi"])

@@ -48,8 +48,8 @@ class OverrideSettings(BaseModel):
         return _drop_nulls(data)
 
 
-class Txt2ImgRequest(BaseModel):
-    """POST /sdapi/v1/txt2img. Field names and defaults follow A1111's API."""
+class GenerationFields(BaseModel):
+    """The fields txt2img and img2img share. Field names and defaults follow A1111's API."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -78,7 +78,6 @@ class Txt2ImgRequest(BaseModel):
     seed_resize_from_w: int = -1
     restore_faces: bool = False
     tiling: bool = False
-    enable_hr: bool = False
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
@@ -87,6 +86,64 @@ class Txt2ImgRequest(BaseModel):
     @classmethod
     def omit_nulls(cls, data: Any) -> Any:
         return _drop_nulls(data)
+
+
+class Txt2ImgRequest(GenerationFields):
+    """POST /sdapi/v1/txt2img, with A1111's hires-fix fields."""
+
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, allow_inf_nan=False, description="Second pass size factor (unless hr_resize_*)")
+    hr_upscaler: str | None = Field(None, description='"Latent" (default), a latent mode, "Lanczos", "Nearest", "None"')
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    denoising_strength: float | None = Field(None, allow_inf_nan=False, description="Hires denoising; default 0.7")
+    hr_prompt: str = Field("", max_length=_LIMITS.max_prompt_chars)
+    hr_negative_prompt: str = Field("", max_length=_LIMITS.max_prompt_chars)
+    hr_sampler_name: str | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+
+class Img2ImgRequest(GenerationFields):
+    """POST /sdapi/v1/img2img: A1111's img2img and inpainting fields and their API defaults."""
+
+    init_images: list[str] = Field(description="Base64 images (a data: URL prefix is accepted); the first is used")
+    resize_mode: int = Field(0, ge=0, le=2, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    denoising_strength: float = Field(0.75, allow_inf_nan=False)
+    mask: str | None = Field(None, description="Base64 mask: white is repainted")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="True: only the masked area (A1111's API default)")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    include_init_images: bool = False
+    image_cfg_scale: float | None = None
+    initial_noise_multiplier: float | None = None
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscaleModeItem(BaseModel):
+    name: str
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    image: str = Field(description="Base64 image (a data: URL prefix is accepted)")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="The image's parameters text, empty if it has none")
+    items: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The text parsed as A1111 does")
 
 
 class Txt2ImgResponse(BaseModel):

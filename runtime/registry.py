@@ -1,0 +1,172 @@
+"""Every name a request can use, in one place: samplers, schedules, A1111 schedulers, RNG sources
+and hires-fix upscalers, with their A1111 labels and aliases. Lookups are case-insensitive and
+raise InvalidRequestError naming the field, listing the choices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).lower().split())
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    name: str  # A1111's label (infotext "Sampler", /sdapi/v1/samplers)
+    key: str  # the library's sampler
+    aliases: tuple[str, ...]  # A1111's aliases
+    options: dict
+    automatic: str  # the library schedule A1111's "Automatic" means for this sampler
+    eta: float | None = None  # the only eta the library's sampler implements, if it takes one
+    ancestral: bool = False  # draws noise while sampling (ENSD applies)
+
+
+SAMPLERS = (
+    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", 1.0, True),
+    SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
+    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
+    SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
+)
+_EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
+
+# Library schedules -> infotext "Schedule type" (None: A1111's "Automatic", written as nothing).
+SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """A1111's `scheduler` field."""
+
+    name: str
+    label: str
+    schedule: str | None  # library schedule; None: "the sampler's automatic one"
+    aliases: tuple[str, ...] = ()
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+SCHEDULERS = (
+    SchedulerInfo("automatic", "Automatic", None),
+    SchedulerInfo("uniform", "Uniform", "a1111", need_inner_model=True),
+    SchedulerInfo("karras", "Karras", "karras", default_rho=7.0),
+    SchedulerInfo("diffusers", "Diffusers", "model"),
+)
+# A1111 schedulers this runtime does not implement: refused by name rather than "not found".
+UNSUPPORTED_SCHEDULERS = (
+    "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform", "KL Optimal", "Align Your Steps",
+    "Simple", "Normal", "DDIM", "Beta",
+)  # fmt: skip
+
+# Library RNG -> infotext "RNG"; A1111's randn_source values -> library RNG.
+RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
+RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+
+
+@dataclass(frozen=True)
+class UpscalerInfo:
+    """A hires-fix upscaler. Latent ones resize the latents as torch.nn.functional.interpolate
+    with `mode` and `antialias` (A1111's `shared.latent_upscale_modes`); image ones decode, resize
+    the pixels with PIL and encode again."""
+
+    name: str
+    latent: bool
+    mode: str  # interpolate mode, or PIL filter name for image upscalers
+    antialias: bool = False
+
+
+UPSCALERS = (
+    UpscalerInfo("Latent", True, "bilinear"),
+    UpscalerInfo("Latent (antialiased)", True, "bilinear", antialias=True),
+    UpscalerInfo("Latent (bicubic)", True, "bicubic"),
+    UpscalerInfo("Latent (bicubic antialiased)", True, "bicubic", antialias=True),
+    UpscalerInfo("Latent (nearest)", True, "nearest"),
+    UpscalerInfo("Latent (nearest-exact)", True, "nearest-exact"),
+    UpscalerInfo("None", False, "none"),
+    UpscalerInfo("Lanczos", False, "lanczos"),
+    UpscalerInfo("Nearest", False, "nearest"),
+)
+# The issue's spelling and A1111 1.x's spelling of the same mode.
+_EXTRA_UPSCALER_NAMES = {"Latent (antialiased bicubic)": "Latent (bicubic antialiased)"}
+
+
+def _table(items: tuple, names) -> dict:
+    return {_key(name): item for item in items for name in names(item)}
+
+
+_SAMPLER_TABLE = _table(SAMPLERS, lambda s: (s.name, s.key, *s.aliases))
+_SAMPLER_TABLE.update({_key(n): _SAMPLER_TABLE[_key(k)] for n, k in _EXTRA_SAMPLER_NAMES.items()})
+_SCHEDULER_TABLE = _table(SCHEDULERS, lambda s: (s.name, s.label, *s.aliases))
+_UPSCALER_TABLE = _table(UPSCALERS, lambda u: (u.name,))
+_UPSCALER_TABLE.update({_key(n): _UPSCALER_TABLE[_key(k)] for n, k in _EXTRA_UPSCALER_NAMES.items()})
+
+
+def _choices(names) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def sampler(name: str, field: str = "sampler") -> SamplerInfo:
+    """A sampler by library key, A1111 label or alias."""
+    info = _SAMPLER_TABLE.get(_key(name)) if isinstance(name, str) else None
+    if info is None:
+        raise InvalidRequestError(
+            field, f"unknown sampler {name!r}; choose one of {_choices(s.name for s in SAMPLERS)}"
+        )
+    return info
+
+
+def schedule(name: str, field: str = "schedule") -> str:
+    if name not in SCHEDULE_LABELS:
+        raise InvalidRequestError(field, f"unknown schedule {name!r}; choose one of {_choices(SCHEDULE_LABELS)}")
+    return name
+
+
+def rng(name: str, field: str = "rng") -> str:
+    if not isinstance(name, str) or name.lower() not in RNG_LABELS:
+        raise InvalidRequestError(field, f"unknown rng {name!r}; choose one of {_choices(RNG_LABELS)}")
+    return name.lower()
+
+
+def upscaler(name: str, field: str = "hr_upscaler") -> UpscalerInfo:
+    info = _UPSCALER_TABLE.get(_key(name)) if isinstance(name, str) else None
+    if info is None:
+        raise InvalidRequestError(
+            field, f"unknown upscaler {name!r}; choose one of {_choices(u.name for u in UPSCALERS)}"
+        )
+    return info
+
+
+def scheduler(name: str) -> SchedulerInfo:
+    """A1111's `scheduler` field."""
+    info = _SCHEDULER_TABLE.get(_key(name))
+    if info is not None:
+        return info
+    choices = _choices(s.label for s in SCHEDULERS)
+    if _key(name) in {_key(n) for n in UNSUPPORTED_SCHEDULERS}:
+        raise InvalidRequestError("scheduler", f"{name!r} is not supported by this server; use {choices}")
+    raise InvalidRequestError("scheduler", f"unknown scheduler {name!r}; use {choices}")
+
+
+def sampler_and_scheduler(name: str, scheduler_name: str) -> tuple[SamplerInfo, SchedulerInfo]:
+    """The sampler, and the scheduler: from a suffix of the name ("DPM++ 2M Karras") or the field,
+    as A1111 1.9+ reads them."""
+    info = _SAMPLER_TABLE.get(_key(name))
+    if info is not None:
+        return info, scheduler(scheduler_name)
+    for suffix in (*(n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)), *UNSUPPORTED_SCHEDULERS):
+        if _key(name).endswith(" " + _key(suffix)):
+            base = _SAMPLER_TABLE.get(_key(name)[: -len(_key(suffix)) - 1])
+            if base is not None:
+                return base, scheduler(suffix)
+    return sampler(name, "sampler_name"), scheduler(scheduler_name)
+
+
+def library_schedule(info: SamplerInfo, found: SchedulerInfo) -> str:
+    """The library schedule for an A1111 sampler + scheduler pair."""
+    if found.schedule == "model":
+        return "model"
+    if info.key == "ddim":
+        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
+    return found.schedule or info.automatic
