@@ -31,7 +31,7 @@ from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
 from . import graphs, lora_map
 from .sources import LoadedSource, file_sha256, load_source
-from .vae import load_vae
+from .vae import load_vae, with_vae_weights
 from .validate import ValidationResult, available_provider, validate_graph
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,10 @@ def release_memory() -> None:
 def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
     started = time.perf_counter()
     check_options(options)
-    source = load_source(options.model, options.allow_pickle, options.config)
+    with with_vae_weights(options.model, options.vae, options.allow_pickle) as model:
+        source = load_source(model, options.allow_pickle, options.config)
+    if model != options.model:  # a checkpoint given the --vae weights: A1111 hashes the user's file
+        source.model_hash = file_sha256(Path(options.model))[:10]
     vae_info = None
     if options.vae is not None:
         separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle)

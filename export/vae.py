@@ -10,6 +10,9 @@ VAE architecture exactly; anything missing or of another shape is named in one l
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +79,52 @@ def _from_ldm(state: dict[str, torch.Tensor], template: torch.nn.Module, where: 
         converted[key] = value.float()
     vae.load_state_dict(converted)
     return vae.eval()
+
+
+LDM_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def ldm_vae_state(source: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The --vae weights under LDM names (no prefix), from a single file or a diffusers folder."""
+    path = Path(source)
+    if path.is_dir():
+        from diffusers import AutoencoderKL
+
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32)
+        levels = len(vae.config.block_out_channels)
+        state = {}
+        for key, value in vae.state_dict().items():
+            name = vae_key(key, levels)
+            state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+        return state
+    state = {key.removeprefix(VAE_PREFIX): value for key, value in _file_state(path, allow_pickle).items()}
+    return {key: value for key, value in state.items() if key.startswith(LDM_VAE_PARTS)}
+
+
+@contextmanager
+def with_vae_weights(model: str, vae: str | None, allow_pickle: bool) -> Iterator[str]:
+    """A `.safetensors` checkpoint without VAE weights (first_stage_model.*) is given the --vae
+    weights in a temporary copy, so it converts like a whole checkpoint; anything else is used as is."""
+    path = Path(model)
+    if vae is None or not path.is_file() or path.suffix.lower() != ".safetensors":
+        yield model
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        has_vae = any(key.startswith(VAE_PREFIX) for key in handle.keys())  # noqa: SIM118
+    if has_vae:
+        yield model
+        return
+    state = load_file(str(path))
+    state.update({VAE_PREFIX + key: value.contiguous() for key, value in ldm_vae_state(vae, allow_pickle).items()})
+    with tempfile.TemporaryDirectory(prefix="acertain-vae-") as scratch:
+        merged = Path(scratch) / path.name
+        save_file(state, str(merged))
+        del state
+        yield str(merged)
 
 
 def _sha256(path: Path) -> str:

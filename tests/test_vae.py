@@ -57,13 +57,27 @@ def vae_file(other_vae, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported_with_vae(tiny_source, vae_file, tmp_path_factory) -> Path:
+def checkpoint_without_vae(tiny_source, tmp_path_factory) -> Path:
+    """The tiny single file with its first_stage_model.* weights removed."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_source["single_file"]))
+    path = tmp_path_factory.mktemp("no-vae") / "novae.safetensors"
+    save_file({key: value for key, value in state.items() if not key.startswith("first_stage_model.")}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported_with_vae(checkpoint_without_vae, vae_file, tmp_path_factory) -> Path:
+    """A checkpoint without VAE weights, exported with a separate VAE file."""
     output = tmp_path_factory.mktemp("export") / "tiny-vae"
-    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=output, precision="fp32", vae=str(vae_file)))
+    run_export(ExportOptions(model=str(checkpoint_without_vae), output=output, precision="fp32", vae=str(vae_file)))
     return output
 
 
-def test_separate_vae_matches_diffusers_with_that_vae(exported_with_vae, tiny_source, other_vae, vae_file):
+def test_separate_vae_matches_diffusers_with_that_vae(
+    exported_with_vae, tiny_source, other_vae, vae_file, checkpoint_without_vae
+):
     pipe = reference.load(tiny_source["diffusers"])
     plain = reference.generate(pipe, PROMPT, NEGATIVE, "euler_a", [9], steps=6)
     pipe.vae = other_vae
@@ -74,6 +88,8 @@ def test_separate_vae_matches_diffusers_with_that_vae(exported_with_vae, tiny_so
     assert np.abs(np.stack(out.images) - expected).max() * 255 <= 1.0
     digest = hashlib.sha256(vae_file.read_bytes()).hexdigest()[:10]
     assert f"VAE hash: {digest}, VAE: anime.vae.safetensors," in out.infotexts[0]
+    model_hash = hashlib.sha256(checkpoint_without_vae.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {model_hash}, Model: novae," in out.infotexts[0]  # the user's file, not the merged copy
 
 
 def test_vae_sources_in_every_layout_load_the_same_weights(other_vae, tmp_path):
