@@ -88,7 +88,7 @@ def test_embeddings_listing_has_a1111_shape(client):
     [
         ("a <lora:missing:1>", "unknown LoRA 'missing'"),
         ("a <lora:../../etc/passwd:1>", "unknown LoRA"),
-        ("a <lora:broken:1>", "header length"),
+        ("a <lora:broken:1>", "not valid JSON"),
         ("a <hypernet:x:1>", "not a supported extra network"),
     ],
 )

@@ -107,7 +107,7 @@ def test_vae_sources_in_every_layout_load_the_same_weights(other_vae, tmp_path):
 
 
 def test_broken_vae_files_are_one_clear_error(other_vae, tmp_path):
-    save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "partial.safetensors"))
+    save_file({"decoder.conv_out.weight": torch.zeros(1)}, str(tmp_path / "partial.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(VaeError, match="lacks"):
         load_vae(str(tmp_path / "partial.safetensors"), other_vae, False)
