@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="export a single file's EMA UNet weights (model_ema.*); default: the non-EMA ones, as A1111 loads",
     )
+    parser.add_argument(
+        "--vae",
+        help="separate VAE to use instead of the checkpoint's: A1111 .safetensors/.vae.pt/.ckpt (LDM layout; "
+        "pickles need --allow-pickle) or a diffusers folder",
+    )
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         config=args.config,
         vae_encoder=not args.no_vae_encoder,
         ema=args.ema,
+        vae=args.vae,
     )
 
     def progress(name: str, index: int, total: int) -> None:

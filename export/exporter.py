@@ -30,9 +30,10 @@ from runtime import model_folder as layout
 from runtime.errors import UserError
 from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
-from . import graphs, openvino_ir
+from . import graphs, lora_map, openvino_ir
 from .choices import PRECISIONS, TARGETS
 from .sources import LoadedSource, file_sha256, load_source
+from .vae import load_vae, with_vae_weights
 from .validate import ValidationResult, available_provider, validate_graph
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ExportOptions:
     config: Path | None = None
     vae_encoder: bool = True
     ema: bool = False  # a single file's EMA UNet weights (model_ema.*) instead of its trained ones
+    vae: str | None = None  # a separate VAE (file or diffusers folder) used instead of the checkpoint's
 
 
 @dataclass
@@ -193,6 +195,7 @@ class _GraphJob:
     provider: str
     twin_path: Path | None  # where the CPU-runnable twin of a CUDA graph is validated, if needed
     report: GraphReport
+    lora_weights: dict[bytes, lora_map.Weight] | None = None  # fingerprints of the LoRA-targetable weights
 
     def build(self, precision: str) -> tuple[list[str], ValidationResult]:
         """Optimize at `precision`, save, and validate (the twin when the target's provider is missing)."""
@@ -202,6 +205,10 @@ class _GraphJob:
             self.report, "optimize", lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision)
         )
         files = graphs.save_graph(model, self.final_path)
+        if self.lora_weights is not None:
+            targets = lora_map.lora_targets(self.spec.name, self.final_path, model, self.lora_weights)
+            write_json(self.final_path.parent / lora_map.LORA_TARGETS_FILE, targets)
+            files.append(lora_map.LORA_TARGETS_FILE)
         del model
         checked = self.final_path
         if self.twin_path is not None:
@@ -370,12 +377,15 @@ def export_torch_graphs(
     weights are released: the ONNX stage (optimizer, float16 conversion, validation sessions) holds
     copies of the full-size UNet of its own, and the two stages together would not fit in 24 GB."""
     specs = build_specs(source, options, tokenizer)
+    lora_modules = {"text_encoder": source.pipe.text_encoder, "unet": source.pipe.unet}
     jobs = []
     for spec in specs:
         log.info("tracing %s", spec.name)
         report = GraphReport(spec.name, options.precision)
         reports.append(report)
         job = plan_graph(spec, staging, options, report)
+        if spec.name in lora_modules:
+            job.lora_weights = lora_map.fingerprints(spec.name, lora_modules[spec.name])
         _timed(report, "export", lambda job=job: graphs.export_fp32(job.spec, job.fp32_path))
         jobs.append(job)
     for spec in specs:
@@ -396,7 +406,15 @@ def release_memory() -> None:
 def run_export(options: ExportOptions, progress: ProgressCallback | None = None) -> ExportReport:
     started = time.perf_counter()
     check_options(options)
-    source = load_source(options.model, options.allow_pickle, options.config, options.ema)
+    with with_vae_weights(options.model, options.vae, options.allow_pickle) as model:
+        source = load_source(model, options.allow_pickle, options.config, options.ema)
+    if model != options.model:  # a checkpoint given the --vae weights: A1111 hashes the user's file
+        source.model_hash = file_sha256(Path(options.model))[:10]
+    vae_info = None
+    if options.vae is not None:
+        separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle)
+        source.pipe.vae = separate.vae
+        vae_info = {"name": separate.name, "hash": separate.hash, "source": options.vae}
     output = options.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
@@ -421,7 +439,10 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
             if name in entries:
                 write_json(staging / name / "config.json", config)
         write_json(staging / "model_index.json", model_index(options))
-        write_json(staging / layout.MANIFEST_FILE, manifest(source, facts, options, entries))
+        write_json(
+            staging / layout.MANIFEST_FILE,
+            {**manifest(source, facts, options, entries), **({"vae": vae_info} if vae_info else {})},
+        )
         move_into_place(staging, output)
     except OSError as error:
         if error.errno == errno.ENOSPC:

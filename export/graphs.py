@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from runtime.model_folder import (
     METADATA_PREFIX,
+    TEXT_EXTRA,
     TEXT_INPUT,
     TEXT_OUTPUT,
     UNET_CONTEXT,
@@ -35,7 +36,7 @@ from runtime.model_folder import (
     VAE_ENCODER_OUTPUT,
 )
 
-from .modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference
+from .modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference, text_model
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]]
     optimizer_type: str  # onnxruntime.transformers model type: "clip" | "unet" | "vae"
     keep_fp32_io: list[str] = field(default_factory=list)
+    input_defaults: dict[str, np.ndarray] = field(default_factory=dict)  # inputs a caller may omit
     cases: list[ValidationCase] = field(default_factory=list)
 
 
@@ -81,23 +83,31 @@ def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
 
 
 def text_encoder_spec(pipe, clip_skip: int, prompt_ids: torch.Tensor) -> GraphSpec:
+    """input_ids, and extra_embeddings for ids past the vocabulary. Validated on transformers'
+    output for plain ids, and for ids where some tokens are swapped for extra rows that hold
+    those tokens' own vectors (so the extra path must give the plain ids' output)."""
     module = ClipSkipTextEncoder(pipe.text_encoder, clip_skip).eval()
-    random_ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, prompt_ids.shape[1]))
-    cases = [
-        ValidationCase(
-            {TEXT_INPUT: ids.numpy()},
-            _run(lambda x: clip_skip_reference(pipe.text_encoder, x, clip_skip), ids),
-        )
-        for ids in (prompt_ids, random_ids)
-    ]
+    vocab, width = pipe.text_encoder.config.vocab_size, pipe.text_encoder.config.hidden_size
+    table = text_model(pipe.text_encoder).embeddings.token_embedding.weight.detach()
+    random_ids = torch.randint(0, vocab, (1, prompt_ids.shape[1]))
+    swapped = random_ids.clone()
+    swapped[0, 3:6] = vocab + torch.arange(3)
+    cases = []
+    for ids, fed, extra in (
+        (prompt_ids, prompt_ids, torch.zeros(1, width)),
+        (random_ids, swapped, table[random_ids[0, 3:6]]),
+    ):
+        reference = _run(lambda x: clip_skip_reference(pipe.text_encoder, x, clip_skip), ids)
+        cases.append(ValidationCase({TEXT_INPUT: fed.numpy(), TEXT_EXTRA: extra.float().numpy()}, reference))
     return GraphSpec(
         name="text_encoder",
         module=module,
-        trace_inputs={TEXT_INPUT: prompt_ids},
+        trace_inputs={TEXT_INPUT: prompt_ids, TEXT_EXTRA: torch.zeros(2, width)},
         output_name=TEXT_OUTPUT,
-        dynamic_axes={TEXT_INPUT: {0: "batch"}, TEXT_OUTPUT: {0: "batch"}},
+        dynamic_axes={TEXT_INPUT: {0: "batch"}, TEXT_EXTRA: {0: "extra"}, TEXT_OUTPUT: {0: "batch"}},
         optimizer_type="clip",
         cases=cases,
+        input_defaults={TEXT_EXTRA: np.zeros((1, width), dtype=np.float32)},
     )
 
 
@@ -251,6 +261,7 @@ def optimize(
             store_weights_fp16(model.model)
         onnx.load_external_data_for_model(model.model, ".")
     set_output_shape(model.model, spec)
+    add_input_defaults(model.model, spec)
     describe_precision(model.model, spec.name, precision, "float16" if fp16_compute else "float32")
     return model.model
 
@@ -292,6 +303,15 @@ def describe_precision(model: onnx.ModelProto, graph: str, precision: str, compu
         key = f"{METADATA_PREFIX}{key}"
         entry = entries.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def add_input_defaults(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """An initializer with an input's name is that input's default: onnxruntime uses it when the
+    caller does not feed the input (and lists it among the overridable initializers)."""
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
+    for name, value in spec.input_defaults.items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name])
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), name=name))
 
 
 def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:

@@ -24,9 +24,29 @@ class ClipSkipTextEncoder(torch.nn.Module):
         encoder = text_model(self.model).encoder
         encoder.layers = encoder.layers[:keep]
         self.model.config.num_hidden_layers = keep
+        embeddings = text_model(self.model).embeddings
+        self.tokens = embeddings.token_embedding = ExtendedTokenEmbedding(embeddings.token_embedding)
+
+    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor) -> torch.Tensor:
+        self.tokens.extra = extra_embeddings
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+class ExtendedTokenEmbedding(torch.nn.Module):
+    """CLIP's token embedding, where ids from vocab_size on pick rows of `extra` (vectors that are
+    not in the vocabulary: textual-inversion embeddings). Two gathers and a select rather than a
+    concatenated table, so a run never copies the 49408-row table."""
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+        self.extra: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).last_hidden_state
+        vocab = self.weight.shape[0]
+        base = torch.nn.functional.embedding(input_ids.clamp(max=vocab - 1), self.weight)
+        extra = torch.nn.functional.embedding((input_ids - vocab).clamp(min=0), self.extra.to(self.weight.dtype))
+        return torch.where((input_ids >= vocab).unsqueeze(-1), extra, base)
 
 
 def text_model(text_encoder: torch.nn.Module) -> torch.nn.Module:

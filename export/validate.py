@@ -51,7 +51,8 @@ def validate_graph(path: Path, spec: GraphSpec, precision: str, provider: str) -
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=[provider])
-    input_types = {item.name: ONNX_DTYPES[item.type] for item in session.get_inputs()}
+    values = [*session.get_inputs(), *session.get_overridable_initializers()]
+    input_types = {item.name: ONNX_DTYPES[item.type] for item in values}
 
     def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: value.astype(input_types[name]) for name, value in inputs.items()}

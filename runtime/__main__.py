@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="save ORT's optimized graphs at the first load and reuse them (fp32 on CPU: faster start, more disk)",
     )
+    parser.add_argument("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
+    parser.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings")
     parser.add_argument("--output", type=Path, default=Path("out.png"), help="PNG path; batches add -1, -2, ...")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -141,13 +143,15 @@ def check_writable(paths: list[Path]) -> None:
 
 def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
     """The generation the arguments ask for, checked and planned, before any graph loads."""
-    from .model_folder import read_scheduler_config
+    from .embeddings import EmbeddingLibrary
+    from .model_folder import read_scheduler_config, text_vocab_size
     from .pipeline import prepare
     from .tokenizer import ClipTokenizer
 
     tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+    library = EmbeddingLibrary(args.embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
     return prepare(
-        manifest, read_scheduler_config(manifest.folder), tokenizer, prompt=args.prompt,
+        manifest, read_scheduler_config(manifest.folder), tokenizer, embeddings=library.matcher(), prompt=args.prompt,
         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
         width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
         sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
@@ -192,6 +196,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
+    from .lora import LoraLibrary
     from .model_folder import read_manifest
     from .pipeline import Pipeline
     from .sessions import resolve_provider
@@ -199,12 +204,16 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     manifest = read_manifest(args.model)
     prepared = prepare_from_args(args, manifest)
     resolve_provider(args.provider)
+    library = LoraLibrary(args.lora_dir)
+    for use in prepared.loras:  # names and files checked before the model loads
+        library.get(use.name)
     paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
         verify=args.verify,
         device=args.device, inference_precision=args.inference_precision,
+        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
     )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 

@@ -12,13 +12,16 @@ that long and weighted prompts condition the UNet exactly as they do there:
 - each chunk is padded to 75 and wrapped as BOS + 75 + EOS = 77 ids, with weight 1.0 on every
   added id; each chunk is encoded by CLIP on its own and the results are concatenated.
 
-Textual-inversion embeddings, which the web UI also splices in here, are not supported.
+Textual-inversion embeddings are spliced in here too (runtime/embeddings.py): a name found in a
+piece's tokens takes as many positions as the embedding has vectors, in the next chunk if it does
+not fit in this one, with the piece's weight on each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +30,11 @@ from .tokenizer import ClipTokenizer
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk
 CHUNK_IDS = CHUNK_LENGTH + 2  # with BOS and EOS: CLIP's 77
+
+
+class EmbeddingFinder(Protocol):
+    def find(self, tokens: list[int], position: int) -> tuple[list[int], int] | None:
+        """(ids that stand for the embedding's vectors, prompt tokens its name took), or None."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +54,7 @@ def _split_into_chunks(
     pieces: list[tuple[str, float]],
     comma_id: int | None,
     comma_padding_backtrack: int,
+    embeddings: EmbeddingFinder | None = None,
 ) -> list[tuple[list[int], list[float]]]:
     """The web UI's tokenize_line loop: distribute weighted tokens over chunks of at most 75."""
     chunks: list[tuple[list[int], list[float]]] = []
@@ -62,7 +71,9 @@ def _split_into_chunks(
         if is_break(text, weight):
             close_chunk()  # unconditionally: "BREAK BREAK" or a leading BREAK gives empty chunks
             continue
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma_id:
                 # Where the comma is about to go. If the chunk is full this is 75 and the
                 # close_chunk() below forgets it, so a comma that opens a chunk is never a
@@ -83,8 +94,18 @@ def _split_into_chunks(
                 tokens, weights = moved_tokens, moved_weights
             if len(tokens) == CHUNK_LENGTH:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            found = embeddings.find(ids, position) if embeddings is not None else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            vector_ids, consumed = found
+            if len(tokens) + len(vector_ids) > CHUNK_LENGTH:
+                close_chunk()  # an embedding is never split across chunks
+            tokens.extend(vector_ids)
+            weights.extend([weight] * len(vector_ids))
+            position += consumed
 
     # A trailing partial chunk, or the single empty chunk of a prompt without tokens; not an
     # empty chunk after a final BREAK ("a BREAK" is one chunk).
@@ -112,7 +133,12 @@ def _to_chunks(rows: list[tuple[list[int], list[float]]]) -> PromptChunks:
     )
 
 
-def prompt_to_chunks(tokenizer: ClipTokenizer, prompt: str, comma_padding_backtrack: int = 20) -> PromptChunks:
+def prompt_to_chunks(
+    tokenizer: ClipTokenizer,
+    prompt: str,
+    comma_padding_backtrack: int = 20,
+    embeddings: EmbeddingFinder | None = None,
+) -> PromptChunks:
     """Token ids and weights of one prompt, as many 77-id chunks as it needs (at least one).
 
     `comma_padding_backtrack` is the web UI's option of that name (default 20, 0 turns it off).
@@ -121,7 +147,7 @@ def prompt_to_chunks(tokenizer: ClipTokenizer, prompt: str, comma_padding_backtr
     # One batch call, one text per piece: pieces are tokenized separately, as in the web UI, so
     # "cat(dog)" gives the tokens of "cat" and "dog", not those of the word "catdog".
     token_lists = tokenizer.tokenize([text for text, _ in pieces])
-    chunks = _split_into_chunks(token_lists, pieces, tokenizer.comma_id, comma_padding_backtrack)
+    chunks = _split_into_chunks(token_lists, pieces, tokenizer.comma_id, comma_padding_backtrack, embeddings)
     return _to_chunks([_chunk_row(tokens, weights, tokenizer) for tokens, weights in chunks])
 
 

@@ -31,6 +31,9 @@ TOKENIZER_DIR = "tokenizer"
 
 # Graph input/output names, shared by exporter and runtime.
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "last_hidden_state"
+# (k, width) vectors that ids >= the vocabulary size select (textual-inversion embeddings); the
+# graph holds a one-row default, so callers without embeddings feed input_ids alone.
+TEXT_EXTRA = "extra_embeddings"
 UNET_SAMPLE, UNET_TIMESTEP, UNET_CONTEXT, UNET_OUTPUT = (
     "sample",
     "timestep",
@@ -211,6 +214,12 @@ def read_manifest(folder: str | Path) -> Manifest:
             raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
     _check_fields(raw, folder / MANIFEST_FILE)
     return Manifest(folder=folder, raw=raw, graphs=graphs)
+
+
+def text_vocab_size(manifest: Manifest) -> int:
+    """Rows of the text encoder's token table (ids past it select extra_embeddings rows)."""
+    config = _read_json(manifest.folder / "text_encoder" / "config.json", "the text encoder config is missing")
+    return int(config.get("vocab_size", 49408))
 
 
 def read_scheduler_config(folder: str | Path) -> dict[str, Any]:

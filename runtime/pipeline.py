@@ -19,7 +19,9 @@ from PIL import Image
 
 from . import __version__, registry, samplers
 from .conditioning import PromptChunks, encode_chunks, pad_chunks, prompt_to_chunks
+from .embeddings import EmbeddingLibrary, EmbeddingMatcher, ExtraRows, ti_hashes
 from .errors import InvalidRequestError, NonFiniteError
+from .extra_networks import LoraUse, parse_prompt
 from .hires import HiresPlan, plan_hires
 from .img2img import (
     InitPlan,
@@ -34,14 +36,17 @@ from .img2img import (
 )
 from .inputs import check_strength, load_image
 from .limits import MAX_PIXELS
+from .lora import LoraLibrary, LoraSessions
 from .metadata import format_infotext
 from .model_folder import (
+    TEXT_EXTRA,
     TEXT_INPUT,
     VAE_DECODER_INPUT,
     VAE_ENCODER_INPUT,
     Manifest,
     read_manifest,
     read_scheduler_config,
+    text_vocab_size,
     verify_files,
 )
 from .prompt_schedule import ConditioningPlan
@@ -144,6 +149,8 @@ class Prepared:
     hires_conditioning: tuple[CondPiece, ...] = ()
     hires_chunks: dict[str, PromptChunks] = field(default_factory=dict)  # as chunks, second pass
     vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
+    loras: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags (removed from the encoded text)
+    extra: ExtraRows | None = None  # the embeddings the prompts name: text-encoder extra_embeddings rows
 
     @property
     def seeds(self) -> list[int]:
@@ -179,6 +186,7 @@ def prepare(
     hires_options: dict[str, Any] | None = None,
     vae_tiling: str = "auto",
     max_pixels: int | None = MAX_PIXELS,
+    embeddings: EmbeddingMatcher | None = None,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -195,7 +203,11 @@ def prepare(
     hr_sampler_name (see runtime.hires.plan_hires).
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
-    minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it."""
+    minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
+
+    `<lora:...>` tags are taken out of the prompt (runtime.extra_networks) before its editing
+    schedule is planned, as A1111 does; `embeddings` (the pipeline's EmbeddingMatcher) places
+    textual-inversion embeddings named in any prompt."""
     unknown = set(init_options) - set(INIT_OPTIONS)
     if unknown:
         raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -210,6 +222,7 @@ def prepare(
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
             raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+    text_prompt, loras = parse_prompt(prompt)
     steps = _require_int("steps", num_inference_steps)
     if steps < 1:
         raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
@@ -240,8 +253,8 @@ def prepare(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         seeds, sampler, schedule, rng, delta,
     )  # fmt: skip
-    cond_plan = ConditioningPlan.build(prompt, negative_prompt, steps)
-    pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale)
+    cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
+    pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale, embeddings=embeddings)
     if vae_tiling not in VAE_TILING:
         raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
     hires, hires_conditioning, hires_chunks = None, (), {}
@@ -253,35 +266,46 @@ def prepare(
             sampler, prompt, negative_prompt, steps, **(hires_options or {}),
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
-        hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(tokenizer, hires, request)
+        hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(
+            tokenizer, hires, request, embeddings
+        )
         padded = padded or padded_hr
         counts = {name: max(count, counts.get(name, 0)) for name, count in {**counts, **hr_counts}.items()}
+    rows = embeddings.rows if embeddings is not None else None
     return Prepared(
-        request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling
+        request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling,
+        tuple(loras), rows,
     )
 
 
 def _hires_conditioning(
-    tokenizer: ClipTokenizer, hires: HiresPlan, request: GenerationRequest
+    tokenizer: ClipTokenizer,
+    hires: HiresPlan,
+    request: GenerationRequest,
+    embeddings: EmbeddingMatcher | None = None,
 ) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
     """The second pass's conditioning from hr_prompt / hr_negative_prompt (the first pass's
     prompts unless given). As A1111, its editing schedule is over the second pass's steps on the
-    hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's."""
+    hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's.
+    <lora:...> tags of a separate hires prompt are removed; the first pass's LoRAs stay on."""
     own = hires.prompt != request.prompt or hires.negative_prompt != request.negative_prompt
     fields = ("hr_prompt", "hr_negative_prompt") if own else ("prompt", "negative_prompt")
     # A1111 plans it over hr_second_pass_steps (or the first pass's steps), not over the steps the
     # denoising strength leaves to run; HiresPlan keeps that number in its infotext.
     hires_steps = hires.infotext.get("Hires steps") or request.steps
-    cond_plan = ConditioningPlan.build(hires.prompt, hires.negative_prompt, request.steps, hires_steps=hires_steps)
-    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields)
+    text = parse_prompt(hires.prompt, fields[0])[0]
+    cond_plan = ConditioningPlan.build(text, hires.negative_prompt, request.steps, hires_steps=hires_steps)
+    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields, embeddings)
 
 
-def prompt_chunks(tokenizer: ClipTokenizer, field_name: str, text: Any) -> PromptChunks:
+def prompt_chunks(
+    tokenizer: ClipTokenizer, field_name: str, text: Any, embeddings: EmbeddingMatcher | None = None
+) -> PromptChunks:
     """A prompt parsed and chunked, its attention weights finite: `(x:1e400)` or thousands of
     nested brackets would turn the embeddings into NaN (a black image in A1111)."""
     if not isinstance(text, str):
         raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
-    chunks = prompt_to_chunks(tokenizer, text)
+    chunks = prompt_to_chunks(tokenizer, text, embeddings=embeddings)
     bad = chunks.weights[~np.isfinite(chunks.weights) | (np.abs(chunks.weights) > MAX_WEIGHT)]
     if bad.size:
         raise InvalidRequestError(field_name, f"weight {bad[0]:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
@@ -293,6 +317,7 @@ def plan_conditioning(
     plan: ConditioningPlan,
     guidance_scale: float,
     fields: tuple[str, str] = ("prompt", "negative_prompt"),
+    embeddings: EmbeddingMatcher | None = None,
 ) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
     """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
     that pass's step count), and every text they name parsed and chunked once (its weights
@@ -311,7 +336,8 @@ def plan_conditioning(
             raise InvalidRequestError(positive, f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
     with_negative = guidance_scale > 1.0 or plan.composable
     texts = {positive: plan.positive_texts(), negative: plan.negative_texts()}
-    parsed = {name: {text: prompt_chunks(tokenizer, name, text) for text in items} for name, items in texts.items()}
+    parsed = {name: {text: prompt_chunks(tokenizer, name, text, embeddings) for text in items}
+              for name, items in texts.items()}  # fmt: skip
     counts = {name: max(item.count for item in items.values()) for name, items in parsed.items()}
     used = {**parsed[positive], **(parsed[negative] if with_negative else {})}
     chunks, padded = pad_chunks(used, tokenizer)
@@ -368,12 +394,21 @@ class Pipeline:
     """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
 
     def __init__(
-        self, manifest: Manifest, sessions: Sessions, tokenizer: ClipTokenizer, scheduler_config: dict
+        self,
+        manifest: Manifest,
+        sessions: Sessions,
+        tokenizer: ClipTokenizer,
+        scheduler_config: dict,
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
     ) -> None:
         self.manifest = manifest
-        self.sessions = sessions
+        self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
+        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+        self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
         self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
     @classmethod
@@ -388,6 +423,8 @@ class Pipeline:
         verify: bool = False,
         device: str = "CPU",
         inference_precision: str = "auto",
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
@@ -414,7 +451,8 @@ class Pipeline:
         )
         sessions = load_sessions(manifest, config)
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
-        return cls(manifest, sessions, tokenizer, read_scheduler_config(manifest.folder))
+        scheduler_config = read_scheduler_config(manifest.folder)
+        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir)
 
     @property
     def provider(self) -> str:
@@ -427,8 +465,21 @@ class Pipeline:
     # -- prepare and run ------------------------------------------------------------------------
 
     def prepare(self, **parameters: Any) -> Prepared:
-        """Check and plan a generation (keywords of `__call__` but output_type and callbacks)."""
-        return prepare(self.manifest, self.scheduler_config, self.tokenizer, **parameters)
+        """Check and plan a generation (keywords of `__call__` but output_type and callbacks),
+        including that every LoRA the prompt names exists and fits this model."""
+        matcher = self.embeddings.matcher()
+        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
+        self.loras.resolve(list(prepared.loras))
+        if (
+            prepared.extra is not None
+            and prepared.extra.used
+            and TEXT_EXTRA not in self.sessions.text_encoder.input_types
+        ):
+            raise InvalidRequestError(
+                "prompt", f"embedding {next(iter(prepared.extra.used))!r} needs a text encoder exported with "
+                "embedding support; re-export the model with this version of `python -m export`"
+            )  # fmt: skip
+        return prepared
 
     def __call__(
         self,
@@ -471,6 +522,9 @@ class Pipeline:
         the clean image, as the A1111 web UI shows on Interrupt."""
         check_output_type(output_type)
         request = prepared.request
+        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes.
+        self.sessions = self.loras.sessions_for(list(prepared.loras)).sessions
+        self._extra = prepared.extra.matrix() if prepared.extra is not None else None
         latents, interrupted = self._sample(prepared, callback, cancel_event)
         pixels = self.decode(latents, prepared.vae_tiling)
         if prepared.init is not None and prepared.init.overlay is not None:
@@ -484,8 +538,16 @@ class Pipeline:
     def encode(self, chunks: dict[str, PromptChunks]) -> dict[str, np.ndarray]:
         """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
         chunks through the text encoder in one batch (one run, also with prompt editing),
-        A1111's emphasis applied per text, chunks joined on the token axis."""
-        return encode_chunks(lambda ids: self.sessions.text_encoder.run({TEXT_INPUT: ids}), chunks)
+        A1111's emphasis applied per text, chunks joined on the token axis; the embeddings the
+        prompts name ride along as extra_embeddings rows."""
+
+        def run(ids: np.ndarray) -> np.ndarray:
+            feed = {TEXT_INPUT: ids}
+            if self._extra is not None:
+                feed[TEXT_EXTRA] = self._extra
+            return self.sessions.text_encoder.run(feed)
+
+        return encode_chunks(run, chunks)
 
     def denoiser(
         self,
@@ -557,12 +619,16 @@ class Pipeline:
             "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
+            "VAE hash": (self.manifest.raw.get("vae") or {}).get("hash"),
+            "VAE": (self.manifest.raw.get("vae") or {}).get("name"),
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": registry.RNG_LABELS[request.rng],
             "Pad conds": True if prepared.padded else None,
             **(prepared.init.infotext if prepared.init is not None else {}),
             **(prepared.hires.infotext if prepared.hires is not None else {}),
+            "Lora hashes": self.loras.hashes(list(prepared.loras)),
+            "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
             "Version": f"acertain-onnx {__version__}",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)

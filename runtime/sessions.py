@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,22 @@ FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFoldin
 # VAE decoder (95 MB in fp16) runs image-sized convolutions and is faster with fp32 copies.
 LEAN_FP16_GRAPHS = ("text_encoder", "unet")
 _warned_cpu_fallback = False
+
+
+@dataclass
+class InitializerOverrides:
+    """Tensors that replace a graph's stored initializers when its session is built (LoRA-patched
+    weights). onnxruntime takes them two ways: weights kept in the graph's external data file are
+    swapped in as the graph loads (add_external_initializers), before any optimization; weights
+    inside model.onnx only through add_initializer, which the CPU provider's NCHWc layout pass
+    does not see (measured: a patched Conv weight had no effect at ORT_ENABLE_ALL), so that pass is
+    switched off for such sessions. Full-size graphs keep their weights external: they keep NCHWc."""
+
+    external: dict[str, np.ndarray] = field(default_factory=dict)
+    inline: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.external) + len(self.inline)
 
 
 @dataclass(frozen=True)
@@ -226,20 +242,33 @@ class GraphSession:
 
     use_cuda_graph = False  # CUDA graphs need IO binding and fixed shapes: the UNet session only
 
-    def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
+    def __init__(
+        self, info: GraphInfo, provider: str, config: SessionConfig, overrides: InitializerOverrides | None = None
+    ) -> None:
+        """`overrides` replace initializers by name when the session is built (LoRA-patched weights);
+        such a session never uses or fills the optimized-graph cache, which holds the plain weights."""
         self.info = info
         self.provider = provider
         self.device_id = config.device_id
+        overrides = overrides or InitializerOverrides()
+        # onnxruntime reads these buffers for as long as the session lives.
+        self._overrides = {
+            kind: {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in values.items()}
+            for kind, values in (("external", overrides.external), ("inline", overrides.inline))
+        }
         fp16_weights = info.precision == "fp16" and info.name in LEAN_FP16_GRAPHS
         providers = provider_list(provider, config, self.use_cuda_graph and config.cuda_graph)
-        cache = OptimizedCache(info, config) if OptimizedCache.wanted(info, config, provider, fp16_weights) else None
+        wanted = not len(overrides) and OptimizedCache.wanted(info, config, provider, fp16_weights)
+        cache = OptimizedCache(info, config) if wanted else None
         try:
             self.session = self._cached(cache, config, providers) if cache else None
             if self.session is None:
                 self.session = self._create(info.path, config, providers, fp16_weights, cache)
         except Exception as error:  # onnxruntime raises its own exception types for bad graphs
             raise ModelFolderError(f"{info.path} could not be loaded by onnxruntime: {error}") from None
-        self.input_types = {item.name: ONNX_DTYPES.get(item.type, item.type) for item in self.session.get_inputs()}
+        # Inputs with a default (an initializer of the same name) are listed apart by onnxruntime.
+        values = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.input_types = {item.name: ONNX_DTYPES.get(item.type, item.type) for item in values}
         self.output_names = [item.name for item in self.session.get_outputs()]
         self._check_against_manifest()
 
@@ -247,9 +276,16 @@ class GraphSession:
         self, path: Path, config: SessionConfig, providers: list, fp16_weights: bool, cache: OptimizedCache | None
     ) -> ort.InferenceSession:
         options = session_options(config, self.provider, fp16_weights)
+        external, inline = self._overrides["external"], self._overrides["inline"]
+        if external:
+            options.add_external_initializers(list(external), list(external.values()))
+        for name, value in inline.items():
+            options.add_initializer(name, value)
         disabled: list[str] = []
         if self.provider == CPU and fp16_weights:
             disabled, options.execution_order = cpu_lean_fp16(self._computes_fp16())
+        if inline:
+            disabled.append("NchwcTransformer")
         staging = cache.staging() if cache is not None else None
         if cache is None or staging is None:
             return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
@@ -345,8 +381,10 @@ class UNetSession(GraphSession):
 
     use_cuda_graph = True
 
-    def __init__(self, info: GraphInfo, provider: str, config: SessionConfig) -> None:
-        super().__init__(info, provider, config)
+    def __init__(
+        self, info: GraphInfo, provider: str, config: SessionConfig, overrides: InitializerOverrides | None = None
+    ) -> None:
+        super().__init__(info, provider, config, overrides)
         self.cuda_graph = config.cuda_graph and provider == CUDA
         self._bound_shapes: tuple | None = None
         self._binding: ort.IOBinding | None = None
@@ -416,6 +454,7 @@ class Sessions:
     vae_decoder: GraphSession | OpenVINOGraph
     provider: str
     vae_encoder: GraphSession | None = None  # img2img and inpainting only
+    config: SessionConfig = SessionConfig()  # how these were made: LoRA sets rebuild sessions the same way
 
     def release_memory(self, manifest: Manifest, device_id: int = 0) -> None:
         """Give back the memory a large generation left in onnxruntime's arenas (a 512x512 run
@@ -465,6 +504,7 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
         vae_encoder=GraphSession(manifest.graphs["vae_encoder"], provider, config)
         if "vae_encoder" in manifest.graphs
         else None,
+        config=config,
     )
     warn_cpu_fallback(config.provider, provider)
     return sessions

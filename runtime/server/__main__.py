@@ -138,7 +138,8 @@ def serve(config: ServerConfig) -> None:
 
     pipe = Pipeline.from_pretrained(
         config.model, provider=config.provider, threads=config.threads, device=config.device,
-        inference_precision=config.inference_precision,
+        inference_precision=config.inference_precision, lora_dir=config.lora_dir,
+        embeddings_dir=config.embeddings_dir,
     )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:

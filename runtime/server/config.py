@@ -57,6 +57,8 @@ class ServerConfig:
     credentials: dict[str, str] = field(default_factory=dict)  # user -> password; empty: no auth
     limits: Limits = field(default_factory=Limits)
     traffic: Traffic = field(default_factory=Traffic)
+    lora_dir: str | None = None  # kohya/A1111 LoRA files, used by <lora:name:m> in prompts
+    embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

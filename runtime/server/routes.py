@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .jobs import JobResult
 from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title
 from .schemas import (
+    EmbeddingsResponse,
     ErrorResponse,
     GenerationFields,
     HealthResponse,
@@ -34,6 +35,7 @@ from .schemas import (
     InternalProgressRequest,
     InternalProgressResponse,
     LatentUpscaleModeItem,
+    LoraItem,
     PngInfoRequest,
     PngInfoResponse,
     ProgressResponse,
@@ -166,8 +168,8 @@ def _info(model: PlanModel, body: GenerationFields, plan: Plan, result: JobResul
         "face_restoration_model": None,
         "sd_model_name": manifest.model_name,
         "sd_model_hash": manifest.model_hash,
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": (manifest.raw.get("vae") or {}).get("name"),
+        "sd_vae_hash": (manifest.raw.get("vae") or {}).get("hash"),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": plan.denoising_strength,
@@ -217,6 +219,30 @@ async def sd_models(ctx: Context) -> Any:
             config=None,
         )
     ]
+
+
+@router.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["sdapi"])
+async def loras(ctx: Context) -> Any:
+    """The LoRAs in --lora-dir, by the names <lora:name:weight> takes (A1111's shape)."""
+    return ctx.pipe.loras.library.entries()
+
+
+@router.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
+async def refresh_loras(ctx: Context) -> dict:
+    await anyio.to_thread.run_sync(ctx.pipe.loras.library.refresh)
+    return {}
+
+
+@router.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"])
+async def embeddings(ctx: Context) -> Any:
+    """A1111's {loaded: {name: info}, skipped: {name: info}}; skipped entries add a `reason`."""
+    return ctx.pipe.embeddings.listing()
+
+
+@router.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
+async def refresh_embeddings(ctx: Context) -> dict:
+    await anyio.to_thread.run_sync(ctx.pipe.embeddings.refresh)
+    return {}
 
 
 @router.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])

@@ -223,6 +223,29 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class LoraItem(BaseModel):
+    """A1111's /sdapi/v1/loras entry; `path` is the file name within --lora-dir, never an absolute path."""
+
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbeddingItem(BaseModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int | None = None
+    vectors: int
+    reason: str | None = None  # skipped ones only: why (ours; A1111 does not say)
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
 class QueueInfo(BaseModel):
     running: int = Field(description="Jobs running now (one box: 0 or 1)")
     waiting: int
