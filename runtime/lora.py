@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import InvalidRequestError, ModelFolderError
 from .extra_networks import LoraUse
-from .model_folder import Manifest
+from .model_folder import OPENVINO_TARGET, Manifest
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .sessions import GraphSession, InitializerOverrides, Sessions, UNetSession
 
@@ -267,6 +267,11 @@ class LoraSessions:
         if graph not in self._targets:
             self._targets[graph] = GraphTargets.read(self.manifest.graphs[graph].path)
         found = self._targets[graph]
+        if found is None and self.manifest.target == OPENVINO_TARGET:
+            raise InvalidRequestError(
+                "lora", "LoRAs are applied on the onnxruntime providers only; this model was exported with "
+                "--target openvino: export it with --target cpu or cuda to use LoRAs"
+            )  # fmt: skip
         if found is None:
             raise InvalidRequestError(
                 "lora", f"{self.manifest.folder} was exported without LoRA support (no {graph}/{LORA_TARGETS_FILE}); "

@@ -86,6 +86,10 @@ class Manifest:
         return self.raw["precision"]
 
     @property
+    def target(self) -> str:
+        return self.raw.get("target", "cpu")  # manifests written before targets were recorded: cpu
+
+    @property
     def clip_skip(self) -> int:
         return int(self.raw["clip_skip"])
 

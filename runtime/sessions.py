@@ -478,7 +478,7 @@ def _trim_c_heap() -> None:
 
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
-    target = manifest.raw.get("target", "cpu")
+    target = manifest.target
     # An OpenVINO export runs on OpenVINO only, so "auto" means OpenVINO for it.
     requested = "openvino" if config.provider == "auto" and target == OPENVINO_TARGET else config.provider
     provider = resolve_provider(requested)
