@@ -652,7 +652,8 @@ def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
 
     def plan(prompt: str) -> Plan:
         request = GenerationRequest(prompt, "", 1, 7.0, 64, 64, [1], "euler", "a1111", "nv", 0)
-        prepared = Prepared(request, Schedule(np.ones(2, np.float32), np.ones(1, np.float32), 1.0), (), False, {})
+        schedule = Schedule(np.ones(2, np.float32), np.ones(1, np.float32), 1.0)
+        prepared = Prepared(request, schedule, conditioning=(), chunks={}, padded=False, chunk_counts={})
         return Plan((prepared,), SAMPLERS[1], SCHEDULERS[0], 1, [1], True)
 
     async def run() -> list:
