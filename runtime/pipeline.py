@@ -547,7 +547,7 @@ class Pipeline:
 
     def with_vae(self, sessions: Sessions, name: str | None) -> Sessions:
         """`sessions` decoding (and encoding) with VAE `name`; its sessions load once and stay cached
-        (a VAE is small: about 160 MB of fp32 weights at full size)."""
+        (small: the full-size decoder holds about 200 MB of fp32 weights)."""
         if name not in self._vae_sessions:
             choice = vae_choices(self.manifest)[name]
             make = partial(GraphSession, provider=self.sessions.provider, config=self.sessions.config)
