@@ -154,3 +154,13 @@ def test_cli_unknown_vae_is_one_line_and_exit_2(two_vaes, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and NAME in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_export_cli_add_vae_errors_are_one_line(two_vaes, vae_file, capsys):
+    from export.__main__ import main
+
+    assert main(["--add-vae", str(vae_file)]) == 2  # no --output
+    assert main(["--vae-name", "x"]) == 2  # --vae-name without --add-vae
+    assert main(["--add-vae", str(vae_file), "--output", str(two_vaes)]) == 2  # the name exists
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 3 and "--overwrite" in lines[2]
