@@ -123,6 +123,10 @@ class OpenVINOGraph:
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.infer(self.feed(inputs))
 
+    def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        """Nothing to shrink: OpenVINO keeps no growing arena like onnxruntime's (the server's
+        memory release after large jobs calls this on every graph)."""
+
 
 class OpenVINOUNet(OpenVINOGraph):
     """The per-step call: the conditioning is fed once per generation, each step only the latents."""

@@ -453,7 +453,7 @@ class Sessions:
     unet: UNetSession | OpenVINOUNet
     vae_decoder: GraphSession | OpenVINOGraph
     provider: str
-    vae_encoder: GraphSession | None = None  # img2img and inpainting only
+    vae_encoder: GraphSession | OpenVINOGraph | None = None  # img2img and inpainting only
     config: SessionConfig = SessionConfig()  # how these were made: LoRA sets rebuild sessions the same way
 
     def release_memory(self, manifest: Manifest, device_id: int = 0) -> None:
@@ -524,4 +524,8 @@ def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Session
         unet=OpenVINOUNet(core, graphs["unet"], config.device, properties),
         vae_decoder=OpenVINOGraph(core, graphs["vae_decoder"], config.device, properties),
         provider=f"{OPENVINO}:{config.device}",
+        vae_encoder=OpenVINOGraph(core, graphs["vae_encoder"], config.device, properties)
+        if "vae_encoder" in graphs
+        else None,
+        config=config,
     )

@@ -54,7 +54,8 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 def client(tiny_fp32, folders):
     loras, embeddings = folders
     pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", lora_dir=loras, embeddings_dir=embeddings)
-    with TestClient(create_app(pipe, ServerConfig(model=str(tiny_fp32)))) as test_client:
+    app = create_app(pipe, ServerConfig(model=str(tiny_fp32)))
+    with TestClient(app, base_url="http://localhost") as test_client:  # a Host the server answers for
         yield test_client
 
 

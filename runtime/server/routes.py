@@ -239,25 +239,37 @@ async def sd_vae(ctx: Context) -> Any:
 @router.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["sdapi"])
 async def loras(ctx: Context) -> Any:
     """The LoRAs in --lora-dir, by the names <lora:name:weight> takes (A1111's shape)."""
-    return ctx.pipe.loras.library.entries()
+    library = _addons(ctx, "loras")
+    return library.library.entries() if library is not None else []
 
 
 @router.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
 async def refresh_loras(ctx: Context) -> dict:
-    await anyio.to_thread.run_sync(ctx.pipe.loras.library.refresh)
+    library = _addons(ctx, "loras")
+    if library is not None:
+        await anyio.to_thread.run_sync(library.library.refresh)
     return {}
 
 
 @router.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"])
 async def embeddings(ctx: Context) -> Any:
     """A1111's {loaded: {name: info}, skipped: {name: info}}; skipped entries add a `reason`."""
-    return ctx.pipe.embeddings.listing()
+    library = _addons(ctx, "embeddings")
+    return library.listing() if library is not None else {"loaded": {}, "skipped": {}}
 
 
 @router.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
 async def refresh_embeddings(ctx: Context) -> dict:
-    await anyio.to_thread.run_sync(ctx.pipe.embeddings.refresh)
+    library = _addons(ctx, "embeddings")
+    if library is not None:
+        await anyio.to_thread.run_sync(library.refresh)
     return {}
+
+
+def _addons(ctx: ServerContext, kind: str) -> Any:
+    """The loaded Pipeline's LoRA or embedding library; None behind a cluster ingress, which
+    holds no Pipeline (its replicas serve without add-on folders: docs/cluster.md)."""
+    return getattr(ctx.model, kind, None)
 
 
 @router.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
