@@ -164,3 +164,31 @@ def test_export_cli_add_vae_errors_are_one_line(two_vaes, vae_file, capsys):
     assert main(["--add-vae", str(vae_file), "--output", str(two_vaes)]) == 2  # the name exists
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 3 and "--overwrite" in lines[2]
+
+
+def outside(vaes: dict) -> dict:
+    return {**vaes[NAME]["graphs"]["vae_decoder"], "path": "../outside.onnx"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda vaes: "x", "'vaes' must be an object"),
+        (lambda vaes: {NAME: {**vaes[NAME], "graphs": []}}, "not an object with 'graphs'"),
+        (lambda vaes: {NAME: {**vaes[NAME], "hash": 5}}, "must be strings"),
+        (lambda vaes: {"../x": vaes[NAME]}, "bad name"),
+        (lambda vaes: {NAME: {**vaes[NAME], "graphs": {"unet": vaes[NAME]["graphs"]["vae_decoder"]}}}, "vae_decoder"),
+        (lambda vaes: {NAME: {**vaes[NAME], "graphs": {"vae_decoder": outside(vaes)}}}, "outside the model folder"),
+    ],
+)
+def test_malformed_vaes_section_is_one_clear_error(two_vaes, tmp_path, change, message):
+    from runtime.errors import ModelFolderError
+    from runtime.model_folder import read_manifest
+
+    folder = tmp_path / "copy"
+    shutil.copytree(two_vaes, folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["vaes"] = change(raw["vaes"])
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFolderError, match=message):
+        read_manifest(folder)
