@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="separate VAE to use instead of the checkpoint's: A1111 .safetensors/.vae.pt/.ckpt (LDM layout; "
         "pickles need --allow-pickle) or a diffusers folder",
     )
+    parser.add_argument(
+        "--add-vae",
+        metavar="FILE|FOLDER",
+        help="add this VAE to the existing export in --output (nothing else is exported again), for the runtime's "
+        "--vae NAME / sd_vae; stored under vaes/<name>/",
+    )
+    parser.add_argument("--vae-name", help="with --add-vae: the name to select it by (default: its file name)")
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -100,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "runtime"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.add_vae is not None:
+        return add_vae_main(args)
+    if args.vae_name is not None:
+        print("error: --vae-name goes with --add-vae", file=sys.stderr)
+        return 2
     options = ExportOptions(
         model=args.model,
         output=args.output or default_output(args.model),
@@ -126,6 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the output folder was not changed", file=sys.stderr)
         return 130
     print(summary_table(report))
+    return 0
+
+
+def add_vae_main(args: argparse.Namespace) -> int:
+    from runtime.errors import UserError
+
+    from .add_vae import AddVaeOptions, add_vae
+
+    if args.output is None:
+        print("error: --add-vae needs --output, the existing export folder", file=sys.stderr)
+        return 2
+    options = AddVaeOptions(args.add_vae, args.output, args.vae_name, args.overwrite, args.allow_pickle)
+    try:
+        reports = add_vae(options)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for report in reports:
+        log.info("%s: relative error %.2e (tolerance %.0e)", report.name, report.validation.relative_error,
+                 report.validation.tolerance)  # fmt: skip
+    print(f"added VAE {options.name or Path(args.add_vae.rstrip('/')).name} to {args.output}")
     return 0
 
 

@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
     parser.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings")
+    parser.add_argument(
+        "--vae", help="an exported VAE by name (python -m export --add-vae); default: the model's own (Automatic)"
+    )
     parser.add_argument("--output", type=Path, default=Path("out.png"), help="PNG path; batches add -1, -2, ...")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -155,7 +158,7 @@ def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
         width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
         sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
-        vae_tiling=args.vae_tiling, max_pixels=args.max_pixels, **mode_options(args),
+        vae_tiling=args.vae_tiling, max_pixels=args.max_pixels, vae=args.vae, **mode_options(args),
     )  # fmt: skip
 
 
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
         verify=args.verify,
         device=args.device, inference_precision=args.inference_precision,
-        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=args.vae,
     )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 

@@ -168,7 +168,7 @@ def _check_fields(raw: dict[str, Any], path: Path) -> None:
             raise ModelFolderError(f"{path}: {key!r} must be {wanted}, not {raw[key]!r}; re-export the model")
 
 
-def _graph_info(folder: Path, name: str, entry: Any) -> GraphInfo:
+def graph_info(folder: Path, name: str, entry: Any) -> GraphInfo:
     if not isinstance(entry, dict):
         raise ModelFolderError(f"manifest entry for graph {name!r} is not an object")
     if entry.get("precision") not in PRECISIONS:
@@ -209,7 +209,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     missing = [name for name in REQUIRED_GRAPHS if name not in entries]
     if missing:
         raise ModelFolderError(f"manifest lists no {', '.join(missing)} graph: the export is incomplete")
-    graphs = {name: _graph_info(folder, name, entry) for name, entry in entries.items()}
+    graphs = {name: graph_info(folder, name, entry) for name, entry in entries.items()}
     for info in graphs.values():
         if not info.path.is_file():
             raise ModelFolderError(f"{info.path} is missing: the model folder is incomplete")
@@ -217,7 +217,11 @@ def read_manifest(folder: str | Path) -> Manifest:
         if not (folder / relative).exists():
             raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
     _check_fields(raw, folder / MANIFEST_FILE)
-    return Manifest(folder=folder, raw=raw, graphs=graphs)
+    manifest = Manifest(folder=folder, raw=raw, graphs=graphs)
+    from .vaes import vae_choices  # the added VAEs' section: types, names, files inside the folder
+
+    vae_choices(manifest)
+    return manifest
 
 
 def text_vocab_size(manifest: Manifest) -> int:
@@ -241,7 +245,11 @@ def sha256_of_file(path: Path) -> str:
 def verify_files(manifest: Manifest) -> None:
     """Check every graph file against the sha256 the exporter wrote: weights changed on disk
     (bit rot, a bad copy) otherwise give black or noisy images without any error."""
-    for info in manifest.graphs.values():
+    from .vaes import vae_choices
+
+    added = [choice for choice in vae_choices(manifest).values() if choice.name is not None]
+    extra = [info for choice in added for info in (choice.decoder, choice.encoder) if info is not None]
+    for info in [*manifest.graphs.values(), *extra]:
         for name, expected in info.files.items():
             path = info.path.parent / name
             if not path.is_file():

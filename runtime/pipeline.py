@@ -11,6 +11,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,11 @@ from .model_folder import (
 from .prompt_schedule import ConditioningPlan
 from .rng import NoiseGenerator, make_generator
 from .schedules import Schedule, final_latents, make_schedule
-from .sessions import SessionConfig, Sessions, load_sessions
+from .sessions import GraphSession, SessionConfig, Sessions, load_sessions
 from .tiling import VAE_TILING, TileSizes, tiled, use_tiling
 from .tokenizer import ClipTokenizer
 from .upscale import truncate, upscale_image, upscale_latents
+from .vaes import resolve_vae, vae_choices, vae_label
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class Prepared:
     vae_tiling: str = "auto"  # "auto" | "on" | "off": runtime.tiling
     loras: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags (removed from the encoded text)
     extra: ExtraRows | None = None  # the embeddings the prompts name: text-encoder extra_embeddings rows
+    vae: str | None = None  # an added VAE by name (runtime.vaes); None: the export's own
 
     @property
     def seeds(self) -> list[int]:
@@ -187,6 +190,7 @@ def prepare(
     vae_tiling: str = "auto",
     max_pixels: int | None = MAX_PIXELS,
     embeddings: EmbeddingMatcher | None = None,
+    vae: str | None = None,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -255,6 +259,7 @@ def prepare(
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale, embeddings=embeddings)
+    vae = resolve_vae(manifest, vae)
     if vae_tiling not in VAE_TILING:
         raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
     hires, hires_conditioning, hires_chunks = None, (), {}
@@ -274,8 +279,8 @@ def prepare(
     rows = embeddings.rows if embeddings is not None else None
     return Prepared(
         request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling,
-        tuple(loras), rows,
-    )
+        tuple(loras), rows, vae,
+    )  # fmt: skip
 
 
 def _hires_conditioning(
@@ -401,8 +406,11 @@ class Pipeline:
         scheduler_config: dict,
         lora_dir: str | Path | None = None,
         embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
     ) -> None:
         self.manifest = manifest
+        self.vae = resolve_vae(manifest, vae)  # requests that name no VAE use this one
+        self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
@@ -425,6 +433,7 @@ class Pipeline:
         inference_precision: str = "auto",
         lora_dir: str | Path | None = None,
         embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
@@ -432,8 +441,10 @@ class Pipeline:
         against the sha256 in the manifest first. `device` and `inference_precision`
         serve provider "openvino" (an export made with --target openvino): OpenVINO device name
         (CPU; GPU/NPU pass through) and "auto" (bf16 where the CPU has it, else f32), "bf16", "f16"
-        or "f32"."""
+        or "f32". `vae` names the VAE requests use unless they name another (an added one, see
+        `python -m export --add-vae`; default: the export's own)."""
         manifest = read_manifest(folder)
+        resolve_vae(manifest, vae)  # an unknown name fails before the sessions load
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(
                 "threads", f"must be a whole number >= 1 (or None for one per core), not {threads!r}"
@@ -452,7 +463,7 @@ class Pipeline:
         sessions = load_sessions(manifest, config)
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
         scheduler_config = read_scheduler_config(manifest.folder)
-        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir)
+        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir, vae)
 
     @property
     def provider(self) -> str:
@@ -468,6 +479,7 @@ class Pipeline:
         """Check and plan a generation (keywords of `__call__` but output_type and callbacks),
         including that every LoRA the prompt names exists and fits this model."""
         matcher = self.embeddings.matcher()
+        parameters.setdefault("vae", self.vae)
         prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
         self.loras.resolve(list(prepared.loras))
         if (
@@ -523,7 +535,7 @@ class Pipeline:
         check_output_type(output_type)
         request = prepared.request
         # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes.
-        self.sessions = self.loras.sessions_for(list(prepared.loras)).sessions
+        self.sessions = self.with_vae(self.loras.sessions_for(list(prepared.loras)).sessions, prepared.vae)
         self._extra = prepared.extra.matrix() if prepared.extra is not None else None
         latents, interrupted = self._sample(prepared, callback, cancel_event)
         pixels = self.decode(latents, prepared.vae_tiling)
@@ -532,6 +544,18 @@ class Pipeline:
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
         return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    def with_vae(self, sessions: Sessions, name: str | None) -> Sessions:
+        """`sessions` decoding (and encoding) with VAE `name`; its sessions load once and stay cached
+        (small: the full-size decoder holds about 200 MB of fp32 weights)."""
+        if name not in self._vae_sessions:
+            choice = vae_choices(self.manifest)[name]
+            make = partial(GraphSession, provider=self.sessions.provider, config=self.sessions.config)
+            encoder = make(choice.encoder) if choice.encoder is not None else None
+            self._vae_sessions[name] = (make(choice.decoder), encoder)
+            log.info("loaded VAE %s", name)
+        decoder, encoder = self._vae_sessions[name]
+        return replace(sessions, vae_decoder=decoder, vae_encoder=encoder)
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -619,8 +643,8 @@ class Pipeline:
             "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
             "Model hash": self.manifest.model_hash,
             "Model": self.manifest.model_name,
-            "VAE hash": (self.manifest.raw.get("vae") or {}).get("hash"),
-            "VAE": (self.manifest.raw.get("vae") or {}).get("name"),
+            "VAE hash": vae_label(self.manifest, prepared.vae)[1],
+            "VAE": vae_label(self.manifest, prepared.vae)[0],
             "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": registry.RNG_LABELS[request.rng],

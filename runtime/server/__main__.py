@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
         help="provider openvino: auto (bf16 where the CPU has it, else f32)",
     )  # fmt: skip
+    add("--lora-dir", help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
+    add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings")
+    add("--vae", help="the exported VAE requests use unless override_settings.sd_vae names another (default: own)")
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
     add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add_api_options(parser)
@@ -117,6 +120,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         threads=getattr(args, "threads", None), device=getattr(args, "device", "CPU"),
         inference_precision=getattr(args, "inference_precision", "auto"), queue_size=args.queue_size,
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
+        lora_dir=getattr(args, "lora_dir", None), embeddings_dir=getattr(args, "embeddings_dir", None),
+        vae=getattr(args, "vae", None),
     )  # fmt: skip
 
 
@@ -139,7 +144,7 @@ def serve(config: ServerConfig) -> None:
     pipe = Pipeline.from_pretrained(
         config.model, provider=config.provider, threads=config.threads, device=config.device,
         inference_precision=config.inference_precision, lora_dir=config.lora_dir,
-        embeddings_dir=config.embeddings_dir,
+        embeddings_dir=config.embeddings_dir, vae=config.vae,
     )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:

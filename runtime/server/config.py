@@ -59,6 +59,7 @@ class ServerConfig:
     traffic: Traffic = field(default_factory=Traffic)
     lora_dir: str | None = None  # kohya/A1111 LoRA files, used by <lora:name:m> in prompts
     embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
+    vae: str | None = None  # the exported VAE requests use by default (runtime.vaes)
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

@@ -63,6 +63,7 @@ _FIELD_NAMES = {
     "image": "init_images",
     "mask_image": "mask",
     "strength": "denoising_strength",
+    "vae": "override_settings.sd_vae",
 }
 
 
@@ -252,6 +253,7 @@ def _prepare_batch(
         guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
         eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
+        **({"vae": body.override_settings.sd_vae} if body.override_settings.sd_vae is not None else {}),
     )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import InvalidRequestError
 from ..metadata import parse_infotext, read_infotext
 from ..registry import SAMPLERS, SCHEDULERS, UPSCALERS
+from ..vaes import vae_choices, vae_label
 from .config import ServerConfig
 from .jobs import JobResult
 from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title
@@ -42,6 +43,7 @@ from .schemas import (
     SamplerItem,
     SchedulerItem,
     SDModelItem,
+    SDVaeItem,
     Txt2ImgRequest,
     Txt2ImgResponse,
     UpscalerItem,
@@ -168,8 +170,8 @@ def _info(model: PlanModel, body: GenerationFields, plan: Plan, result: JobResul
         "face_restoration_model": None,
         "sd_model_name": manifest.model_name,
         "sd_model_hash": manifest.model_hash,
-        "sd_vae_name": (manifest.raw.get("vae") or {}).get("name"),
-        "sd_vae_hash": (manifest.raw.get("vae") or {}).get("hash"),
+        "sd_vae_name": vae_label(manifest, plan.batches[0].vae)[0],
+        "sd_vae_hash": vae_label(manifest, plan.batches[0].vae)[1],
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": plan.denoising_strength,
@@ -218,6 +220,19 @@ async def sd_models(ctx: Context) -> Any:
             filename=manifest.folder.name,  # never the absolute path: it tells a caller about the box
             config=None,
         )
+    ]
+
+
+@router.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], tags=["sdapi"])
+async def sd_vae(ctx: Context) -> Any:
+    """The exported VAEs override_settings.sd_vae can name (A1111's shape; "Automatic" is implied).
+    `filename` is the decoder graph relative to the model folder, never an absolute path."""
+    choices = vae_choices(ctx.model.manifest)
+    own = vae_label(ctx.model.manifest, None)[0]
+    return [
+        SDVaeItem(model_name=name if name is not None else own, filename=choice.filename)
+        for name, choice in choices.items()
+        if name is not None or own is not None  # a checkpoint's own VAE has no name of its own: "Automatic"
     ]
 
 

@@ -42,6 +42,9 @@ class OverrideSettings(BaseModel):
     )
     eta_noise_seed_delta: int | None = Field(None, ge=0, description="ENSD; only ancestral samplers use it.")
     sd_model_checkpoint: str | None = Field(None, description="If given, must name the loaded model.")
+    sd_vae: str | None = Field(
+        None, description='An exported VAE by name (GET /sdapi/v1/sd-vae); "Automatic"/"None": the model\'s own.'
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -221,6 +224,13 @@ class SDModelItem(BaseModel):
     sha256: str | None = None
     filename: str
     config: str | None = None
+
+
+class SDVaeItem(BaseModel):
+    """A1111's /sdapi/v1/sd-vae entry; `filename` is relative to the model folder."""
+
+    model_name: str
+    filename: str
 
 
 class LoraItem(BaseModel):
