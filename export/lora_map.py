@@ -106,14 +106,18 @@ def _packed(value: np.ndarray, table: dict[bytes, Weight]) -> list[tuple[Weight,
     return []
 
 
-def map_graph(graph: str, model: onnx.ModelProto, table: dict[bytes, Weight]) -> dict[str, list[dict]]:
+def map_graph(
+    graph: str, model: onnx.ModelProto, table: dict[bytes, Weight], folder: Path | None = None
+) -> dict[str, list[dict]]:
     """{kohya module: [slot, ...]} with each slot naming its initializer. Modules not found are
-    listed as `absent` in the side file so a LoRA that targets them is still of the right model."""
+    listed as `absent` in the side file so a LoRA that targets them is still of the right model.
+    `folder` holds the external data file of a saved graph (onnx's save moves big weights out of
+    the in-memory model too, leaving references relative to that folder)."""
     modules: dict[str, list[dict]] = {}
     for tensor in model.graph.initializer:
         if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(tensor.dims) < 2:
             continue
-        value = numpy_helper.to_array(tensor)
+        value = numpy_helper.to_array(tensor, base_dir=str(folder) if folder is not None else "")
         found = _direct(value, table) or (_packed(value, table) if value.ndim == 2 else [])
         for weight, slot in found:
             modules.setdefault(weight.module, []).append(
@@ -154,7 +158,7 @@ def initializer_locations(path: Path, names: set[str]) -> dict[str, dict[str, An
 
 def lora_targets(graph: str, path: Path, model: onnx.ModelProto, table: dict[bytes, Weight]) -> dict[str, Any]:
     """The side file's content for one saved graph."""
-    modules = map_graph(graph, model, table)
+    modules = map_graph(graph, model, table, path.parent)
     names = {slot["initializer"] for slots in modules.values() for slot in slots}
     absent = sorted({weight.module for weight in table.values()} - set(modules))
     return {"modules": modules, "absent": absent, "initializers": initializer_locations(path, names)}

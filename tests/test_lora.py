@@ -10,6 +10,7 @@ Tolerances on pixels in [0, 255], as test_pipeline_parity: fp32 max <= 1; fp16 m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,23 @@ def test_separate_text_encoder_and_unet_multipliers(runtime_fp32, diffusers_with
     diffusers_with_loras.set_adapters(["style_a"], adapter_weights=[{"unet": 0.8, "text_encoder": 0.0}])
     reference_image = reference.generate(diffusers_with_loras, PROMPT, NEGATIVE, "euler_a", [3], steps=STEPS)
     assert worst(ours(runtime_fp32, "<lora:style_a:0:0.8>", 3), reference_image) <= 1.0
+
+
+def test_graphs_with_external_weights_map_and_patch_loras(
+    tiny_source, lora_dir, diffusers_with_loras, tmp_path, monkeypatch
+):
+    """Full-size graphs keep their weights in model.onnx_data: the exporter maps LoRA targets
+    through that file and the runtime patches them with add_external_initializers."""
+    import export.graphs
+    from export.exporter import ExportOptions, run_export
+
+    monkeypatch.setattr(export.graphs, "EXTERNAL_DATA_THRESHOLD", 0)  # every graph as a full-size one
+    folder = tmp_path / "external"
+    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=folder, precision="fp32"))
+    targets = json.loads((folder / "unet" / "lora_targets.json").read_text())
+    assert {entry["file"] for entry in targets["initializers"].values()} == {"model.onnx_data"}
+    pipe = Pipeline.from_pretrained(folder, provider="cpu", lora_dir=lora_dir)
+    assert worst(ours(pipe, "<lora:style_a:0.8>", 7), expected(diffusers_with_loras, {"style_a": 0.8}, 7)) <= 1.0
 
 
 def test_fp16_graphs_with_lora_stay_close_to_diffusers(tiny_fp16, lora_dir, diffusers_with_loras):
