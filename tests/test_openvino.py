@@ -90,7 +90,7 @@ def test_openvino_image_is_close_to_our_fp32_image(tiny_openvino, tiny_fp32, tmp
 def test_model_cache_is_written_and_reused(tiny_openvino, tmp_path):
     first = Pipeline.from_pretrained(tiny_openvino, provider="openvino", cache_dir=tmp_path)
     blobs = sorted((tmp_path / "openvino").glob("*.blob"))
-    assert len(blobs) == 3  # text encoder, UNet, VAE decoder
+    assert len(blobs) == 4  # text encoder, UNet, VAE decoder, VAE encoder
     again = Pipeline.from_pretrained(tiny_openvino, provider="openvino", cache_dir=tmp_path)
     assert sorted((tmp_path / "openvino").glob("*.blob")) == blobs
     ids = {"input_ids": np.full((1, 77), 49407, dtype=np.int64)}
