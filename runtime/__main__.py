@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--schedule", default="model", help=f"one of {', '.join(SCHEDULE_LABELS)}")
     parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_LABELS)}: torch CPU or A1111 'NV' noise")
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    parser.add_argument(
+        "--pad-conds", action="store_true",
+        help="A1111's 'Pad prompt/negative prompt': prompt and negative prompt of different 75-token chunk counts "
+        "share one UNet call (faster, another image; off as in the web UI)",
+    )  # fmt: skip
     image = parser.add_argument_group("img2img and inpainting")
     image.add_argument("--init-image", type=Path, help="img2img: start from this image")
     image.add_argument("--strength", type=float, help="img2img denoising strength in [0, 1] (default 0.75)")
@@ -158,6 +163,7 @@ def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
         width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
         sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
+        pad_conds=args.pad_conds,
         vae_tiling=args.vae_tiling, max_pixels=args.max_pixels, vae=args.vae, **mode_options(args),
     )  # fmt: skip
 

@@ -194,24 +194,54 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weighted * scale[:, None, None]).astype(np.float32, copy=False)
 
 
-def pad_chunks(chunks: dict[str, PromptChunks], tokenizer: ClipTokenizer) -> tuple[dict[str, PromptChunks], bool]:
-    """Every text padded with empty chunks to the longest one's count (so any of them can share
-    one UNet batch, and a CUDA graph keeps one shape for the whole run); True if any was padded."""
-    count = max(item.count for item in chunks.values())
-    padded = any(item.count != count for item in chunks.values())
-    return {text: pad_to_chunk_count(item, count, tokenizer) for text, item in chunks.items()}, padded
-
-
 def encode_chunks(
-    run_encoder: Callable[[np.ndarray], np.ndarray], chunks: dict[str, PromptChunks]
+    run_encoder: Callable[[np.ndarray], np.ndarray], chunks: dict[str, PromptChunks], tokenizer: ClipTokenizer
 ) -> dict[str, np.ndarray]:
-    """Encoder states (77*k, C) of each text: all chunks (texts of one chunk count k) through the
-    text encoder in one batch, A1111's emphasis per text, chunks joined on the token axis."""
+    """Encoder states (77*k, C) of each text, k its own chunk count: all chunks through the text
+    encoder in one batch, A1111's emphasis per text, chunks joined on the token axis.
+
+    The batch needs one chunk count, so shorter texts ride along padded with empty chunks; CLIP
+    encodes each chunk on its own and emphasis works per chunk, so dropping those rows again
+    leaves exactly the states the text has alone."""
     items = list(chunks.items())
-    count = items[0][1].count
-    hidden = run_encoder(np.concatenate([item.token_ids for _, item in items]))
+    count = max(item.count for _, item in items)
+    padded = [pad_to_chunk_count(item, count, tokenizer) for _, item in items]
+    hidden = run_encoder(np.concatenate([item.token_ids for item in padded]))
     states = {}
-    for index, (text, item) in enumerate(items):
-        emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], item.weights)
-        states[text] = emphasized.reshape(-1, emphasized.shape[-1])
+    for index, ((text, item), rows) in enumerate(zip(items, padded, strict=True)):
+        emphasized = apply_emphasis(hidden[index * count : (index + 1) * count], rows.weights)
+        states[text] = emphasized[: item.count].reshape(-1, emphasized.shape[-1])
     return states
+
+
+def stack_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """The AND parts' states (n, L, C) for one UNet batch, L the longest part's length: shorter
+    parts repeat their last token vector, as A1111's stack_conds does (not empty chunks)."""
+    length = max(len(part) for part in parts)
+    return np.stack([np.concatenate([part, np.repeat(part[-1:], length - len(part), axis=0)]) for part in parts])
+
+
+def unet_contexts(
+    parts: list[np.ndarray], uncond: np.ndarray | None, pad: bool, empty: np.ndarray | None
+) -> list[np.ndarray]:
+    """The UNet calls of one sampler step, as A1111's CFGDenoiser makes them: each (halves, L, C),
+    the uncond half first when there is one.
+
+    Parts and uncond of one length share one call. Otherwise A1111 (its default) runs the parts
+    and the uncond as separate UNet calls, each attending over its own tokens; with its "Pad
+    prompt/negative prompt" option (`pad`) the shorter side gets `empty` (one empty chunk's
+    states, 77 x C) repeated instead, and one call serves both."""
+    conds = stack_parts(parts)
+    if uncond is None:
+        return [conds]
+    if pad and len(uncond) != conds.shape[1]:
+        if empty is None:
+            raise ValueError("padding needs the empty chunk's states")
+        repeats = abs(conds.shape[1] - len(uncond)) // len(empty)
+        if len(uncond) < conds.shape[1]:
+            uncond = np.concatenate([uncond, np.tile(empty, (repeats, 1))])
+        else:
+            conds = np.concatenate([conds, np.tile(empty[None], (len(conds), repeats, 1))], axis=1)
+    if len(uncond) == conds.shape[1]:
+        return [np.concatenate([uncond[None], conds])]
+    return [uncond[None], conds]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +133,15 @@ class OpenVINOGraph:
 class OpenVINOUNet(OpenVINOGraph):
     """The per-step call: the conditioning is fed once per generation, each step only the latents."""
 
-    def begin(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> None:
-        self._context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
+    def bind(
+        self, context: np.ndarray, sample_shape: tuple[int, ...]
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """The step function for this conditioning (see UNetSession.bind)."""
+        return partial(self._run, self.feed({UNET_CONTEXT: context})[UNET_CONTEXT])
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def _run(self, context: np.ndarray, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
-        feed[UNET_CONTEXT] = self._context
+        feed[UNET_CONTEXT] = context
         return self.infer(feed)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, registry, samplers
-from .conditioning import PromptChunks, encode_chunks, pad_chunks, prompt_to_chunks
+from .conditioning import PromptChunks, empty_chunks, encode_chunks, prompt_to_chunks, unet_contexts
 from .embeddings import EmbeddingLibrary, EmbeddingMatcher, ExtraRows, ti_hashes
 from .errors import InvalidRequestError, NonFiniteError
 from .extra_networks import LoraUse, parse_prompt
@@ -99,6 +99,7 @@ class GenerationRequest:
     schedule: str
     rng: str
     eta_noise_seed_delta: int
+    pad_conds: bool = False  # A1111's "Pad prompt/negative prompt" (pad_cond_uncond), off there by default
 
 
 def _require_int(field_name: str, value: Any) -> int:
@@ -143,8 +144,8 @@ class Prepared:
     request: GenerationRequest
     schedule: Schedule
     conditioning: tuple[CondPiece, ...]
-    chunks: dict[str, PromptChunks]  # every text a piece names, all padded to one chunk count
-    padded: bool  # the texts of a pass had different chunk counts and the shorter were padded
+    chunks: dict[str, PromptChunks]  # every text a piece names (with pad_conds also "", the empty chunk)
+    padded: bool  # pad_conds padded a prompt or negative prompt with empty chunks (infotext "Pad conds")
     chunk_counts: dict[str, int]  # field -> 75-token chunks of its longest text (the server's limit)
     init: InitPlan | None = None  # img2img / inpainting
     hires: HiresPlan | None = None  # txt2img's hires fix
@@ -191,6 +192,7 @@ def prepare(
     max_pixels: int | None = MAX_PIXELS,
     embeddings: EmbeddingMatcher | None = None,
     vae: str | None = None,
+    pad_conds: bool = False,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -205,6 +207,10 @@ def prepare(
     Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
     hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
     hr_sampler_name (see runtime.hires.plan_hires).
+
+    `pad_conds` is A1111's "Pad prompt/negative prompt" option: prompt and negative prompt of
+    different 75-token chunk counts share one UNet call, the shorter padded with empty chunks
+    (faster; another image). Off, as in the web UI: they run as two UNet calls.
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -244,6 +250,8 @@ def prepare(
     delta = _require_int("eta_noise_seed_delta", eta_noise_seed_delta)
     if delta < 0:
         raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    if not isinstance(pad_conds, bool):
+        raise InvalidRequestError("pad_conds", f"must be true or false, not {pad_conds!r}")
     seeds = resolve_seeds(seed, count)
     if seeds[-1] + delta > MAX_GENERATOR_SEED:
         most = MAX_GENERATOR_SEED - seeds[-1]
@@ -255,10 +263,12 @@ def prepare(
         plan = slice_schedule(plan, start_step(plan.steps, strength))
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        seeds, sampler, schedule, rng, delta,
+        seeds, sampler, schedule, rng, delta, pad_conds,
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
-    pieces, chunks, padded, counts = plan_conditioning(tokenizer, cond_plan, guidance_scale, embeddings=embeddings)
+    pieces, chunks, padded, counts = plan_conditioning(
+        tokenizer, cond_plan, guidance_scale, embeddings=embeddings, pad_conds=pad_conds
+    )
     vae = resolve_vae(manifest, vae)
     if vae_tiling not in VAE_TILING:
         raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
@@ -300,7 +310,7 @@ def _hires_conditioning(
     hires_steps = hires.infotext.get("Hires steps") or request.steps
     text = parse_prompt(hires.prompt, fields[0])[0]
     cond_plan = ConditioningPlan.build(text, hires.negative_prompt, request.steps, hires_steps=hires_steps)
-    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields, embeddings)
+    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields, embeddings, request.pad_conds)
 
 
 def prompt_chunks(
@@ -323,16 +333,17 @@ def plan_conditioning(
     guidance_scale: float,
     fields: tuple[str, str] = ("prompt", "negative_prompt"),
     embeddings: EmbeddingMatcher | None = None,
+    pad_conds: bool = False,
 ) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
     """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
     that pass's step count), and every text they name parsed and chunked once (its weights
     checked as prompt_chunks does; a hires second pass builds its plan with hires_steps).
 
-    All texts are padded to one chunk count with empty chunks so one UNet call serves every
-    half. That is A1111's "Pad prompt/negative prompt" option (off by default there: the web UI
-    then runs two UNet calls, each attending over its own tokens), so the infotext says
-    `Pad conds: True` whenever the chunk counts differed. Guidance at most 1 drops the negative
-    prompt, except with AND or a part weight: A1111 combines those around the uncond always."""
+    Each text keeps its own chunk count; how parts and negative of different lengths meet in the
+    UNet is conditioning.unet_contexts (A1111's CFGDenoiser). With `pad_conds` the empty text's
+    chunk comes along (what the shorter side is padded with), and the bool returned says whether
+    any step pads (infotext `Pad conds: True`). Guidance at most 1 drops the negative prompt,
+    except with AND or a part weight: A1111 combines those around the uncond always."""
     positive, negative = fields
     if len(plan.parts) > MAX_AND_PARTS:
         raise InvalidRequestError(positive, f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
@@ -344,8 +355,7 @@ def plan_conditioning(
     parsed = {name: {text: prompt_chunks(tokenizer, name, text, embeddings) for text in items}
               for name, items in texts.items()}  # fmt: skip
     counts = {name: max(item.count for item in items.values()) for name, items in parsed.items()}
-    used = {**parsed[positive], **(parsed[negative] if with_negative else {})}
-    chunks, padded = pad_chunks(used, tokenizer)
+    chunks = {**parsed[positive], **(parsed[negative] if with_negative else {})}
     pieces = []
     for end in plan.boundaries():
         parts, negative = plan.at_call(end)
@@ -353,7 +363,17 @@ def plan_conditioning(
             end + 1, tuple(text for text, _ in parts), tuple(weight for _, weight in parts),
             negative if with_negative else None,
         ))  # fmt: skip
+    padded = pad_conds and any(_lengths_differ(piece, chunks) for piece in pieces)
+    if pad_conds:
+        chunks.setdefault("", empty_chunks(1, tokenizer))  # the empty prompt is one empty chunk
     return tuple(pieces), chunks, padded, counts
+
+
+def _lengths_differ(piece: CondPiece, chunks: dict[str, PromptChunks]) -> bool:
+    """Whether this piece's AND parts (their longest) and negative prompt differ in chunk count."""
+    if piece.uncond is None:
+        return False
+    return max(chunks[text].count for text in piece.conds) != chunks[piece.uncond].count
 
 
 def check_pixels(field_name: str, width: int, height: int, max_pixels: int | None) -> None:
@@ -571,7 +591,7 @@ class Pipeline:
                 feed[TEXT_EXTRA] = self._extra
             return self.sessions.text_encoder.run(feed)
 
-        return encode_chunks(run, chunks)
+        return encode_chunks(run, chunks, self.tokenizer)
 
     def denoiser(
         self,
@@ -580,12 +600,14 @@ class Pipeline:
         states: dict[str, np.ndarray],
         scale: float,
         latent_shape: tuple,
+        pad_conds: bool = False,
     ) -> Callable[[np.ndarray, int], np.ndarray]:
         """The model as samplers see it: x in VE space and a step index -> predicted clean x.
         Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
         piece with i < until_step; the UNet is rebound only when the piece changes. With
         guidance one UNet call runs the uncond half first (as diffusers does), then one half per
-        AND part."""
+        AND part; parts and uncond of different lengths run as two calls, as in A1111
+        (conditioning.unet_contexts)."""
         batch = latent_shape[0]
         unet = self.sessions.unet
         bound: dict[str, Any] = {"calls": 0}
@@ -596,20 +618,26 @@ class Pipeline:
             index = next((i for i, piece in enumerate(conditioning) if call < piece.until_step), 0)
             if bound.get("piece") != index:
                 piece = conditioning[index]
-                halves = ([piece.uncond] if piece.uncond is not None else []) + list(piece.conds)
-                context = np.stack([states[text] for text in halves for _ in range(batch)])
-                unet.begin(context, (len(context), *latent_shape[1:]))
+                uncond = states[piece.uncond] if piece.uncond is not None else None
+                contexts = unet_contexts([states[text] for text in piece.conds], uncond, pad_conds, states.get(""))
+                bound["steps"] = []
+                for context in contexts:
+                    context = np.repeat(context, batch, axis=0)  # each half once per image
+                    bound["steps"].append(
+                        (unet.bind(context, (len(context), *latent_shape[1:])), len(context) // batch)
+                    )
                 bound["piece"] = index
             return conditioning[index]
 
         def denoise(x: np.ndarray, step: int) -> np.ndarray:
             piece = bind()
-            halves = len(piece.conds) + (piece.uncond is not None)
             sigma = np.float32(schedule.sigmas[step])
             scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
-            model_input = np.concatenate([scaled] * halves)
-            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
-            eps = unet(model_input, timesteps)
+            outputs = []
+            for unet_step, halves in bound["steps"]:
+                timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+                outputs.append(unet_step(np.concatenate([scaled] * halves), timesteps))
+            eps = np.concatenate(outputs)
             if piece.uncond is not None:
                 eps = combine_guidance(eps, batch, scale, piece.weights)
             return x - sigma * eps
@@ -699,8 +727,9 @@ class Pipeline:
         if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
+        states = self.encode(pass_.chunks)
         denoise = self.denoiser(
-            schedule, pass_.conditioning, self.encode(pass_.chunks), request.guidance_scale, x.shape
+            schedule, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
         )
         last_denoised: dict[str, np.ndarray] = {}
 

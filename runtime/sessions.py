@@ -13,8 +13,10 @@ import logging
 import os
 import platform
 import shutil
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -374,6 +376,16 @@ class GraphSession:
         self.session.run(None, self.feed(inputs), options)
 
 
+UNetStep = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample, timestep) -> noise prediction
+MAX_BINDINGS = 2  # a step runs at most two UNet calls (A1111's separate cond and uncond calls)
+
+
+@dataclass
+class _Binding:
+    binding: ort.IOBinding
+    values: dict[str, ort.OrtValue]  # the device buffers bound to the inputs and the output
+
+
 class UNetSession(GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
     output buffer is preallocated on the device (IO binding), so each step moves only the small
@@ -386,65 +398,70 @@ class UNetSession(GraphSession):
     ) -> None:
         super().__init__(info, provider, config, overrides)
         self.cuda_graph = config.cuda_graph and provider == CUDA
-        self._bound_shapes: tuple | None = None
-        self._binding: ort.IOBinding | None = None
-        self._device_values: dict[str, ort.OrtValue] = {}
+        self._bindings: OrderedDict[tuple, _Binding] = OrderedDict()  # by (context, sample) shapes
 
-    def begin(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> None:
-        """Prepare for a run of steps with this conditioning and latent shape."""
+    def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> UNetStep:
+        """The step function for this conditioning and latent shape. A step that needs two calls
+        (cond and uncond of different lengths) holds two of these; on CUDA each keeps its own
+        device buffers, reused by later generations of the same shapes."""
         context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
         if self.provider != CUDA:
-            self._context = context
-            return
+            return partial(self._run, context)
         shapes = (context.shape, sample_shape)
-        if self.cuda_graph and self._bound_shapes not in (None, shapes):
+        if self.cuda_graph and self._bindings and shapes not in self._bindings:
             raise InvalidRequestError(
-                "size",
-                "CUDA graphs are on and this session was captured for another size or batch; use one size per pipeline",
-            )
-        if self._binding is None or self._bound_shapes != shapes:
-            self._bind(context, sample_shape)
+                "size", "CUDA graphs are on and this session was captured for another size, batch or prompt length "
+                "(prompt and negative prompt of different 75-token chunk counts need two shapes unless pad_conds "
+                "is on); use one shape per pipeline",
+            )  # fmt: skip
+        bound = self._bindings.get(shapes)
+        if bound is None:
+            bound = self._bindings[shapes] = self._bind(context, sample_shape)
+            while len(self._bindings) > MAX_BINDINGS:
+                self._bindings.popitem(last=False)
         else:
-            self._device_values[UNET_CONTEXT].update_inplace(context)
-        self._bound_shapes = shapes
+            self._bindings.move_to_end(shapes)
+            bound.values[UNET_CONTEXT].update_inplace(context)
+        return partial(self._run_bound, bound)
 
-    def _bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> None:
+    def _bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> _Binding:
         batch = sample_shape[0]
-        values = {
+        arrays = {
             UNET_CONTEXT: context,
             UNET_SAMPLE: np.zeros(sample_shape, dtype=self.input_types[UNET_SAMPLE]),
             UNET_TIMESTEP: np.zeros((batch,), dtype=self.input_types[UNET_TIMESTEP]),
         }
         binding = self.session.io_binding()
-        self._device_values = {}
-        for name, array in values.items():
-            device_value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
-            self._device_values[name] = device_value
-            binding.bind_ortvalue_input(name, device_value)
+        values = {}
+        for name, array in arrays.items():
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
+            binding.bind_ortvalue_input(name, values[name])
         output_dtype = self.input_types[UNET_SAMPLE]
-        output = ort.OrtValue.ortvalue_from_shape_and_type(sample_shape, output_dtype, "cuda", self.device_id)
-        self._device_values[UNET_OUTPUT] = output
-        binding.bind_ortvalue_output(UNET_OUTPUT, output)
-        self._binding = binding
+        values[UNET_OUTPUT] = ort.OrtValue.ortvalue_from_shape_and_type(
+            sample_shape, output_dtype, "cuda", self.device_id
+        )
+        binding.bind_ortvalue_output(UNET_OUTPUT, values[UNET_OUTPUT])
+        return _Binding(binding, values)
 
     def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
         if self.cuda_graph:
             return  # the captured graph owns its buffers for the session's lifetime
-        self._binding, self._device_values, self._bound_shapes = None, {}, None  # the next begin() binds anew
+        self._bindings.clear()  # the next bind() allocates anew
         super().release_memory(inputs, device_id)
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        if self.provider != CUDA:
-            feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
-            feed[UNET_CONTEXT] = self._context
-            with self.memory_errors():
-                return self.session.run(None, feed)[0].astype(np.float32, copy=False)
-        inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
-        self._device_values[UNET_SAMPLE].update_inplace(inputs[UNET_SAMPLE])
-        self._device_values[UNET_TIMESTEP].update_inplace(inputs[UNET_TIMESTEP])
+    def _run(self, context: np.ndarray, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
+        feed[UNET_CONTEXT] = context
         with self.memory_errors():
-            self.session.run_with_iobinding(self._binding)
-        return self._device_values[UNET_OUTPUT].numpy().astype(np.float32, copy=False)
+            return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+    def _run_bound(self, bound: _Binding, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
+        bound.values[UNET_SAMPLE].update_inplace(inputs[UNET_SAMPLE])
+        bound.values[UNET_TIMESTEP].update_inplace(inputs[UNET_TIMESTEP])
+        with self.memory_errors():
+            self.session.run_with_iobinding(bound.binding)
+        return bound.values[UNET_OUTPUT].numpy().astype(np.float32, copy=False)
 
 
 @dataclass

@@ -238,10 +238,10 @@ class RuntimeSystem:
         cond, uncond = states[piece.conds[0]], states[piece.uncond]
         shape = latent_shape(self.job, batch=2)
         unet = self.pipe.sessions.unet
-        unet.begin(np.stack([uncond, cond]), shape)
+        step = unet.bind(np.stack([uncond, cond]), shape)
         sample = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         timestep = np.full((2,), 500.0, dtype=np.float32)
-        return lambda: unet(sample, timestep)
+        return lambda: step(sample, timestep)
 
     def decode(self) -> Callable[[], Any]:
         import numpy as np

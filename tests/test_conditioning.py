@@ -16,6 +16,7 @@ from runtime.conditioning import (
     empty_chunks,
     pad_to_chunk_count,
     prompt_to_chunks,
+    unet_contexts,
 )
 from runtime.prompt_parser import is_break, parse_prompt_attention
 from runtime.tokenizer import ClipTokenizer
@@ -319,3 +320,21 @@ def test_emphasis_on_real_chunk_weights(tokenizer: ClipTokenizer) -> None:
     assert out.shape == hidden.shape
     np.testing.assert_allclose(out.mean(axis=(1, 2)), hidden.mean(axis=(1, 2)), rtol=1e-5)
     assert np.array_equal(out[1], hidden[1])  # the second chunk has no emphasis at all
+
+
+def test_unet_contexts_follow_a1111s_cfg_denoiser() -> None:
+    """Shapes and order only (the images are checked against diffusers in test_prompt_conditioning):
+    uncond first; parts stacked with the last vector repeated; two calls or padding by length."""
+    one, two = np.full((77, 4), 1.0, np.float32), np.arange(154 * 4, dtype=np.float32).reshape(154, 4)
+    empty = np.full((77, 4), -1.0, np.float32)
+    [same] = unet_contexts([one], one * 2, pad=False, empty=None)
+    assert same.shape == (2, 77, 4) and (same[0] == 2).all() and (same[1] == 1).all()
+    uncond, conds = unet_contexts([one, two], one * 2, pad=False, empty=None)
+    assert uncond.shape == (1, 77, 4) and conds.shape == (2, 154, 4)
+    assert (conds[0, 77:] == one[-1]).all() and (conds[1] == two).all()  # stack_conds: last vector repeated
+    [padded] = unet_contexts([one], two, pad=True, empty=empty)
+    assert padded.shape == (2, 154, 4) and (padded[0] == two).all() and (padded[1, 77:] == -1).all()
+    [padded] = unet_contexts([two], one, pad=True, empty=empty)
+    assert (padded[0, :77] == 1).all() and (padded[0, 77:] == -1).all() and (padded[1] == two).all()
+    [alone] = unet_contexts([one, two], None, pad=False, empty=None)
+    assert alone.shape == (2, 154, 4)

@@ -82,7 +82,9 @@ def test_emphasis_and_long_prompts(pipe):
     assert not np.array_equal(plain, emphasized.images[0])
     long_prompt = ", ".join(["masterpiece", "best quality", "1girl", "solo", "long hair"] * 12)  # > 75 tokens
     out = pipe(long_prompt, negative_prompt="lowres", seed=5, **SMALL)
-    assert "Pad conds: True" in out.infotexts[0]  # 2 chunks against 1: the negative was padded
+    assert "Pad conds" not in out.infotexts[0]  # 2 chunks against 1: two UNet calls, as A1111 by default
+    padded = pipe(long_prompt, negative_prompt="lowres", seed=5, pad_conds=True, **SMALL)
+    assert "Pad conds: True" in padded.infotexts[0]  # A1111's option: the negative was padded
 
 
 @pytest.mark.parametrize(

@@ -111,16 +111,48 @@ def test_alternation_and_negative_editing(diffusers_pipe, runtime_fp32):
 
 def composable_reference(pipe, parts: list[tuple[str, float]], scale: float = 11.0) -> np.ndarray:
     """diffusers' Euler a loop (as StableDiffusionPipeline runs it) with A1111's AND combination."""
+    embeds = [(reference.clip_skip_embeddings(pipe, text), weight) for text, weight in parts]
+    return cfg_denoiser_reference(pipe, embeds, reference.clip_skip_embeddings(pipe, NEGATIVE), scale=scale)
+
+
+def encode_chunks_reference(pipe, chunk_texts: list[str]) -> torch.Tensor:
+    """A1111's encoding of a prompt whose 75-token chunks hold these texts (BREAK-separated, no
+    emphasis): each chunk through CLIP on its own, joined on the token axis."""
+    return torch.cat([reference.clip_skip_embeddings(pipe, text) for text in chunk_texts], dim=1)
+
+
+def cfg_denoiser_reference(
+    pipe, parts: list[tuple[torch.Tensor, float]], uncond: torch.Tensor, scale: float = 11.0, pad: bool = False
+) -> np.ndarray:
+    """diffusers' Euler a loop with A1111 CFGDenoiser's UNet calls (modules/sd_samplers_cfg_denoiser.py):
+    AND parts stacked with shorter ones repeating their last vector (prompt_parser.stack_conds);
+    parts and uncond of different lengths as two UNet calls, or with `pad` (pad_cond_uncond) the
+    shorter side padded with the empty prompt's states; then combine_denoised."""
+    length = max(part.shape[1] for part, _ in parts)
+    conds = torch.cat(
+        [torch.cat([part, part[:, -1:].repeat(1, length - part.shape[1], 1)], dim=1) for part, _ in parts]
+    )
+    if pad and uncond.shape[1] != length:
+        empty = reference.clip_skip_embeddings(pipe, "")
+        if uncond.shape[1] < length:
+            uncond = torch.cat([uncond, empty.repeat(1, (length - uncond.shape[1]) // 77, 1)], dim=1)
+        else:
+            conds = torch.cat([conds, empty.repeat(len(conds), (uncond.shape[1] - length) // 77, 1)], dim=1)
     scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(STEPS)
     generator = torch.Generator("cpu").manual_seed(SEED)
-    context = torch.cat([reference.clip_skip_embeddings(pipe, NEGATIVE)]
-                        + [reference.clip_skip_embeddings(pipe, text) for text, _ in parts])  # fmt: skip
     latents = torch.randn((1, 4, 8, 8), generator=generator) * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents] * len(context)), t)
-            eps = pipe.unet(model_input, t, encoder_hidden_states=context).sample
+            model_input = scheduler.scale_model_input(latents, t)
+            if uncond.shape[1] == conds.shape[1]:
+                context = torch.cat([uncond, conds])
+                eps = pipe.unet(model_input.repeat(len(context), 1, 1, 1), t, encoder_hidden_states=context).sample
+            else:
+                eps = torch.cat([
+                    pipe.unet(model_input, t, encoder_hidden_states=uncond).sample,
+                    pipe.unet(model_input.repeat(len(conds), 1, 1, 1), t, encoder_hidden_states=conds).sample,
+                ])  # fmt: skip
             combined = eps[:1]
             for index, (_, weight) in enumerate(parts, start=1):
                 combined = combined + weight * scale * (eps[index : index + 1] - eps[:1])
@@ -172,3 +204,31 @@ def test_hires_pass_uses_the_hires_timeline(runtime_fp32):
     assert first == [(11, ("a c",), "x"), (21, ("a c",), "y")]  # 1.5 * 20 caps at 20; 25 is past the pass
     second = [(piece.until_step, piece.conds, piece.uncond) for piece in prepared.hires_conditioning]
     assert second == [(6, ("a c",), "y"), (11, ("b d",), "y")]  # (1.5 - 1) * 10 = 5 and 25 - 20 = 5
+
+
+def test_prompt_and_negative_of_different_lengths_run_as_two_unet_calls(diffusers_pipe, runtime_fp32):
+    """A1111's default: a one-chunk prompt against a two-chunk negative prompt is not padded; the
+    cond and the uncond each attend over their own tokens. With pad_conds (A1111's "Pad
+    prompt/negative prompt") the prompt is padded with empty chunks and the image changes."""
+    negative, negative_chunks = "lowres BREAK blurry", ["lowres", "blurry"]
+    uncond = encode_chunks_reference(diffusers_pipe, negative_chunks)
+    cond = [(reference.clip_skip_embeddings(diffusers_pipe, FIRST), 1.0)]
+    out = runtime_fp32(FIRST, negative_prompt=negative, seed=SEED, num_inference_steps=STEPS, width=64, height=64,
+                       output_type="np")  # fmt: skip
+    error = worst(out.images[0], cfg_denoiser_reference(diffusers_pipe, cond, uncond))
+    assert error <= 1.0 and "Pad conds" not in out.infotexts[0]
+    padded = runtime_fp32(FIRST, negative_prompt=negative, seed=SEED, num_inference_steps=STEPS, width=64,
+                          height=64, output_type="np", pad_conds=True)  # fmt: skip
+    padded_error = worst(padded.images[0], cfg_denoiser_reference(diffusers_pipe, cond, uncond, pad=True))
+    assert padded_error <= 1.0 and "Pad conds: True" in padded.infotexts[0]
+    assert worst(out.images[0], padded.images[0]) > 10 * max(error, padded_error, 0.01)
+
+
+def test_and_parts_of_different_lengths_repeat_the_last_vector(diffusers_pipe, runtime_fp32):
+    """A1111's stack_conds: the shorter AND part is extended with its last token vector (not with
+    empty chunks); the two-chunk parts then meet a one-chunk negative in two UNet calls."""
+    parts = [(reference.clip_skip_embeddings(diffusers_pipe, FIRST), 1.0),
+             (encode_chunks_reference(diffusers_pipe, ["night sky", "stars"]), 0.5)]  # fmt: skip
+    expected = cfg_denoiser_reference(diffusers_pipe, parts, reference.clip_skip_embeddings(diffusers_pipe, NEGATIVE))
+    got = ours(runtime_fp32, f"{FIRST} AND night sky BREAK stars:0.5")
+    assert worst(got, expected) <= 1.0

@@ -64,6 +64,7 @@ _FIELD_NAMES = {
     "mask_image": "mask",
     "strength": "denoising_strength",
     "vae": "override_settings.sd_vae",
+    "pad_conds": "override_settings.pad_cond_uncond",
 }
 
 
@@ -254,6 +255,7 @@ def _prepare_batch(
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
         eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
         **({"vae": body.override_settings.sd_vae} if body.override_settings.sd_vae is not None else {}),
+        pad_conds=bool(body.override_settings.pad_cond_uncond),
     )  # fmt: skip
 
 

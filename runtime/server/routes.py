@@ -330,6 +330,7 @@ async def options(ctx: Context) -> Any:
         "comma_padding_backtrack": 20,
         "samples_format": "png",
         "sd_vae": "Automatic",
+        "pad_cond_uncond": False,
     }
 
 

@@ -45,6 +45,9 @@ class OverrideSettings(BaseModel):
     sd_vae: str | None = Field(
         None, description='An exported VAE by name (GET /sdapi/v1/sd-vae); "Automatic"/"None": the model\'s own.'
     )
+    pad_cond_uncond: bool | None = Field(
+        None, description="Pad prompt/negative prompt of different chunk counts to one UNet call (A1111: off)."
+    )
 
     @model_validator(mode="before")
     @classmethod
