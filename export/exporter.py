@@ -32,7 +32,7 @@ from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
 
 from . import graphs, lora_map, openvino_ir
 from .choices import PRECISIONS, TARGETS
-from .sources import LoadedSource, file_sha256, load_source
+from .sources import LoadedSource, load_source
 from .vae import load_vae, with_vae_weights
 from .validate import ValidationResult, available_provider, validate_graph
 
@@ -131,7 +131,7 @@ def graph_entry(
         model = onnx.load(str(graph_file), load_external_data=False)
         inputs, outputs = describe_values(model.graph.input), describe_values(model.graph.output)
         compute = {entry.key: entry.value for entry in model.metadata_props}[f"{layout.METADATA_PREFIX}compute"]
-    hashes = {file: file_sha256(graph_file.parent / file) for file in files}  # the graph file is one of them
+    hashes = {file: layout.sha256_of_file(graph_file.parent / file) for file in files}  # the graph file is one of them
     return {
         "path": str(layout.graph_path(name, target)),
         "precision": result.precision,
@@ -409,7 +409,7 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
     with with_vae_weights(options.model, options.vae, options.allow_pickle) as model:
         source = load_source(model, options.allow_pickle, options.config, options.ema)
     if model != options.model:  # a checkpoint given the --vae weights: A1111 hashes the user's file
-        source.model_hash = file_sha256(Path(options.model))[:10]
+        source.model_hash = layout.sha256_of_file(Path(options.model))[:10]
     vae_info = None
     if options.vae is not None:
         separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle)

@@ -3,7 +3,6 @@ torch pipeline, and refuse anything that is not an SD1.x text-to-image model wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from runtime.errors import UserError
+from runtime.model_folder import sha256_of_file
 
 from .checkpoint_file import CheckpointError, as_safetensors, read_checkpoint
 from .shipped import ARCHITECTURES, config_dir, tokenizer_dir
@@ -58,14 +58,6 @@ def _read_scheduler_config(folder: Path) -> dict[str, Any]:
     would inherit; users who call `EulerAncestralDiscreteScheduler.from_config` get Euler's own
     defaults for keys the file lacks, and so must we."""
     return _read_json(folder / "scheduler" / "scheduler_config.json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +268,7 @@ def _from_single_file(weights: Path, config: Path, tokenizer_folder: Path, where
 
 
 def load_single_file(path: Path, allow_pickle: bool, config: Path | None, ema: bool = False) -> LoadedSource:
-    model_hash = file_sha256(path)[:10]
+    model_hash = sha256_of_file(path)[:10]
     try:
         weights = read_checkpoint(path, allow_pickle, ema)
     except CheckpointError as error:

@@ -9,7 +9,6 @@ VAE architecture exactly; anything missing or of another shape is named in one l
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from runtime.errors import UserError
+from runtime.model_folder import sha256_of_file
 
 from .ldm_layout import VAE_PREFIX, vae_key
 
@@ -127,14 +127,6 @@ def with_vae_weights(model: str, vae: str | None, allow_pickle: bool) -> Iterato
         yield str(merged)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_vae(source: str, template: torch.nn.Module, allow_pickle: bool) -> VaeSource:
     """The VAE at `source`, checked against the checkpoint's VAE architecture `template`."""
     path = Path(source)
@@ -154,5 +146,6 @@ def load_vae(source: str, template: torch.nn.Module, allow_pickle: bool) -> VaeS
             raise VaeError(f"--vae {source} has {vae.config.latent_channels} latent channels, the model uses "
                            f"{template.config.latent_channels}")  # fmt: skip
         weights = sorted(folder.glob("diffusion_pytorch_model*"))
-        return VaeSource(vae, path.name, _sha256(weights[0])[:10] if weights else "")
-    return VaeSource(_from_ldm(_file_state(path, allow_pickle), template, path.name), path.name, _sha256(path)[:10])
+        return VaeSource(vae, path.name, sha256_of_file(weights[0])[:10] if weights else "")
+    vae = _from_ldm(_file_state(path, allow_pickle), template, path.name)
+    return VaeSource(vae, path.name, sha256_of_file(path)[:10])

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from .cli_args import Parser, positive
 from .errors import InvalidRequestError, UserError
 from .limits import MAX_PIXELS
 from .metadata import save_png
@@ -27,26 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runtime")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors follow the CLI's rule: one line, exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m runtime", description="Text-to-image with an exported SD1.x model, no torch.")
+    parser = Parser(prog="python -m runtime", description="Text-to-image with an exported SD1.x model, no torch.")
     parser.add_argument("--model", required=True, type=Path, help="folder written by `python -m export`")
     parser.add_argument("--prompt", required=True, help="A1111 prompt syntax: (word:1.2), [word], BREAK")
     parser.add_argument("--negative-prompt", default="")
@@ -94,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vae-tiling", default="auto", help="auto, on or off: tiled VAE decode/encode")
     parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
-    parser.add_argument("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    parser.add_argument("--threads", type=positive, help="CPU threads for onnxruntime (default: physical cores)")
     parser.add_argument(
-        "--max-pixels", type=_positive, default=MAX_PIXELS,
+        "--max-pixels", type=positive, default=MAX_PIXELS,
         help="refuse width*height above this (default %(default)s, as the server); raise it knowingly",
     )  # fmt: skip
     parser.add_argument(

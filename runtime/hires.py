@@ -10,7 +10,8 @@ from typing import Any
 from . import registry
 from .errors import InvalidRequestError
 from .img2img import slice_schedule, start_step
-from .inputs import check_strength
+from .inputs import check_strength, check_whole_number
+from .metadata import infotext_number
 from .registry import UpscalerInfo
 from .schedules import Schedule
 from .upscale import target_size
@@ -31,16 +32,6 @@ class HiresPlan:
     prompt: str
     negative_prompt: str
     infotext: dict[str, Any]
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
-def _size(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(field, f"must be a whole number >= 0, not {value!r}")
-    return value
 
 
 def plan_hires(
@@ -66,9 +57,10 @@ def plan_hires(
     """Check the hires fields and lay out the second pass (A1111's calculate_target_resolution)."""
     if isinstance(hr_scale, bool) or not isinstance(hr_scale, int | float) or not 1.0 <= hr_scale <= MAX_SCALE:
         raise InvalidRequestError("hr_scale", f"must be a number in [1, {MAX_SCALE:g}], not {hr_scale!r}")
-    resize_x, resize_y = _size("hr_resize_x", hr_resize_x), _size("hr_resize_y", hr_resize_y)
+    resize_x = check_whole_number(hr_resize_x, "hr_resize_x")
+    resize_y = check_whole_number(hr_resize_y, "hr_resize_y")
     upscaler = registry.upscaler(hr_upscaler)
-    second_steps = _size("hr_second_pass_steps", hr_second_pass_steps)
+    second_steps = check_whole_number(hr_second_pass_steps, "hr_second_pass_steps")
     strength = check_strength(denoising_strength, "denoising_strength")
     sampler = registry.sampler(hr_sampler_name, "hr_sampler_name").key if hr_sampler_name else first_sampler
     for name, text in (("hr_prompt", hr_prompt), ("hr_negative_prompt", hr_negative_prompt)):
@@ -81,7 +73,7 @@ def plan_hires(
     schedule = make_schedule(sampler, second_steps or steps)
     schedule = slice_schedule(schedule, start_step(schedule.steps, strength))
     # A1111's init() order: sampler, prompts, then the size, steps and upscaler.
-    info: dict[str, Any] = {"Denoising strength": _number(strength)}
+    info: dict[str, Any] = {"Denoising strength": infotext_number(strength)}
     if sampler != first_sampler:
         info["Hires sampler"] = registry.sampler(sampler).name
     info["Hires prompt"] = hr_prompt if hr_prompt and hr_prompt != prompt else None
@@ -89,7 +81,7 @@ def plan_hires(
         hr_negative_prompt if hr_negative_prompt and hr_negative_prompt != negative_prompt else None
     )
     if resize_x == 0 and resize_y == 0:
-        info["Hires upscale"] = _number(float(hr_scale))
+        info["Hires upscale"] = infotext_number(float(hr_scale))
     else:
         info["Hires resize"] = f"{resize_x}x{resize_y}"
     info["Hires steps"] = second_steps or None

@@ -70,8 +70,8 @@ def plan_init(
         pixels = inputs.to_model_pixels(inputs.resize_image(mode, original, width, height))
         return InitPlan(pixels, strength, None, ORIGINAL, None, info)
     fill = inputs.check_choice(inpainting_fill, "inpainting_fill", inputs.INPAINTING_FILLS)
-    blur = _non_negative_int("mask_blur", mask_blur)
-    padding = _non_negative_int("inpaint_full_res_padding", inpaint_full_res_padding)
+    blur = inputs.check_whole_number(mask_blur, "mask_blur")
+    padding = inputs.check_whole_number(inpaint_full_res_padding, "inpaint_full_res_padding")
     mask = inputs.load_image(mask_image, "mask_image", "L")
     if mask.size != original.size:
         raise InvalidRequestError(
@@ -104,12 +104,6 @@ def plan_init(
     info.update(_mask_infotext(blur, fill, inpaint_full_res, padding, inpainting_mask_invert))
     overlay = Overlay(original, overlay_mask.astype(np.float32) / 255, paste_box)
     return InitPlan(inputs.to_model_pixels(work_image), strength, latent_mask, fill, overlay, info)
-
-
-def _non_negative_int(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise InvalidRequestError(field, f"must be a whole number >= 0, not {value!r}")
-    return int(value)
 
 
 def _mask_infotext(blur: int, fill: int, full_res: bool, padding: int, invert: bool) -> dict[str, Any]:

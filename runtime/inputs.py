@@ -201,6 +201,14 @@ def check_strength(value: Any, field: str = "strength") -> float:
     return float(value)
 
 
+def check_whole_number(value: Any, field: str) -> int:
+    """A count or size that may be 0 (mask blur, hires resize and steps, where 0 means "off" or
+    "as the first pass"); numpy integers count, as for width and height."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise InvalidRequestError(field, f"must be a whole number >= 0, not {value!r}")
+    return int(value)
+
+
 def check_choice(value: Any, field: str, names: tuple[str, ...]) -> int:
     """An index into `names`, given as the index (A1111's API) or the name."""
     if isinstance(value, str) and value.lower() in [name.lower() for name in names]:

@@ -77,6 +77,12 @@ def quote(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+def infotext_number(value: float) -> int | float:
+    """11.0 -> 11: A1111 writes whole numbers (CFG scale 11, Hires upscale 2) without a decimal
+    point, and str() here would write "11.0"."""
+    return int(value) if float(value).is_integer() else value
+
+
 def _as_int(value: object) -> int | None:
     try:
         return int(value)  # type: ignore[call-overload]

@@ -38,7 +38,7 @@ from .img2img import (
 from .inputs import check_strength, load_image
 from .limits import MAX_PIXELS
 from .lora import LoraLibrary, LoraSessions
-from .metadata import format_infotext
+from .metadata import format_infotext, infotext_number
 from .model_folder import (
     TEXT_EXTRA,
     TEXT_INPUT,
@@ -666,7 +666,7 @@ class Pipeline:
             "Steps": request.steps,
             "Sampler": registry.sampler(request.sampler).name,
             "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
-            "CFG scale": _number(request.guidance_scale),
+            "CFG scale": infotext_number(request.guidance_scale),
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
             "Model hash": self.manifest.model_hash,
@@ -837,11 +837,6 @@ class _Pass:
     conditioning: tuple[CondPiece, ...]
     chunks: dict[str, PromptChunks]
     after_step: Callable[[int, np.ndarray], np.ndarray] | None
-
-
-def _number(value: float) -> int | float:
-    """11.0 -> 11: A1111 writes whole CFG scales without a decimal point."""
-    return int(value) if float(value).is_integer() else value
 
 
 def per_image_noise(generators: list[NoiseGenerator], shape: tuple[int, ...]) -> Callable[[], np.ndarray]:

@@ -15,16 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
+from ..cli_args import Parser, positive, positive_number
 from ..errors import UserError
-from ..server.__main__ import (
-    TRAFFIC,
-    _is_loopback,
-    _Parser,
-    _positive,
-    _positive_number,
-    add_api_options,
-    build_config,
-)
+from ..server.__main__ import TRAFFIC, _is_loopback, add_api_options, build_config
 from .settings import ClusterSettings, Scaling
 
 log = logging.getLogger("runtime.cluster")
@@ -32,21 +25,21 @@ DEFAULT_SCALING = Scaling()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m runtime.cluster",
         description="The A1111-compatible txt2img API on a Ray Serve cluster: one Pipeline per replica, no torch.",
     )
     add = parser.add_argument
     add("--model", required=True, type=Path, help="exported folder, at this path on every node")
-    add("--replicas", type=_positive, default=1, help="Pipeline replicas (with autoscaling: the initial count)")
+    add("--replicas", type=positive, default=1, help="Pipeline replicas (with autoscaling: the initial count)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--gpus-per-replica", type=_positive_number, help="GPUs per replica (default 1; 0.5 shares one)")
-    where.add_argument("--cpus-per-replica", type=_positive, help="CPU replicas: this many cores and ORT threads each")
+    where.add_argument("--gpus-per-replica", type=positive_number, help="GPUs per replica (default 1; 0.5 shares one)")
+    where.add_argument("--cpus-per-replica", type=positive, help="CPU replicas: this many cores and ORT threads each")
     add("--address", help="Ray cluster: auto (started with `ray start`), ray://HOST:PORT; default: a local Ray")
-    add("--min-replicas", type=_positive, help="autoscaling floor (default 1; needs --max-replicas)")
-    add("--max-replicas", type=_positive, help="turn on autoscaling up to this many replicas")
+    add("--min-replicas", type=positive, help="autoscaling floor (default 1; needs --max-replicas)")
+    add("--max-replicas", type=positive, help="turn on autoscaling up to this many replicas")
     add(
-        "--target-ongoing-requests", type=_positive_number, default=DEFAULT_SCALING.target_ongoing_requests,
+        "--target-ongoing-requests", type=positive_number, default=DEFAULT_SCALING.target_ongoing_requests,
         help="autoscaling target per replica: running + waiting jobs (default %(default)s)",
     )  # fmt: skip
     add_api_options(parser)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli_args import Parser, positive, positive_number
 from ..errors import UserError
 from ..openvino_sessions import PRECISIONS as OPENVINO_PRECISIONS
 from ..sessions import PROVIDERS
@@ -21,32 +22,6 @@ log = logging.getLogger("runtime.server")
 AUTH_ENV = "ACERTAIN_API_AUTH"
 DEFAULTS = Limits()
 TRAFFIC = Traffic()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -64,34 +39,32 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
         help=f"user:password[,user2:password2]: HTTP Basic auth on every endpoint (default: ${AUTH_ENV}, "
         "which keeps the password out of the process list)",
     )
-    add("--queue-size", type=_positive, default=8, help="requests waiting behind the running one (default %(default)s)")
-    add("--max-pixels", type=_positive, default=DEFAULTS.max_pixels, help="width*height per image (%(default)s)")
-    add("--max-steps", type=_positive, default=DEFAULTS.max_steps, help="sampling steps (default %(default)s)")
-    add(
-        "--max-batch", type=_positive, default=DEFAULTS.max_batch, help="batch_size: images per UNet call (%(default)s)"
-    )
-    add("--max-images", type=_positive, default=DEFAULTS.max_images, help="batch_size * n_iter (%(default)s)")
-    add("--max-body-bytes", type=_positive, default=DEFAULTS.max_body_bytes, help="request body (%(default)s)")
-    add("--max-cfg-scale", type=_positive_number, default=DEFAULTS.max_cfg_scale, help="cfg_scale (%(default)s)")
+    add("--queue-size", type=positive, default=8, help="requests waiting behind the running one (default %(default)s)")
+    add("--max-pixels", type=positive, default=DEFAULTS.max_pixels, help="width*height per image (%(default)s)")
+    add("--max-steps", type=positive, default=DEFAULTS.max_steps, help="sampling steps (default %(default)s)")
+    add("--max-batch", type=positive, default=DEFAULTS.max_batch, help="batch_size: images per UNet call (%(default)s)")
+    add("--max-images", type=positive, default=DEFAULTS.max_images, help="batch_size * n_iter (%(default)s)")
+    add("--max-body-bytes", type=positive, default=DEFAULTS.max_body_bytes, help="request body (%(default)s)")
+    add("--max-cfg-scale", type=positive_number, default=DEFAULTS.max_cfg_scale, help="cfg_scale (%(default)s)")
     add(
         "--allowed-hosts", default="", type=_names,
         help="extra Host names this server answers for, comma-separated ('*': any); it always answers for "
         "its --host, localhost and IP addresses (the rest is refused against DNS rebinding)",
     )  # fmt: skip
     add(
-        "--max-active-requests", type=_positive, default=TRAFFIC.max_active_requests,
+        "--max-active-requests", type=positive, default=TRAFFIC.max_active_requests,
         help="requests handled at once besides /health and /progress; more get 503 (%(default)s)",
     )  # fmt: skip
-    add("--body-timeout", type=_positive_number, default=TRAFFIC.body_timeout, help="seconds (%(default)s)")
+    add("--body-timeout", type=positive_number, default=TRAFFIC.body_timeout, help="seconds (%(default)s)")
     add("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
+    parser = Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
     add = parser.add_argument
     add("--model", required=True, type=Path, help="folder written by `python -m export`")
     add("--provider", default="auto", choices=PROVIDERS, help="auto: CUDA if usable; OpenVINO exports: openvino")
-    add("--threads", type=_positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add("--threads", type=positive, help="CPU threads for onnxruntime (default: physical cores)")
     add("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
     add(
         "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
@@ -101,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings")
     add("--vae", help="the exported VAE requests use unless override_settings.sd_vae names another (default: own)")
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
-    add("--header-timeout", type=_positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
+    add("--header-timeout", type=positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add_api_options(parser)
     return parser.parse_args(argv)
 
