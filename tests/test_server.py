@@ -323,6 +323,20 @@ def test_edited_prompts_are_served_and_written_as_given(tight: Server) -> None:
     assert info["infotexts"][0].startswith(f"{prompt}\nNegative prompt: {negative}\nSteps: 4,")
 
 
+def test_pad_cond_uncond_is_a1111s_padding_option(tight: Server) -> None:
+    """A two-chunk negative prompt against a one-chunk prompt: two UNet calls by default (no infotext
+    field), padded into one with override_settings.pad_cond_uncond, as the library's pad_conds (whose
+    images test_prompt_conditioning checks; on this 4-step fp16 model both give the same PNG)."""
+    request = {**VALID, "seed": 3, "negative_prompt": "lowres BREAK blurry"}
+    with tight.client() as client:
+        plain = post(client, request).json()
+        padded = post(client, {**request, "override_settings": {"pad_cond_uncond": True}}).json()
+        wrong = post(client, {**request, "override_settings": {"pad_cond_uncond": "yes"}})
+    assert "Pad conds" not in json.loads(plain["info"])["infotexts"][0]
+    assert "Pad conds: True" in json.loads(padded["info"])["infotexts"][0]
+    assert wrong.status_code == 422 and "pad_cond_uncond" in wrong.text
+
+
 @pytest.mark.parametrize(("change", "status", "field"), BAD_BODIES, ids=[str(case[0])[:40] for case in BAD_BODIES])
 def test_bad_fields_get_4xx_naming_the_field(tight: Server, change: dict, status: int, field: str) -> None:
     with tight.client() as client:
