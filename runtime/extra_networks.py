@@ -2,7 +2,7 @@
 
 As the web UI's modules/extra_networks.parse_prompt: every `<kind:args>` (kind a word, args up to
 the next `>`) is removed from the prompt and its args split on ':'; an arg with one '=' is named
-(`te=0.5`, `unet=1`), the others positional. For LoRA (extensions-builtin/Lora): the first
+(`te=0.5`, `unet=1`), the others positional; `<lyco:...>` is the same as `<lora:...>`. For LoRA (extensions-builtin/Lora): the first
 positional is the name, the second the text-encoder multiplier (default 1), the third the UNet
 multiplier (default: the text encoder's); `te=` / `unet=` override them. Only the positive prompt
 carries tags, as in the web UI. Unlike the web UI, which logs and ignores what it does not know, an
@@ -19,6 +19,7 @@ from .errors import InvalidRequestError
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 KINDS = ("lora",)
+ALIASES = {"lyco": "lora"}  # the web UI's built-in Lora extension registers <lyco:...> as <lora:...>
 MAX_MULTIPLIER = 100.0
 
 
@@ -72,6 +73,7 @@ def parse_prompt(prompt: str, field_name: str = "prompt") -> tuple[str, list[Lor
     text = EXTRA_NETWORK.sub(take, prompt)
     loras = []
     for kind, args in found:
+        kind = ALIASES.get(kind, kind)
         if kind not in KINDS:
             raise InvalidRequestError(
                 field_name, f"<{kind}:...> is not a supported extra network (supported: {', '.join(KINDS)})"

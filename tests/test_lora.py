@@ -159,6 +159,7 @@ def test_infotext_keeps_the_tag_and_writes_lora_hashes(runtime_fp32, lora_dir):
         ("<lora:x:te=0.2:unet=0.3>", "", [LoraUse("x", 0.2, 0.3)]),
         ("<lora:x:1:unet=0>", "", [LoraUse("x", 1.0, 0.0)]),
         ("<lora:x:0.5> <lora:y:-1>", " ", [LoraUse("x", 0.5, 0.5), LoraUse("y", -1.0, -1.0)]),
+        ("<lyco:x:0.7>", "", [LoraUse("x", 0.7, 0.7)]),  # A1111 registers lyco as an alias of lora
         ("a <lora x> <b>", "a <lora x> <b>", []),  # not the `<word:args>` form: text, as in A1111
     ],
 )

@@ -75,6 +75,48 @@ def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
     assert result.stdout.strip() == "(64, 64) (128, 128)"
 
 
+def test_lora_and_negative_embedding_without_torch_equal_diffusers(runtime_env, tiny_source, tiny_fp32, tmp_path):
+    """The add-ons in the runtime-only install: `<lora:x:0.8>` in the prompt and a 2-vector
+    embedding in the negative prompt (EasyNegative-style) give diffusers' image (load_lora_weights
+    at 0.8 + load_textual_inversion) within 1/255 at fp32, with no torch module loaded."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from test_lora import kohya_lora
+
+    import diffusers_reference as reference
+
+    pipe = reference.load(tiny_source["diffusers"])
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    save_file(kohya_lora(pipe, 3, rank=4, alpha=2.0), str(tmp_path / "loras" / "x.safetensors"))
+    vectors = torch.randn(2, pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(9)) * 0.5
+    save_file({"emb_params": vectors}, str(tmp_path / "embeddings" / "easyneg.safetensors"))
+    prompt, negative = "masterpiece, best quality, 1girl", "lowres, easyneg"
+    pipe.load_lora_weights(str(tmp_path / "loras"), weight_name="x.safetensors", adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.8])
+    pipe.load_textual_inversion(str(tmp_path / "embeddings" / "easyneg.safetensors"), token="easyneg")
+    converted = pipe.maybe_convert_prompt(negative, pipe.tokenizer)
+    expected = reference.generate(pipe, prompt, converted, "euler_a", [114514], steps=8)[0]
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from runtime import Pipeline\n"
+        f"pipe = Pipeline.from_pretrained({str(tiny_fp32)!r}, lora_dir='loras', embeddings_dir='embeddings')\n"
+        f"out = pipe({prompt + ' <lora:x:0.8>'!r}, negative_prompt={negative!r}, seed=114514, width=64, height=64,"
+        " num_inference_steps=8, output_type='np')\n"
+        "np.save('ours.npy', out.images[0])\n"
+        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
+        "assert not loaded, loaded\n"
+        "print(out.infotexts[0])\n"
+    )
+    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Lora hashes" in result.stdout and "TI hashes" in result.stdout
+    assert np.abs(np.load(tmp_path / "ours.npy") - expected).max() * 255 <= 1.0
+
+
 def test_openvino_extra_stays_torch_free(runtime_env, tiny_source, tmp_path):
     """`pip install '.[openvino]'` adds OpenVINO beside onnxruntime (never replacing it) and still no
     torch stack; provider openvino generates there from an OpenVINO export. Runs last: it adds to
