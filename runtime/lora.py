@@ -218,6 +218,12 @@ class LoraLibrary:
 
     def get(self, name: str) -> LoraFile:
         path = self._files.get(name)
+        if path is None or not path.is_file():
+            # A1111 lists the folder again when a prompt names a LoRA it does not know (networks.
+            # load_networks): a file added (or removed) since the last refresh is found without one.
+            # So a cluster's replicas, which no /refresh-loras reaches, find what the ingress found.
+            self.refresh()
+            path = self._files.get(name)
         if path is None:
             available = ", ".join(self.names()) or "none"
             where = f"in {self.folder}" if self.folder is not None else "(no --lora-dir given)"
