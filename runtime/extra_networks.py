@@ -2,9 +2,10 @@
 
 As the web UI's modules/extra_networks.parse_prompt: every `<kind:args>` (kind a word, args up to
 the next `>`) is removed from the prompt and its args split on ':'; an arg with one '=' is named
-(`te=0.5`, `unet=1`), the others positional; `<lyco:...>` is the same as `<lora:...>`. For LoRA (extensions-builtin/Lora): the first
-positional is the name, the second the text-encoder multiplier (default 1), the third the UNet
-multiplier (default: the text encoder's); `te=` / `unet=` override them. Only the positive prompt
+(`te=0.5`, `unet=1`), the others positional; `<lyco:...>` is the same as `<lora:...>`. For LoRA
+(extensions-builtin/Lora): the first positional is the name, the second the text-encoder
+multiplier (default 1), the third the UNet multiplier (default: the text encoder's); `te=` /
+`unet=` override them. Only the positive prompt
 carries tags, as in the web UI. Unlike the web UI, which logs and ignores what it does not know, an
 unknown kind or name is an error here: a silently different image is worse than a refusal.
 """

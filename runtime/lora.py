@@ -11,7 +11,7 @@ set of LoRAs with multipliers this module computes, per touched initializer,
 sessions of the graphs it touches are built again with those tensors in place of the stored ones
 (onnxruntime's SessionOptions.add_initializer). Switching the LoRA set thus costs at most one
 rebuild of the text-encoder and UNet sessions; recently used sets keep their sessions, within a
-memory bound (LoraSessions).
+memory bound (LoraSessions). Checking a request's LoRAs needs no session (LoraResolver).
 """
 
 from __future__ import annotations
@@ -218,6 +218,12 @@ class LoraLibrary:
 
     def get(self, name: str) -> LoraFile:
         path = self._files.get(name)
+        if path is None or not path.is_file():
+            # A1111 lists the folder again when a prompt names a LoRA it does not know (networks.
+            # load_networks): a file added (or removed) since the last refresh is found without one.
+            # So a cluster's replicas, which no /refresh-loras reaches, find what the ingress found.
+            self.refresh()
+            path = self._files.get(name)
         if path is None:
             available = ", ".join(self.names()) or "none"
             where = f"in {self.folder}" if self.folder is not None else "(no --lora-dir given)"
@@ -248,20 +254,14 @@ class LoraSet:
         return ", ".join(parts) or None
 
 
-class LoraSessions:
-    """Sessions per LoRA set. The plain sessions are always kept; patched sets are rebuilt on first
-    use and kept in least-recently-used order while their graphs' sizes fit `cache_bytes`."""
+class LoraResolver:
+    """The LoRAs a request names, read from the library and checked against this model's
+    lora_targets.json: no sessions, so a cluster's ingress checks requests with it as one box does."""
 
-    def __init__(
-        self, manifest: Manifest, base: Sessions, library: LoraLibrary, cache_bytes: int = DEFAULT_CACHE_BYTES
-    ) -> None:
+    def __init__(self, manifest: Manifest, library: LoraLibrary) -> None:
         self.manifest = manifest
-        self.base = base
         self.library = library
-        self.cache_bytes = cache_bytes
         self._targets: dict[str, GraphTargets | None] = {}
-        self._cache: OrderedDict[tuple, LoraSet] = OrderedDict()
-        self._lock = threading.Lock()
 
     def targets(self, graph: str) -> GraphTargets:
         if graph not in self._targets:
@@ -288,6 +288,20 @@ class LoraSessions:
                 self.targets(graph).check(lora, graph)
             resolved.append((lora, use))
         return resolved
+
+
+class LoraSessions(LoraResolver):
+    """Sessions per LoRA set. The plain sessions are always kept; patched sets are rebuilt on first
+    use and kept in least-recently-used order while their graphs' sizes fit `cache_bytes`."""
+
+    def __init__(
+        self, manifest: Manifest, base: Sessions, library: LoraLibrary, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
+        super().__init__(manifest, library)
+        self.base = base
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple, LoraSet] = OrderedDict()
+        self._lock = threading.Lock()
 
     def hashes(self, uses: list[LoraUse]) -> str | None:
         return LoraSet(self.base, self.resolve(uses)).hashes() if uses else None

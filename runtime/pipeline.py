@@ -37,7 +37,7 @@ from .img2img import (
 )
 from .inputs import check_strength, load_image
 from .limits import MAX_PIXELS
-from .lora import LoraLibrary, LoraSessions
+from .lora import LoraLibrary, LoraResolver, LoraSessions
 from .metadata import format_infotext, infotext_number
 from .model_folder import (
     TEXT_EXTRA,
@@ -415,8 +415,61 @@ def combine_guidance(eps: np.ndarray, batch: int, scale: float, weights: tuple[f
     return combined
 
 
-class Pipeline:
+class Planner:
+    """A model folder's checks and planning, without ONNX sessions: the manifest, tokenizer,
+    scheduler config and add-on folders (LoRAs checked against the model, embeddings matched in
+    prompts). A Pipeline is one with sessions; a cluster's ingress is one alone (it checks every
+    request once, its replicas' Pipelines run them)."""
+
+    loras: LoraResolver
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tokenizer: ClipTokenizer,
+        scheduler_config: dict,
+        loras: LoraResolver,
+        embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.vae = resolve_vae(manifest, vae)  # requests that name no VAE use this one
+        self.loras = loras
+        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | Path, lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None
+    ) -> Planner:
+        manifest = read_manifest(folder)
+        tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+        loras = LoraResolver(manifest, LoraLibrary(lora_dir))
+        return cls(manifest, tokenizer, read_scheduler_config(manifest.folder), loras, embeddings_dir)
+
+    def prepare(self, **parameters: Any) -> Prepared:
+        """Check and plan a generation (keywords of `Pipeline.__call__` but output_type and
+        callbacks), including that every LoRA the prompt names exists and fits this model. The
+        embeddings' vectors travel in the Prepared (a few KB each), to whichever Pipeline runs it."""
+        matcher = self.embeddings.matcher()
+        parameters.setdefault("vae", self.vae)
+        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
+        self.loras.resolve(list(prepared.loras))
+        # The manifest lists the graph's inputs, and loading a session checks the graph against it.
+        text_inputs = self.manifest.graphs["text_encoder"].inputs
+        if prepared.extra is not None and prepared.extra.used and TEXT_EXTRA not in text_inputs:
+            raise InvalidRequestError(
+                "prompt", f"embedding {next(iter(prepared.extra.used))!r} needs a text encoder exported with "
+                "embedding support; re-export the model with this version of `python -m export`"
+            )  # fmt: skip
+        return prepared
+
+
+class Pipeline(Planner):
     """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
+
+    loras: LoraSessions
 
     def __init__(
         self,
@@ -428,14 +481,10 @@ class Pipeline:
         embeddings_dir: str | Path | None = None,
         vae: str | None = None,
     ) -> None:
-        self.manifest = manifest
-        self.vae = resolve_vae(manifest, vae)  # requests that name no VAE use this one
+        loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
+        super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
-        self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config
-        self.loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
-        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
         self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
         self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
@@ -494,24 +543,6 @@ class Pipeline:
         self.sessions.release_memory(self.manifest)
 
     # -- prepare and run ------------------------------------------------------------------------
-
-    def prepare(self, **parameters: Any) -> Prepared:
-        """Check and plan a generation (keywords of `__call__` but output_type and callbacks),
-        including that every LoRA the prompt names exists and fits this model."""
-        matcher = self.embeddings.matcher()
-        parameters.setdefault("vae", self.vae)
-        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
-        self.loras.resolve(list(prepared.loras))
-        if (
-            prepared.extra is not None
-            and prepared.extra.used
-            and TEXT_EXTRA not in self.sessions.text_encoder.input_types
-        ):
-            raise InvalidRequestError(
-                "prompt", f"embedding {next(iter(prepared.extra.used))!r} needs a text encoder exported with "
-                "embedding support; re-export the model with this version of `python -m export`"
-            )  # fmt: skip
-        return prepared
 
     def __call__(
         self,

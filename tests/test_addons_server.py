@@ -11,26 +11,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 import numpy as np
+from addon_files import tiny_lora, write_safetensors
 from fastapi.testclient import TestClient
 
 from runtime import Pipeline
 from runtime.server.app import create_app
 from runtime.server.config import ServerConfig
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """A minimal .safetensors writer (float32), so this test needs no torch."""
-    import json
-    import struct
-
-    header, offset, blobs = {}, 0, []
-    for name, value in tensors.items():
-        data = np.ascontiguousarray(value, dtype=np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +91,16 @@ def test_a_lora_request_generates_and_writes_hashes(client):
     assert answer.status_code == 200, answer.text
     info = answer.json()["info"]
     assert "Lora hashes" in info and "TI hashes" in info
+
+
+def test_a_lora_added_or_removed_since_the_last_refresh_is_found_without_one(client, folders):
+    """A1111 lists the folder again when a prompt names a LoRA it does not know (networks.load_networks);
+    a cluster's replicas, which no refresh reaches, rely on it."""
+    loras, _ = folders
+    tiny_lora(loras / "unlisted.safetensors", seed=3)
+    body = {"prompt": "a <lora:unlisted:1>", "width": 64, "height": 64, "steps": 1}
+    answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    (loras / "unlisted.safetensors").unlink()
+    answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 422 and "unknown LoRA 'unlisted'" in answer.text

@@ -5,11 +5,15 @@ What must hold (issue 14): concurrent requests are all answered with an image or
 429/503 with Retry-After, both replicas work, and each image equals the one-box server's PNG for the
 same request; a replica killed mid-job ends its request in a 503 (never a hang) and Serve brings the
 endpoint back; a replica whose model copy differs refuses, and the deployment fails in one line.
+The cluster and the one-box reference both serve a LoRA and an embeddings folder: a LoRA tag or an
+embedding name gives the one-box server's PNG, the listing routes answer as on one box, and an
+unknown LoRA is a 422 from the ingress (the job is never queued).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +34,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
+
+from addon_files import tiny_embedding, tiny_lora  # noqa: E402
 
 from runtime.server.config import Limits, ServerConfig  # noqa: E402
 
@@ -68,8 +74,27 @@ class Cluster:
         return found
 
 
+@dataclass
+class Addons:
+    loras: Path
+    embeddings: Path
+
+    def server(self, model: Path, **options) -> ServerConfig:
+        return ServerConfig(model=str(model), limits=LIMITS, lora_dir=str(self.loras),
+                            embeddings_dir=str(self.embeddings), **options)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def cluster(tiny_fp32: Path) -> Iterator[Cluster]:
+def addons(tmp_path_factory) -> Addons:
+    """The add-on folders both servers read (a folder every node reads: one machine here)."""
+    loras, embeddings = tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("embeddings")
+    tiny_lora(loras / "style.safetensors", seed=1)
+    tiny_embedding(embeddings / "clusteremb.safetensors", seed=2)
+    return Addons(loras, embeddings)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_fp32: Path, addons: Addons) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
@@ -80,7 +105,7 @@ def cluster(tiny_fp32: Path) -> Iterator[Cluster]:
     # 2 CPUs for the replicas, 1 for the deployment that must fail; the ingress takes none.
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     port = _free_port()
-    server = ServerConfig(model=str(tiny_fp32), port=port, queue_size=QUEUE_PER_REPLICA, limits=LIMITS)
+    server = addons.server(tiny_fp32, port=port, queue_size=QUEUE_PER_REPLICA)
     settings = ClusterSettings(server=server, replicas=2, cpus_per_replica=1, fingerprint=fingerprint(tiny_fp32))
     try:
         deploy(settings, timeout_s=240)
@@ -91,15 +116,17 @@ def cluster(tiny_fp32: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def one_box(tiny_fp32: Path) -> Iterator[httpx.Client]:
+def one_box(tiny_fp32: Path, addons: Addons) -> Iterator[httpx.Client]:
     """The one-box server's app in this process, for reference answers."""
     from starlette.testclient import TestClient
 
     from runtime import Pipeline
     from runtime.server.app import create_app
 
-    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
-    app = create_app(pipe, ServerConfig(model=str(tiny_fp32), limits=LIMITS))
+    pipe = Pipeline.from_pretrained(
+        tiny_fp32, provider="cpu", threads=1, lora_dir=addons.loras, embeddings_dir=addons.embeddings
+    )
+    app = create_app(pipe, addons.server(tiny_fp32))
     with TestClient(app, base_url="http://localhost") as client:  # a Host the server answers for
         yield client
 
@@ -190,6 +217,63 @@ def test_img2img_runs_on_a_replica_like_on_one_box(cluster: Cluster, one_box: ht
     reference = one_box.post("/sdapi/v1/img2img", json=body)
     assert reference.status_code == 200, reference.text
     assert _png(answer) == _png(reference)
+
+
+def _same_png(cluster: httpx.Client, one_box: httpx.Client, body: dict) -> bytes:
+    answer, reference = cluster.post("/sdapi/v1/txt2img", json=body), one_box.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200 and reference.status_code == 200, (answer.text, reference.text)
+    assert _png(answer) == _png(reference), f"{body['prompt']!r}: the PNG differs from the one-box server's"
+    return _png(answer)
+
+
+def _lora_hash(path: Path) -> str:
+    """A1111's LoRA shorthash: sha256 of the bytes after the header (addnet hash), 12 hex digits."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+
+
+def test_loras_and_embeddings_through_the_cluster_give_the_one_box_png(
+    cluster: Cluster, one_box: httpx.Client, addons: Addons
+) -> None:
+    plain = _png(one_box.post("/sdapi/v1/txt2img", json=RECIPE))
+    with_lora = {**RECIPE, "prompt": RECIPE["prompt"] + " <lora:style:0.8>"}
+    with_embedding = {**RECIPE, "negative_prompt": "lowres, clusteremb"}
+    with cluster.client() as client:
+        for route in ("/sdapi/v1/loras", "/sdapi/v1/embeddings"):
+            assert client.get(route).json() == one_box.get(route).json(), route
+        assert [item["name"] for item in client.get("/sdapi/v1/loras").json()] == ["style"]
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["clusteremb"]["vectors"] == 2
+        lora_png = _same_png(client, one_box, with_lora)
+        embedding_png = _same_png(client, one_box, with_embedding)
+        info = json.loads(client.post("/sdapi/v1/txt2img", json=with_lora).json()["info"])
+    assert len({plain, lora_png, embedding_png}) == 3  # each add-on changes the image
+    assert f'Lora hashes: "style: {_lora_hash(addons.loras / "style.safetensors")}"' in info["infotexts"][0]
+
+
+def test_an_unknown_lora_is_a_422_from_the_ingress_as_on_one_box(cluster: Cluster, one_box: httpx.Client) -> None:
+    body = {**RECIPE, "prompt": "a <lora:missing:1>", "force_task_id": "task(missing-lora)"}
+    with cluster.client() as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        never_queued = _progress(client, "task(missing-lora)")
+    reference = one_box.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 422 and answer.json() == reference.json()
+    assert "unknown LoRA 'missing'" in answer.json()["detail"]
+    assert not never_queued["completed"] and not never_queued["queued"]  # a replica's 422 would be "completed"
+
+
+def test_add_ons_added_while_serving_are_found(cluster: Cluster, one_box: httpx.Client, addons: Addons) -> None:
+    """A new LoRA works at once (ingress and replica list the folder again for an unknown name, as
+    A1111 does); a new embedding after /refresh-embeddings on the ingress (replicas never read it)."""
+    tiny_lora(addons.loras / "later.safetensors", seed=3)
+    tiny_embedding(addons.embeddings / "lateremb.safetensors", seed=4, vectors=1)
+    with cluster.client() as client:
+        _same_png(client, one_box, {**RECIPE, "prompt": RECIPE["prompt"] + " <lora:later:1>"})
+        assert client.post("/sdapi/v1/refresh-loras").json() == {}
+        assert [item["name"] for item in client.get("/sdapi/v1/loras").json()] == ["later", "style"]
+        for server in (client, one_box):
+            assert server.post("/sdapi/v1/refresh-embeddings").json() == {}
+        assert "lateremb" in client.get("/sdapi/v1/embeddings").json()["loaded"]
+        _same_png(client, one_box, {**RECIPE, "prompt": RECIPE["prompt"] + ", lateremb"})
 
 
 def _start(cluster: Cluster, task_id: str, answers: dict) -> threading.Thread:
@@ -324,3 +408,11 @@ def test_autoscaling_settings_pass_through(tiny_fp32: Path) -> None:
     }  # fmt: skip
     assert "num_replicas" not in settings.generator_options() and settings.max_queued_requests == 8 * 8
     assert settings.server.traffic.max_active_requests >= 8 * (8 + 1)
+
+
+def test_add_on_folders_reach_the_settings(tiny_fp32: Path) -> None:
+    from runtime.cluster.__main__ import settings_from_args
+
+    argv = ["--model", str(tiny_fp32), "--lora-dir", "/shared/loras", "--embeddings-dir", "/shared/embeddings"]
+    server = settings_from_args(argv).server
+    assert (server.lora_dir, server.embeddings_dir) == ("/shared/loras", "/shared/embeddings")

@@ -9,18 +9,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from ..errors import UserError
-from ..model_folder import Manifest, read_manifest, read_scheduler_config
-from ..pipeline import Prepared, prepare
+from ..model_folder import read_manifest
+from ..pipeline import Planner
 from ..server.app import build_app
-from ..tokenizer import ClipTokenizer
 from .backend import GENERATOR, ServeBackend
 from .generator import INGRESS, Generator
 from .model_check import fingerprint
@@ -33,32 +30,15 @@ class DeploymentFailed(UserError):
     """The application did not start (a replica refused the model, or Serve gave up)."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the ingress needs to check requests: the manifest, tokenizer and scheduler config (no
-    ONNX session: the ingress never generates)."""
-
-    manifest: Manifest
-    tokenizer: ClipTokenizer
-    scheduler_config: dict
-
-    @classmethod
-    def load(cls, folder: str | Path) -> ModelInfo:
-        manifest = read_manifest(folder)
-        tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
-        return cls(manifest, tokenizer, read_scheduler_config(manifest.folder))
-
-    def prepare(self, **parameters: Any) -> Prepared:
-        """The library's own checks and planning (Pipeline.prepare), without sessions."""
-        return prepare(self.manifest, self.scheduler_config, self.tokenizer, **parameters)
-
-
 @serve.ingress()
 class Ingress:
     """The HTTP front: the one-box server's app, with Serve replicas as its backend."""
 
     def __init__(self, generator: Any, settings: ClusterSettings) -> None:
-        self.model = ModelInfo.load(settings.server.model)
+        # Requests are checked here, once, as on one box: LoRA names and shapes against the model,
+        # embeddings matched in prompts (their vectors travel with the job). No ONNX session.
+        server = settings.server
+        self.model = Planner.from_folder(server.model, server.lora_dir, server.embeddings_dir)
         self.settings = settings
         self.backend = ServeBackend(generator, settings)
 

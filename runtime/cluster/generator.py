@@ -48,7 +48,10 @@ class Generator:
         folder = settings.server.model
         try:
             check_model(folder, settings.fingerprint)
-            self.pipe = Pipeline.from_pretrained(folder, provider=settings.provider, threads=settings.threads)
+            # No embeddings folder: the ingress matched the prompts, and the vectors come with the plan.
+            self.pipe = Pipeline.from_pretrained(
+                folder, provider=settings.provider, threads=settings.threads, lora_dir=settings.server.lora_dir
+            )
         except UserError as error:
             raise ReplicaRefused(f"replica on {socket.gethostname()} refused to start: {error}") from None
         context = serve.get_replica_context()

@@ -29,10 +29,12 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_api_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the HTTP API, shared with `python -m runtime.cluster`."""
+    """The options of the HTTP API and its add-on folders, shared with `python -m runtime.cluster`."""
     add = parser.add_argument
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    add("--lora-dir", help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight> (cluster: on every node)")
+    add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings (cluster: on every node)")
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -70,8 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
         help="provider openvino: auto (bf16 where the CPU has it, else f32)",
     )  # fmt: skip
-    add("--lora-dir", help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
-    add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings")
     add("--vae", help="the exported VAE requests use unless override_settings.sd_vae names another (default: own)")
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
     add("--header-timeout", type=positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
@@ -93,8 +93,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         threads=getattr(args, "threads", None), device=getattr(args, "device", "CPU"),
         inference_precision=getattr(args, "inference_precision", "auto"), queue_size=args.queue_size,
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
-        lora_dir=getattr(args, "lora_dir", None), embeddings_dir=getattr(args, "embeddings_dir", None),
-        vae=getattr(args, "vae", None),
+        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=getattr(args, "vae", None),
     )  # fmt: skip
 
 

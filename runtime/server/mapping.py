@@ -40,16 +40,21 @@ from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 if TYPE_CHECKING:
+    from ..embeddings import EmbeddingLibrary
+    from ..lora import LoraResolver
     from ..model_folder import Manifest
 
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
 
 
 class PlanModel(Protocol):
-    """What checking a request needs of the model: a loaded Pipeline has it, and so has a cluster's
-    ingress, which reads the model folder without loading any ONNX session."""
+    """What checking a request needs of the model: a runtime.pipeline.Planner. A loaded Pipeline
+    is one, and so is a cluster's ingress, which reads the model and add-on folders without
+    loading any ONNX session."""
 
     manifest: Manifest
+    loras: LoraResolver
+    embeddings: EmbeddingLibrary
 
     def prepare(self, **parameters: Any) -> Prepared: ...
 

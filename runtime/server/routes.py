@@ -91,7 +91,7 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class ServerContext:
-    model: PlanModel  # the loaded Pipeline (one box) or the model's manifest and tokenizer (cluster ingress)
+    model: PlanModel  # the loaded Pipeline (one box) or a Planner without sessions (cluster ingress)
     config: ServerConfig
     backend: Backend
 
@@ -239,37 +239,29 @@ async def sd_vae(ctx: Context) -> Any:
 @router.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["sdapi"])
 async def loras(ctx: Context) -> Any:
     """The LoRAs in --lora-dir, by the names <lora:name:weight> takes (A1111's shape)."""
-    library = _addons(ctx, "loras")
-    return library.library.entries() if library is not None else []
+    return ctx.model.loras.library.entries()
 
 
 @router.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
 async def refresh_loras(ctx: Context) -> dict:
-    library = _addons(ctx, "loras")
-    if library is not None:
-        await anyio.to_thread.run_sync(library.library.refresh)
+    """Rescan --lora-dir for the listing. A cluster's replicas need no refresh: a LoRA library
+    lists its folder again when a request names a LoRA it does not know (as A1111 does)."""
+    await anyio.to_thread.run_sync(ctx.model.loras.library.refresh)
     return {}
 
 
 @router.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"])
 async def embeddings(ctx: Context) -> Any:
     """A1111's {loaded: {name: info}, skipped: {name: info}}; skipped entries add a `reason`."""
-    library = _addons(ctx, "embeddings")
-    return library.listing() if library is not None else {"loaded": {}, "skipped": {}}
+    return ctx.model.embeddings.listing()
 
 
 @router.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
 async def refresh_embeddings(ctx: Context) -> dict:
-    library = _addons(ctx, "embeddings")
-    if library is not None:
-        await anyio.to_thread.run_sync(library.refresh)
+    """Rescan --embeddings-dir. Prompts are matched where requests are checked (a cluster's
+    ingress), and the vectors travel with the job: a cluster's replicas never read the folder."""
+    await anyio.to_thread.run_sync(ctx.model.embeddings.refresh)
     return {}
-
-
-def _addons(ctx: ServerContext, kind: str) -> Any:
-    """The loaded Pipeline's LoRA or embedding library; None behind a cluster ingress, which
-    holds no Pipeline (its replicas serve without add-on folders: docs/cluster.md)."""
-    return getattr(ctx.model, kind, None)
 
 
 @router.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
