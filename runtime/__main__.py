@@ -22,8 +22,7 @@ from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
 from .sessions import PROVIDERS
 
 if TYPE_CHECKING:
-    from .model_folder import Manifest
-    from .pipeline import Prepared
+    from .pipeline import Planner, Prepared
 
 log = logging.getLogger("runtime")
 
@@ -132,22 +131,15 @@ def check_writable(paths: list[Path]) -> None:
             ) from None
 
 
-def prepare_from_args(args: argparse.Namespace, manifest: Manifest) -> Prepared:
-    """The generation the arguments ask for, checked and planned, before any graph loads."""
-    from .embeddings import EmbeddingLibrary
-    from .model_folder import read_scheduler_config, text_vocab_size
-    from .pipeline import prepare
-    from .tokenizer import ClipTokenizer
-
-    tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
-    library = EmbeddingLibrary(args.embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
-    return prepare(
-        manifest, read_scheduler_config(manifest.folder), tokenizer, embeddings=library.matcher(), prompt=args.prompt,
-        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
-        width=args.width, height=args.height, seed=args.seed, num_images_per_prompt=args.batch_size,
-        sampler=args.sampler, schedule=args.schedule, rng=args.rng, eta_noise_seed_delta=args.eta_noise_seed_delta,
-        pad_conds=args.pad_conds,
-        vae_tiling=args.vae_tiling, max_pixels=args.max_pixels, vae=args.vae, **mode_options(args),
+def prepare_from_args(args: argparse.Namespace, planner: Planner) -> Prepared:
+    """The generation the arguments ask for, checked and planned as the server plans it, before any
+    graph loads."""
+    return planner.prepare(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
+        num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
+        eta_noise_seed_delta=args.eta_noise_seed_delta, pad_conds=args.pad_conds, vae_tiling=args.vae_tiling,
+        max_pixels=args.max_pixels, vae=args.vae, **mode_options(args),
     )  # fmt: skip
 
 
@@ -188,17 +180,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
-    from .lora import LoraLibrary
-    from .model_folder import read_manifest
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, Planner
     from .sessions import resolve_provider
 
-    manifest = read_manifest(args.model)
-    prepared = prepare_from_args(args, manifest)
+    # LoRA names and files, embeddings and the VAE are checked here, before the model loads
+    prepared = prepare_from_args(args, Planner.from_folder(args.model, args.lora_dir, args.embeddings_dir))
     resolve_provider(args.provider)
-    library = LoraLibrary(args.lora_dir)
-    for use in prepared.loras:  # names and files checked before the model loads
-        library.get(use.name)
     paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -184,3 +185,33 @@ def test_bad_image_options_are_one_line_and_exit_2(tiny_fp32, tmp_path, extra, f
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: {field}: ")
     assert not out.exists()
+
+
+def test_loras_and_embeddings_from_the_command_line(tiny_fp32, tmp_path):
+    """The CLI checks a request as the server does (one Planner): a LoRA made for another model is
+    refused before any graph loads, a fitting one and an embedding run and are recorded."""
+    from addon_files import tiny_embedding, tiny_lora, write_safetensors
+
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    tiny_lora(loras / "style.safetensors", seed=1)
+    write_safetensors(  # conv_in of a model with 7 latent channels
+        loras / "other.safetensors",
+        {
+            "lora_unet_conv_in.lora_down.weight": np.zeros((2, 7, 3, 3)),
+            "lora_unet_conv_in.lora_up.weight": np.zeros((32, 2, 1, 1)),
+        },
+    )
+    tiny_embedding(embeddings / "badhands.safetensors", seed=2)
+    folders = ["--lora-dir", str(loras), "--embeddings-dir", str(embeddings)]
+    common = ["--model", str(tiny_fp32), "--steps", "2", "--width", "64", "--height", "64", *folders]
+    out = tmp_path / "out.png"
+    refused = run_cli(*common, "--prompt", "a cat <lora:other:1>", "--output", str(out))
+    assert_clean_refusal(refused, "another architecture", out)
+    result = run_cli(
+        *common, "--prompt", "a cat <lora:style:0.8>", "--negative-prompt", "badhands", "--output", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    text = read_infotext(out)
+    assert "Lora hashes: " in text and "style: " in text and "TI hashes: " in text and "badhands: " in text
