@@ -40,6 +40,7 @@ PREFIX_GRAPH = {"lora_te_": "text_encoder", "lora_unet_": "unet"}
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 MAX_LORA_BYTES = 2 * 2**30  # SD1 LoRAs are 2-300 MB; a full checkpoint mistaken for one is refused
 DEFAULT_CACHE_BYTES = 4 * 2**30
+FILE_CACHE_BYTES = 2**30  # read LoRA files kept for the next request (a cluster's ingress only checks them)
 KEY_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 CONVERT_HINT = (
     "pickled LoRA files are not read by the runtime (they can run code); convert it once with torch: "
@@ -67,6 +68,10 @@ class LoraFile:
     path: Path
     shorthash: str  # A1111's: first 12 hex digits of the addnet hash
     modules: dict[str, LoraModule]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(module.down.nbytes + module.up.nbytes for module in self.modules.values())
 
 
 @dataclass
@@ -187,13 +192,18 @@ def read_lora(name: str, path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFil
 
 class LoraLibrary:
     """The LoRA folder. Names are file names without the suffix (A1111's), found at refresh();
-    files are read only from this folder, by those names (no path in a request reaches elsewhere)."""
+    files are read only from this folder, by those names (no path in a request reaches elsewhere).
+    Files read are kept, most recently used first, while their weights fit `cache_bytes`: a server
+    that sees hundreds of LoRAs does not hold them all."""
 
-    def __init__(self, folder: str | Path | None, max_bytes: int = MAX_LORA_BYTES) -> None:
+    def __init__(
+        self, folder: str | Path | None, max_bytes: int = MAX_LORA_BYTES, cache_bytes: int = FILE_CACHE_BYTES
+    ) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.max_bytes = max_bytes
+        self.cache_bytes = cache_bytes
         self._files: dict[str, Path] = {}
-        self._loaded: dict[str, tuple[tuple[int, int], LoraFile]] = {}
+        self._loaded: OrderedDict[str, tuple[tuple[int, int], LoraFile]] = OrderedDict()
         self._lock = threading.Lock()
         self.refresh()
 
@@ -234,11 +244,15 @@ class LoraLibrary:
         stamp = (stat.st_size, stat.st_mtime_ns)
         with self._lock:
             cached = self._loaded.get(name)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+            if cached is not None and cached[0] == stamp:
+                self._loaded.move_to_end(name)
+                return cached[1]
         lora = read_lora(name, path, self.max_bytes)
         with self._lock:
             self._loaded[name] = (stamp, lora)
+            self._loaded.move_to_end(name)
+            while len(self._loaded) > 1 and sum(item.nbytes for _, item in self._loaded.values()) > self.cache_bytes:
+                self._loaded.popitem(last=False)
         return lora
 
 

@@ -23,8 +23,10 @@ from safetensors.torch import save_file
 
 import diffusers_reference as reference
 from runtime import Pipeline
+from runtime import lora as lora_module
 from runtime.errors import InvalidRequestError
 from runtime.extra_networks import LoraUse, parse_prompt
+from runtime.lora import LoraLibrary
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres"
 STEPS = 8
@@ -137,6 +139,25 @@ def test_fp16_graphs_with_lora_stay_close_to_diffusers(tiny_fp16, lora_dir, diff
     pipe = Pipeline.from_pretrained(tiny_fp16, provider="cpu", lora_dir=lora_dir)
     difference = np.abs(ours(pipe, "<lora:style_a:0.8>", 7) - expected(diffusers_with_loras, {"style_a": 0.8}, 7))
     assert difference.max() * 255 <= 3.0 and difference.mean() * 255 <= 0.5
+
+
+def test_library_keeps_read_files_within_its_bound(lora_dir, monkeypatch):
+    """Read LoRA files are kept most recently used first while their weights fit the bound; the
+    newest one always stays, and a changed file is read again."""
+    reads = []
+    real_read = lora_module.read_lora
+    monkeypatch.setattr(lora_module, "read_lora", lambda name, *rest: reads.append(name) or real_read(name, *rest))
+    one_file = LoraLibrary(lora_dir).get("b").nbytes
+    library = LoraLibrary(lora_dir, cache_bytes=one_file)
+    reads.clear()
+    for name in ("b", "b", "style_a", "style_a", "b"):
+        library.get(name)
+    assert reads == ["b", "style_a", "b"]  # style_a (larger than the bound) pushed b out, then b it
+    roomy = LoraLibrary(lora_dir, cache_bytes=10 * 2**30)
+    reads.clear()
+    for name in ("b", "style_a", "b", "style_a"):
+        roomy.get(name)
+    assert reads == ["b", "style_a"]
 
 
 def test_infotext_keeps_the_tag_and_writes_lora_hashes(runtime_fp32, lora_dir):
