@@ -29,10 +29,23 @@ def runtime_env(tmp_path_factory) -> Path:
     return python
 
 
+def installed_names(python: Path) -> set[str]:
+    frozen = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+    return {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
+
+
+def run_torch_free(python: Path, script: str, cwd: Path) -> str:
+    """Run `script` in that environment; it must succeed with no torch-stack module loaded. Its stdout."""
+    check = f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\nassert not loaded, loaded\n"
+    code = "import sys\n" + script + check
+    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_pip_freeze_has_no_torch_stack(runtime_env):
-    frozen = subprocess.run([str(runtime_env), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
-    names = {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
-    assert not {name for name in names if name.startswith(FORBIDDEN)}, frozen.stdout
+    names = installed_names(runtime_env)
+    assert not {name for name in names if name.startswith(FORBIDDEN)}, names
     assert {"onnxruntime", "numpy", "tokenizers", "ftfy", "pillow"} <= names
 
 
@@ -54,7 +67,6 @@ def test_cli_generates_an_image_without_torch(runtime_env, tiny_fp32, tmp_path):
 
 def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
     script = (
-        "import sys\n"
         "from runtime import Pipeline\n"
         f"pipe = Pipeline.from_pretrained({str(tiny_fp32)!r})\n"
         "out = pipe('1girl', seed=1, width=64, height=64, num_inference_steps=2)\n"
@@ -65,14 +77,11 @@ def test_api_never_imports_the_torch_stack(runtime_env, tiny_fp32, tmp_path):
         "pipe('1girl', seed=1, num_inference_steps=2, image=out.images[0], mask_image=mask)\n"
         "hires = pipe('1girl', seed=1, width=64, height=64, num_inference_steps=2, enable_hr=True,"
         " hires_options={'hr_scale': 2, 'hr_upscaler': 'Lanczos'}, vae_tiling='on')\n"
-        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
-        "assert not loaded, loaded\n"
         "assert 'runtime' in sys.modules and sys.modules['runtime'].__file__.find('site-packages') > 0\n"
         "print(out.images[0].size, hires.images[0].size)\n"
     )
-    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(64, 64) (128, 128)"
+    stdout = run_torch_free(runtime_env, script, tmp_path)
+    assert stdout.strip() == "(64, 64) (128, 128)"
 
 
 def test_lora_and_negative_embedding_without_torch_equal_diffusers(runtime_env, tiny_source, tiny_fp32, tmp_path):
@@ -100,20 +109,16 @@ def test_lora_and_negative_embedding_without_torch_equal_diffusers(runtime_env, 
     converted = pipe.maybe_convert_prompt(negative, pipe.tokenizer)
     expected = reference.generate(pipe, prompt, converted, "euler_a", [114514], steps=8)[0]
     script = (
-        "import sys\n"
         "import numpy as np\n"
         "from runtime import Pipeline\n"
         f"pipe = Pipeline.from_pretrained({str(tiny_fp32)!r}, lora_dir='loras', embeddings_dir='embeddings')\n"
         f"out = pipe({prompt + ' <lora:x:0.8>'!r}, negative_prompt={negative!r}, seed=114514, width=64, height=64,"
         " num_inference_steps=8, output_type='np')\n"
         "np.save('ours.npy', out.images[0])\n"
-        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
-        "assert not loaded, loaded\n"
         "print(out.infotexts[0])\n"
     )
-    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "Lora hashes" in result.stdout and "TI hashes" in result.stdout
+    stdout = run_torch_free(runtime_env, script, tmp_path)
+    assert "Lora hashes" in stdout and "TI hashes" in stdout
     assert np.abs(np.load(tmp_path / "ours.npy") - expected).max() * 255 <= 1.0
 
 
@@ -128,21 +133,16 @@ def test_openvino_extra_stays_torch_free(runtime_env, tiny_source, tmp_path):
         [str(runtime_env), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"{REPO}[openvino]"],
         check=True, timeout=900, cwd=tmp_path,
     )  # fmt: skip
-    frozen = subprocess.run([str(runtime_env), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
-    names = {line.split("==")[0].split(" @ ")[0].lower() for line in frozen.stdout.splitlines()}
-    assert not {name for name in names if name.startswith(FORBIDDEN)}, frozen.stdout
+    names = installed_names(runtime_env)
+    assert not {name for name in names if name.startswith(FORBIDDEN)}, names
     assert {"openvino", "onnxruntime"} <= names and "onnxruntime-openvino" not in names
     folder = tmp_path / "tiny-openvino"
     run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=folder, target="openvino"))
     script = (
-        "import sys\n"
         "from runtime import Pipeline\n"
         f"out = Pipeline.from_pretrained({str(folder)!r}, provider='openvino')('1girl', seed=1, width=64, height=64,"
         " num_inference_steps=2)\n"
-        f"loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
-        "assert not loaded, loaded\n"
         "print(out.images[0].size)\n"
     )
-    result = subprocess.run([str(runtime_env), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(64, 64)"
+    stdout = run_torch_free(runtime_env, script, tmp_path)
+    assert stdout.strip() == "(64, 64)"
