@@ -256,6 +256,9 @@ def optimize(
         log.debug("%s fused operators: %s", spec.name, model.get_fused_operator_statistics())
         fp16_compute = target == "cuda" if fp16_compute is None else fp16_compute
         if precision == "fp16" and fp16_compute:
+            # The converter retypes each initializer before it reads it: a weight still on disk
+            # would then be read as fp16 from fp32 bytes (the full-size UNet failed so on a GPU box).
+            onnx.load_external_data_for_model(model.model, ".")
             model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io)
         elif precision == "fp16":
             store_weights_fp16(model.model)
