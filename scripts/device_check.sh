@@ -23,13 +23,14 @@ SITE=${SITE:-/tmp/acertain-site}
 PREP_LOG=$STAGE/prepare.log
 OUT=${OUT:-$REPO/out}
 PY=${PYTHON:-python3}
-PART_MIB=12  # parts stay under 16 MiB
-BATCH_MIB=48 # plus the ~12 MiB working tree: under the 64 MiB one call carries
+PART_MIB=14  # parts stay under 16 MiB
+BATCH_MIB=56 # plus the ~6 MiB working tree: under the 64 MiB one call carries
 # The CUDA 13 build: its `cuda` extra names nvidia-cuda-runtime~=13.0 and nvidia-cudnn-cu13.
 ORT_GPU=onnxruntime-gpu==1.31.1
 # diffusers (its importlib_metadata requirement is for Python < 3.8 only) and numpy < 2.4 (see
 # pyproject.toml: the box has numpy 2.5, which breaks onnxruntime's attention fusion in the exporter).
-SMALL=(diffusers==0.42.1 numpy==2.3.5)
+# ftfy (+ wcwidth): the runtime tokenizes as A1111 does, with ftfy; the box has neither.
+SMALL=(diffusers==0.42.1 numpy==2.3.5 ftfy==6.3.1 wcwidth==0.9.4)
 BENCH_ARGS=(--arch sd15 --provider cuda --precision fp16 --height 512 --width 512 --steps 28)
 PSNR_MIN=30
 
@@ -178,12 +179,9 @@ run() {
     ort=$(staged_wheel onnxruntime_gpu)
     [[ -n $ort ]] || { log "onnxruntime-gpu is not complete in $STAGE: stage every batch first"; exit 3; }
     [[ -f $STAGE/prepare.started ]] || { log "b1 was never staged: no export under way"; exit 3; }
-    install_wheels "$ort"
-    site_env
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-    "$PY" -c "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())" |
-        tee -a "$OUT/gpu.txt"
-    "$PY" -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"
+    # onnxruntime-gpu goes into $SITE only after the export: the exporter, started in the background,
+    # imports onnxruntime from $SITE first and must not find a half-written one there.
     log "waiting for the model build + export"
     while [[ ! -f $STAGE/prepare.rc ]]; do sleep 5; done
     cp "$PREP_LOG" "$OUT/prepare.log"
@@ -192,6 +190,11 @@ run() {
         tail -40 "$PREP_LOG"
         exit 4
     fi
+    install_wheels "$ort"
+    site_env
+    "$PY" -c "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())" |
+        tee -a "$OUT/gpu.txt"
+    "$PY" -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"
     "$PY" scripts/bench.py "${BENCH_ARGS[@]}" --repeats 3 --retries 0 --json "$OUT/bench-cuda.json" 2>&1 |
         tee "$OUT/bench.log"
     report_psnr "$OUT/bench-cuda.json"
