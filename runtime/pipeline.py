@@ -585,7 +585,10 @@ class Pipeline(Planner):
         the clean image, as the A1111 web UI shows on Interrupt."""
         check_output_type(output_type)
         request = prepared.request
-        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes.
+        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes. The
+        # last run's set is let go first: if the cache evicts it (or keeps none), it is freed
+        # before the new one is built, not held beside it.
+        self.sessions = self.loras.base
         self.sessions = self.with_vae(self.loras.sessions_for(list(prepared.loras)).sessions, prepared.vae)
         self._extra = prepared.extra.matrix() if prepared.extra is not None else None
         latents, interrupted = self._sample(prepared, callback, cancel_event)
