@@ -310,8 +310,9 @@ class LoraResolver:
 class LoraSessions(LoraResolver):
     """Sessions per LoRA set. The plain sessions are always kept; patched sets are rebuilt on first
     use and kept in least-recently-used order while what building them cost (resident_growth)
-    totals at most `cache_bytes`. Room is made before a build, so memory never holds the bound plus
-    a new set; 0 keeps no patched set (build, use, drop). Evicting only drops the cache's reference:
+    totals at most `cache_bytes`. Room is made before a build (for the new set's graph files), so
+    a full cache and a new set are not held at once; 0 keeps no patched set (build, use, drop).
+    Evicting only drops the cache's reference:
     a generation still running on an evicted set keeps its sessions alive until it ends."""
 
     def __init__(
