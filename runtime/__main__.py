@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from .cli_args import Parser, positive
+from .cli_args import Parser, add_lora_cache_option, positive
 from .errors import InvalidRequestError, UserError
 from .limits import MAX_PIXELS
 from .metadata import save_png
@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="save ORT's optimized graphs at the first load and reuse them (fp32 on CPU: faster start, more disk)",
     )
     parser.add_argument("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
+    add_lora_cache_option(parser)
     parser.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings")
     parser.add_argument(
         "--vae", help="an exported VAE by name (python -m export --add-vae); default: the model's own (Automatic)"
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
         args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
         verify=args.verify,
         device=args.device, inference_precision=args.inference_precision,
-        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=args.vae,
+        lora_dir=args.lora_dir, lora_cache_mb=args.lora_cache_mb, embeddings_dir=args.embeddings_dir, vae=args.vae,
     )  # fmt: skip
     with tqdm(desc="sampling", unit="step") as bar:
 

@@ -2,3 +2,4 @@
 (the CLI reads them before it loads onnxruntime)."""
 
 MAX_PIXELS = 1024 * 1024  # width * height of one image: 1024x1024 or 512x2048; None (library) lifts it
+LORA_CACHE_MB = 4096  # LoRA-patched sessions kept, by the resident memory building them took

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,10 @@ import numpy as np
 
 from .errors import InvalidRequestError, ModelFolderError
 from .extra_networks import LoraUse
+from .limits import LORA_CACHE_MB
 from .model_folder import OPENVINO_TARGET, Manifest
 from .safetensors_io import SafetensorsError, SafetensorsFile
-from .sessions import GraphSession, InitializerOverrides, Sessions, UNetSession
+from .sessions import GraphSession, InitializerOverrides, Sessions, UNetSession, trim_c_heap
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ LORA_GRAPHS = ("text_encoder", "unet")
 PREFIX_GRAPH = {"lora_te_": "text_encoder", "lora_unet_": "unet"}
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 MAX_LORA_BYTES = 2 * 2**30  # SD1 LoRAs are 2-300 MB; a full checkpoint mistaken for one is refused
-DEFAULT_CACHE_BYTES = 4 * 2**30
+DEFAULT_CACHE_BYTES = LORA_CACHE_MB * 2**20
 FILE_CACHE_BYTES = 2**30  # read LoRA files kept for the next request (a cluster's ingress only checks them)
 KEY_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 CONVERT_HINT = (
@@ -306,7 +309,11 @@ class LoraResolver:
 
 class LoraSessions(LoraResolver):
     """Sessions per LoRA set. The plain sessions are always kept; patched sets are rebuilt on first
-    use and kept in least-recently-used order while their graphs' sizes fit `cache_bytes`."""
+    use and kept in least-recently-used order while what building them cost (resident_growth)
+    totals at most `cache_bytes`. Room is made before a build (for the new set's graph files), so
+    a full cache and a new set are not held at once; 0 keeps no patched set (build, use, drop).
+    Evicting only drops the cache's reference:
+    a generation still running on an evicted set keeps its sessions alive until it ends."""
 
     def __init__(
         self, manifest: Manifest, base: Sessions, library: LoraLibrary, cache_bytes: int = DEFAULT_CACHE_BYTES
@@ -320,6 +327,9 @@ class LoraSessions(LoraResolver):
     def hashes(self, uses: list[LoraUse]) -> str | None:
         return LoraSet(self.base, self.resolve(uses)).hashes() if uses else None
 
+    def held_bytes(self) -> int:
+        return sum(item.bytes for item in self._cache.values())
+
     def sessions_for(self, uses: list[LoraUse]) -> LoraSet:
         resolved = self.resolve(uses)
         active = [(lora, use) for lora, use in resolved if use.te_multiplier or use.unet_multiplier]
@@ -327,27 +337,75 @@ class LoraSessions(LoraResolver):
             return LoraSet(self.base, resolved)
         key = tuple((lora.path, lora.shorthash, use.te_multiplier, use.unet_multiplier) for lora, use in active)
         with self._lock:
-            if key in self._cache:
+            cached = self._cache.get(key)
+            if cached is not None:
                 self._cache.move_to_end(key)
-                return LoraSet(self._cache[key].sessions, resolved, self._cache[key].bytes)
-            built = self._build(active)
-            self._cache[key] = built
-            while len(self._cache) > 1 and sum(item.bytes for item in self._cache.values()) > self.cache_bytes:
-                self._cache.popitem(last=False)
-        return LoraSet(built.sessions, resolved, built.bytes)
+                return LoraSet(cached.sessions, resolved, cached.bytes)
+            patched = self._patched_graphs(active)
+            estimate = self._graph_bytes(patched)
+            self._evict_until(self.cache_bytes - estimate)
+            sessions, charge = resident_growth(lambda: self._build(patched), estimate)
+            if self.cache_bytes > 0:
+                self._cache[key] = LoraSet(sessions, [], charge)
+                self._evict_until(self.cache_bytes)  # the measured charge may exceed the estimate
+        return LoraSet(sessions, resolved, charge)
 
-    def _build(self, active: list[tuple[LoraFile, LoraUse]]) -> LoraSet:
-        base, config = self.base, self.base.config
-        graphs: dict[str, GraphSession] = {"text_encoder": base.text_encoder, "unet": base.unet}
-        size = 0
-        for graph, kind in (("text_encoder", GraphSession), ("unet", UNetSession)):
+    def _evict_until(self, limit: int) -> None:
+        """Drop least recently used sets until the rest hold at most `limit` bytes."""
+        evicted = False
+        while self._cache and self.held_bytes() > limit:
+            self._cache.popitem(last=False)
+            evicted = True
+        if evicted:
+            trim_c_heap()  # so the next build's resident growth is not hidden by reused freed pages
+
+    def _patched_graphs(self, active: list[tuple[LoraFile, LoraUse]]) -> dict[str, list[tuple[LoraFile, float]]]:
+        """The graphs this set changes, with each LoRA's multiplier for that graph (a graph whose
+        multipliers are 0, or whose modules no LoRA targets, keeps its plain session)."""
+        patched = {}
+        for graph in LORA_GRAPHS:
             multiplier = "te_multiplier" if graph == "text_encoder" else "unet_multiplier"
             uses = [(lora, getattr(use, multiplier)) for lora, use in active]
+            targets = self.targets(graph).modules
+            if any(value and any(targets.get(name) for name in lora.modules) for lora, value in uses):
+                patched[graph] = uses
+        return patched
+
+    def _graph_bytes(self, graphs: Iterable[str]) -> int:
+        """The graph files' size: what a rebuilt session is expected to hold."""
+        folders = [self.manifest.graphs[graph].path.parent for graph in graphs]
+        return sum(item.stat().st_size for folder in folders for item in folder.glob("model.onnx*"))
+
+    def _build(self, patched: dict[str, list[tuple[LoraFile, float]]]) -> Sessions:
+        base, config = self.base, self.base.config
+        graphs: dict[str, GraphSession] = {"text_encoder": base.text_encoder, "unet": base.unet}
+        for graph, uses in patched.items():
             overrides = self.targets(graph).patch(uses)
-            if overrides:
-                info = self.manifest.graphs[graph]
-                log.info("building the %s session with %d LoRA-patched weights", graph, len(overrides))
-                graphs[graph] = kind(info, base.provider, config, overrides)
-                size += sum(item.stat().st_size for item in info.path.parent.glob("model.onnx*"))
-        sessions = replace(base, text_encoder=graphs["text_encoder"], unet=graphs["unet"])
-        return LoraSet(sessions, [], size)
+            kind = UNetSession if graph == "unet" else GraphSession
+            log.info("building the %s session with %d LoRA-patched weights", graph, len(overrides))
+            graphs[graph] = kind(self.manifest.graphs[graph], base.provider, config, overrides)
+        return replace(base, text_encoder=graphs["text_encoder"], unet=graphs["unet"])
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux: /proc/self/statm's second field, in pages); None without /proc."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def resident_growth(build: Callable[[], Sessions], estimate: int) -> tuple[Sessions, int]:
+    """Build a set and what it costs: the growth of resident memory across the build. That, not the
+    graph files' size, is what the process holds for it: onnxruntime's copies of the weights
+    (pre-packed, relaid out), the patched tensors it keeps reading, minus what fusions dropped.
+    Without /proc (not Linux) the graph files' size stands in. Never below 0: pages freed
+    meanwhile by another thread would otherwise make a set look free."""
+    before = resident_bytes()
+    sessions = build()
+    after = resident_bytes()
+    if before is None or after is None:
+        return sessions, estimate
+    return sessions, max(after - before, 0)

@@ -36,7 +36,7 @@ from .img2img import (
     start_step,
 )
 from .inputs import check_strength, load_image
-from .limits import MAX_PIXELS
+from .limits import LORA_CACHE_MB, MAX_PIXELS
 from .lora import LoraLibrary, LoraResolver, LoraSessions
 from .metadata import format_infotext, infotext_number
 from .model_folder import (
@@ -384,6 +384,14 @@ def check_pixels(field_name: str, width: int, height: int, max_pixels: int | Non
         )  # fmt: skip
 
 
+def check_lora_cache_mb(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(
+            "lora_cache_mb", f"must be a whole number of MiB >= 0 (0 keeps no LoRA-patched sessions), not {value!r}"
+        )
+    return value
+
+
 def check_finite(values: np.ndarray, what: str) -> None:
     """NaN or inf would be saved as a black image with no error: fail and say why it happens."""
     if not np.isfinite(values).all():
@@ -480,8 +488,9 @@ class Pipeline(Planner):
         lora_dir: str | Path | None = None,
         embeddings_dir: str | Path | None = None,
         vae: str | None = None,
+        lora_cache_mb: int = LORA_CACHE_MB,
     ) -> None:
-        loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir))
+        loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir), check_lora_cache_mb(lora_cache_mb) * 2**20)
         super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
@@ -503,6 +512,7 @@ class Pipeline(Planner):
         lora_dir: str | Path | None = None,
         embeddings_dir: str | Path | None = None,
         vae: str | None = None,
+        lora_cache_mb: int = LORA_CACHE_MB,
     ) -> Pipeline:
         """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
         graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
@@ -511,9 +521,11 @@ class Pipeline(Planner):
         serve provider "openvino" (an export made with --target openvino): OpenVINO device name
         (CPU; GPU/NPU pass through) and "auto" (bf16 where the CPU has it, else f32), "bf16", "f16"
         or "f32". `vae` names the VAE requests use unless they name another (an added one, see
-        `python -m export --add-vae`; default: the export's own)."""
+        `python -m export --add-vae`; default: the export's own). `lora_cache_mb` bounds the memory
+        of LoRA-patched sessions kept for later requests (0: none; see runtime.lora.LoraSessions)."""
         manifest = read_manifest(folder)
         resolve_vae(manifest, vae)  # an unknown name fails before the sessions load
+        check_lora_cache_mb(lora_cache_mb)
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(
                 "threads", f"must be a whole number >= 1 (or None for one per core), not {threads!r}"
@@ -532,7 +544,7 @@ class Pipeline(Planner):
         sessions = load_sessions(manifest, config)
         tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
         scheduler_config = read_scheduler_config(manifest.folder)
-        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir, vae)
+        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir, vae, lora_cache_mb)
 
     @property
     def provider(self) -> str:
@@ -585,7 +597,10 @@ class Pipeline(Planner):
         the clean image, as the A1111 web UI shows on Interrupt."""
         check_output_type(output_type)
         request = prepared.request
-        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes.
+        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes. The
+        # last run's set is let go first: if the cache evicts it (or keeps none), it is freed
+        # before the new one is built, not held beside it.
+        self.sessions = self.loras.base
         self.sessions = self.with_vae(self.loras.sessions_for(list(prepared.loras)).sessions, prepared.vae)
         self._extra = prepared.extra.matrix() if prepared.extra is not None else None
         latents, interrupted = self._sample(prepared, callback, cancel_event)

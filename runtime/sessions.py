@@ -483,10 +483,10 @@ class Sessions:
             {UNET_SAMPLE: latents, UNET_TIMESTEP: np.zeros((1,), np.float32), UNET_CONTEXT: context}, device_id
         )
         self.vae_decoder.release_memory({VAE_DECODER_INPUT: latents}, device_id)
-        _trim_c_heap()
+        trim_c_heap()
 
 
-def _trim_c_heap() -> None:
+def trim_c_heap() -> None:
     """glibc keeps freed heap pages for reuse; malloc_trim hands them back. Elsewhere: nothing."""
     if platform.system() != "Linux":
         return

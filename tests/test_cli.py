@@ -112,6 +112,7 @@ BAD_ARGUMENTS = {
     "seed out of range": (["--seed", str(2**40)], "seed: must be -1"),
     "not a number": (["--steps", "many"], "invalid int value"),
     "unknown provider": (["--provider", "tpu"], "unknown provider"),
+    "negative lora cache": (["--lora-cache-mb", "-1"], "--lora-cache-mb: -1 must not be negative"),
 }
 
 

@@ -384,6 +384,7 @@ def test_the_serve_config_file_builds_the_application(tiny_fp32: Path) -> None:
         (["--max-replicas", "4", "--replicas", "6"], "--replicas must lie between"),
         (["--gpus-per-replica", "1", "--cpus-per-replica", "2"], "not allowed with argument"),
         (["--gpus-per-replica", "0"], "must be a positive number"),
+        (["--lora-cache-mb", "-5"], "-5 must not be negative"),
     ],
 )
 def test_cluster_options_are_checked(args: list[str], message: str, capsys) -> None:
@@ -413,6 +414,25 @@ def test_autoscaling_settings_pass_through(tiny_fp32: Path) -> None:
 def test_add_on_folders_reach_the_settings(tiny_fp32: Path) -> None:
     from runtime.cluster.__main__ import settings_from_args
 
-    argv = ["--model", str(tiny_fp32), "--lora-dir", "/shared/loras", "--embeddings-dir", "/shared/embeddings"]
+    argv = ["--model", str(tiny_fp32), "--lora-dir", "/shared/loras", "--embeddings-dir", "/shared/embeddings",
+            "--lora-cache-mb", "512"]  # fmt: skip
     server = settings_from_args(argv).server
     assert (server.lora_dir, server.embeddings_dir) == ("/shared/loras", "/shared/embeddings")
+    assert server.lora_cache_mb == 512 and settings_from_args(argv[:2]).server.lora_cache_mb == 4096
+
+
+def test_replicas_load_with_the_lora_cache_bound(tiny_fp32: Path, monkeypatch) -> None:
+    from runtime.cluster import generator
+    from runtime.cluster.__main__ import settings_from_args
+    from runtime.errors import InvalidRequestError
+
+    options = {}
+
+    def from_pretrained(folder: str, **given: object) -> None:
+        options.update(given)
+        raise InvalidRequestError("model", "stop here: no Serve replica context in this test")
+
+    monkeypatch.setattr(generator.Pipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(generator.ReplicaRefused, match="stop here"):
+        generator.Generator(settings_from_args(["--model", str(tiny_fp32), "--lora-cache-mb", "0"]))
+    assert options["lora_cache_mb"] == 0

@@ -26,7 +26,8 @@ from runtime import Pipeline
 from runtime import lora as lora_module
 from runtime.errors import InvalidRequestError
 from runtime.extra_networks import LoraUse, parse_prompt
-from runtime.lora import LoraLibrary
+from runtime.lora import LORA_GRAPHS, LoraLibrary
+from runtime.model_folder import TEXT_INPUT
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres"
 STEPS = 8
@@ -229,3 +230,86 @@ def test_unknown_pickled_malformed_and_foreign_loras_are_refused(runtime_fp32, l
     for name, message in cases.items():
         with pytest.raises(InvalidRequestError, match=message):
             pipe.prepare(prompt=f"<lora:{name}:1>")
+
+
+# -- the patched-set cache --------------------------------------------------------------------------
+
+
+def graph_file_bytes(model: Path) -> int:
+    """What a set of rebuilt text encoder and UNet sessions is expected to hold: their graph files."""
+    return sum(item.stat().st_size for graph in LORA_GRAPHS for item in (model / graph).glob("model.onnx*"))
+
+
+def held(pipe: Pipeline) -> list[int]:
+    return [item.bytes for item in pipe.loras._cache.values()]
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["measured", "no-proc"])
+def test_patched_sets_are_evicted_before_a_build_and_stay_within_the_bound(tiny_fp32, lora_dir, monkeypatch, proc):
+    """Room for a new set is made before it is built (what is kept plus the new set's graph files
+    fit the bound), and what stays after it fits too; three multipliers of one LoRA are three sets.
+    Without /proc each set is charged its graph files: two of them fit, the oldest went first."""
+    if not proc:
+        monkeypatch.setattr(lora_module, "resident_bytes", lambda: None)
+    estimate = graph_file_bytes(tiny_fp32)
+    bound = -(-2 * estimate // 2**20) * 2**20  # room for two sets by their graph files, not three
+    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", lora_dir=lora_dir, lora_cache_mb=bound // 2**20)
+    at_build = []
+    real_patch = lora_module.GraphTargets.patch
+    monkeypatch.setattr(
+        lora_module.GraphTargets,
+        "patch",
+        lambda targets, uses: at_build.append(sum(held(pipe))) or real_patch(targets, uses),
+    )
+    for multiplier in (0.3, 0.6, 0.9):
+        pipe.loras.sessions_for([LoraUse("b", multiplier, multiplier)])
+        assert sum(held(pipe)) <= bound
+    assert len(at_build) == 6  # text encoder and UNet of each set
+    assert all(kept + estimate <= bound for kept in at_build)
+    if not proc:
+        assert held(pipe) == [estimate, estimate]
+
+
+def test_a_cache_of_0_keeps_no_set_and_gives_the_cached_image(runtime_fp32, tiny_fp32, lora_dir):
+    """lora_cache_mb=0: every LoRA request builds its set, uses it and lets it go; the images are
+    the default cache's. A set evicted while a caller still holds it keeps working (it is only a
+    reference the cache dropped)."""
+    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", lora_dir=lora_dir, lora_cache_mb=0)
+    kept = pipe.loras.sessions_for([LoraUse("style_a", 0.8, 0.8)])
+    tokens = {TEXT_INPUT: np.zeros((1, 77), dtype=np.int64)}
+    before = kept.sessions.text_encoder.run(tokens)
+    for tags in ("<lora:style_a:0.8>", "<lora:b:0.5>", "<lora:style_a:0.8> <lora:b:0.5>", "<lora:style_a:0.8>"):
+        assert worst(ours(pipe, tags, 5), ours(runtime_fp32, tags, 5)) <= 1e-6
+        assert held(pipe) == []
+    assert len(held(runtime_fp32)) >= 3
+    np.testing.assert_array_equal(kept.sessions.text_encoder.run(tokens), before)
+
+
+def test_sets_are_charged_the_resident_memory_their_build_took(tiny_fp32, lora_dir, monkeypatch):
+    """With a made-up resident-memory reader: a set whose build took almost the whole bound pushes
+    out the next build, two cheap ones stay together, though by their graph files all three fit."""
+    estimate = graph_file_bytes(tiny_fp32)
+    bound = 3 * estimate + 2**20
+    growths = [bound - estimate // 2, estimate // 4, estimate // 4]
+    readings = iter([value for growth in growths for value in (10 * 2**30, 10 * 2**30 + growth)])
+    monkeypatch.setattr(lora_module, "resident_bytes", lambda: next(readings))
+    pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", lora_dir=lora_dir, lora_cache_mb=1)
+    pipe.loras.cache_bytes = bound
+    for multiplier, growth in zip((0.3, 0.6, 0.9), growths, strict=True):
+        assert pipe.loras.sessions_for([LoraUse("b", multiplier, multiplier)]).bytes == growth
+    assert held(pipe) == growths[1:]  # the first went before the second was built
+
+
+def test_the_charge_falls_back_to_the_graph_files_and_is_never_negative(monkeypatch):
+    assert lora_module.resident_bytes() > 0  # Linux: /proc/self/statm
+    monkeypatch.setattr(lora_module, "resident_bytes", lambda: None)  # no /proc
+    assert lora_module.resident_growth(lambda: "sessions", 1234) == ("sessions", 1234)
+    readings = iter([5000, 3000])  # another thread freed more than the build took
+    monkeypatch.setattr(lora_module, "resident_bytes", lambda: next(readings))
+    assert lora_module.resident_growth(lambda: "sessions", 1234) == ("sessions", 0)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "4096"])
+def test_a_bad_lora_cache_size_is_refused_before_loading(tiny_fp32, value):
+    with pytest.raises(InvalidRequestError, match="lora_cache_mb: must be a whole number of MiB >= 0"):
+        Pipeline.from_pretrained(tiny_fp32, provider="cpu", lora_cache_mb=value)

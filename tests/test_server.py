@@ -166,6 +166,7 @@ def test_server_package_never_imports_the_torch_stack() -> None:
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--model", ".", "--api-auth", "nopassword"], "--api-auth"),
         (["--model", ".", "--max-steps", "0"], "must be at least 1"),
+        (["--model", ".", "--lora-cache-mb", "-1"], "--lora-cache-mb: -1 must not be negative"),
     ],
 )
 def test_cli_refuses_bad_arguments_in_one_line(args: list[str], message: str) -> None:

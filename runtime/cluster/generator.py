@@ -50,8 +50,9 @@ class Generator:
             check_model(folder, settings.fingerprint)
             # No embeddings folder: the ingress matched the prompts, and the vectors come with the plan.
             self.pipe = Pipeline.from_pretrained(
-                folder, provider=settings.provider, threads=settings.threads, lora_dir=settings.server.lora_dir
-            )
+                folder, provider=settings.provider, threads=settings.threads, lora_dir=settings.server.lora_dir,
+                lora_cache_mb=settings.server.lora_cache_mb,
+            )  # fmt: skip
         except UserError as error:
             raise ReplicaRefused(f"replica on {socket.gethostname()} refused to start: {error}") from None
         context = serve.get_replica_context()

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_args import Parser, positive, positive_number
+from ..cli_args import Parser, add_lora_cache_option, positive, positive_number
 from ..errors import UserError
 from ..openvino_sessions import PRECISIONS as OPENVINO_PRECISIONS
 from ..sessions import PROVIDERS
@@ -34,6 +34,7 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     add("--lora-dir", help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight> (cluster: on every node)")
+    add_lora_cache_option(parser)  # cluster: per replica
     add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings (cluster: on every node)")
     add(
         "--api-auth",
@@ -93,7 +94,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         threads=getattr(args, "threads", None), device=getattr(args, "device", "CPU"),
         inference_precision=getattr(args, "inference_precision", "auto"), queue_size=args.queue_size,
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
-        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=getattr(args, "vae", None),
+        lora_dir=args.lora_dir, lora_cache_mb=args.lora_cache_mb, embeddings_dir=args.embeddings_dir,
+        vae=getattr(args, "vae", None),
     )  # fmt: skip
 
 
@@ -115,7 +117,7 @@ def serve(config: ServerConfig) -> None:
 
     pipe = Pipeline.from_pretrained(
         config.model, provider=config.provider, threads=config.threads, device=config.device,
-        inference_precision=config.inference_precision, lora_dir=config.lora_dir,
+        inference_precision=config.inference_precision, lora_dir=config.lora_dir, lora_cache_mb=config.lora_cache_mb,
         embeddings_dir=config.embeddings_dir, vae=config.vae,
     )  # fmt: skip
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..limits import MAX_PIXELS
+from ..limits import LORA_CACHE_MB, MAX_PIXELS
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the GPU to a network is an explicit choice
 DEFAULT_PORT = 7861  # A1111's API-only port (`--nowebui`), so clients find us where they expect
@@ -58,6 +58,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     traffic: Traffic = field(default_factory=Traffic)
     lora_dir: str | None = None  # kohya/A1111 LoRA files, used by <lora:name:m> in prompts
+    lora_cache_mb: int = LORA_CACHE_MB  # LoRA-patched sessions kept (runtime.lora.LoraSessions)
     embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
     vae: str | None = None  # the exported VAE requests use by default (runtime.vaes)
 
