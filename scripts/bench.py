@@ -67,10 +67,10 @@ RATIO_KEYS = {
 RESULT_MARK = "BENCH_RESULT "
 OPTIMIZED_CACHE = CACHE_ROOT / "ort-optimized"  # the runtime's saved optimized graphs (ACERTAIN_ONNX_CACHE)
 # Packages a user installs for each system (their dependency closures are summed).
-RUNTIME_ROOTS = ("numpy", "onnxruntime", "tokenizers", "pillow", "tqdm")
+RUNTIME_ROOTS = ("numpy", "onnxruntime", "tokenizers", "ftfy", "pillow", "tqdm")
 RUNTIME_ROOTS_OPENVINO = (*RUNTIME_ROOTS, "openvino")
 # onnxruntime-gpu with the CUDA 13 / cuDNN libraries its extras name (torch brings its own).
-RUNTIME_ROOTS_GPU = ("numpy", "onnxruntime-gpu[cuda,cudnn]", "tokenizers", "pillow", "tqdm")
+RUNTIME_ROOTS_GPU = ("numpy", "onnxruntime-gpu[cuda,cudnn]", "tokenizers", "ftfy", "pillow", "tqdm")
 DIFFUSERS_ROOTS = ("torch", "diffusers", "transformers")
 CONTENDED_CPUS = 0.25  # other processes' average CPU use above which a figure counts as disturbed
 
