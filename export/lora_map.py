@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 LORA_TARGETS_FILE = "lora_targets.json"
 PREFIXES = {"text_encoder": "lora_te_", "unet": "lora_unet_"}
-GRAPH_DTYPES = (np.float32, np.float16)
 PACK_COUNTS = (3, 2)  # fused Q/K/V, fused K/V
 
 
@@ -53,8 +52,18 @@ def _digest(array: np.ndarray) -> bytes:
     return hashlib.blake2b(f"{array.dtype}{array.shape}".encode() + array.tobytes(), digest_size=16).digest()
 
 
+def stored_forms(weight: np.ndarray) -> list[np.ndarray]:
+    """The values a graph may hold for a float32 weight: itself; fp16 as the CPU target stores it (a
+    plain cast); fp16 as onnxruntime's float16 converter writes it for the CUDA target, which moves
+    magnitudes under fp16's smallest subnormal to that subnormal instead of 0 (a full-size SD1.5
+    matrix has about one such value, so without this form most weights went unmapped there)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    return [weight, weight.astype(np.float16), convert_np_to_float16(weight)]
+
+
 def fingerprints(graph: str, module: torch.nn.Module) -> dict[bytes, Weight]:
-    """Hash of every Linear/Conv2d weight, as (out, in*k*k), in each dtype a graph may store.
+    """Hash of every Linear/Conv2d weight, as (out, in*k*k), in each form a graph may store.
     Kept instead of the weights so the torch model can be released before the ONNX stage."""
     table: dict[bytes, Weight] = {}
     for name, child in module.named_modules():
@@ -62,21 +71,27 @@ def fingerprints(graph: str, module: torch.nn.Module) -> dict[bytes, Weight]:
             continue
         weight = child.weight.detach().float().numpy()
         entry = Weight(kohya_name(graph, name), tuple(weight.shape))
-        for dtype in GRAPH_DTYPES:
-            table[_digest(weight.reshape(weight.shape[0], -1).astype(dtype))] = entry
+        for form in stored_forms(weight.reshape(weight.shape[0], -1)):
+            table[_digest(form)] = entry
     return table
 
 
-def _slot(view: list[int], index: list[int | None], transposed: bool) -> dict[str, Any]:
-    return {"view": view, "index": index, "transposed": transposed}
+def _slot(view: list[int], index: list[int | None], transposed: bool, channels_last: bool = False) -> dict[str, Any]:
+    return {"view": view, "index": index, "transposed": transposed, "channels_last": channels_last}
 
 
 def _direct(value: np.ndarray, table: dict[bytes, Weight]) -> list[tuple[Weight, dict]]:
+    """As is, transposed (MatMul), or channels-last (the CUDA target's NhwcConv keeps a conv
+    weight as (out, kh, kw, in))."""
     flat = value.reshape(value.shape[0], -1)
     if (weight := table.get(_digest(flat))) is not None:
         return [(weight, _slot(list(value.shape), [None] * value.ndim, False))]
     if value.ndim == 2 and (weight := table.get(_digest(value.T))) is not None:
         return [(weight, _slot(list(value.shape), [None, None], True))]
+    if value.ndim == 4:
+        channels_first = value.transpose(0, 3, 1, 2).reshape(value.shape[0], -1)
+        if (weight := table.get(_digest(channels_first))) is not None:
+            return [(weight, _slot(list(value.shape), [None] * 4, False, channels_last=True))]
     return []
 
 

@@ -126,6 +126,8 @@ class GraphTargets:
                 part = value.reshape(slot["view"])[tuple(slice(None) if i is None else i for i in slot["index"])]
                 if slot["transposed"]:
                     delta = delta.reshape(delta.shape[0], -1).T
+                if slot.get("channels_last"):  # (out, in, kh, kw) stored as (out, kh, kw, in); older side files lack it
+                    delta = delta.transpose(0, 2, 3, 1)
                 part += delta.reshape(part.shape)
             entry = self.initializers[name]
             target = overrides.inline if entry["file"] == self.graph_file else overrides.external

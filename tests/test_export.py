@@ -390,16 +390,63 @@ def test_a_graph_that_overflows_in_fp16_is_kept_in_fp32(tmp_path):
     assert image.images[0].size == (64, 64)
 
 
-def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_source, tmp_path):
+def plant_tiny_values(source: Path, folder: Path) -> Path:
+    """A copy of a diffusers folder whose every UNet / text-encoder matrix holds one value under
+    fp16's smallest subnormal, as real and full-size random weights do (about one per matrix)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    for weights in (
+        folder / "unet" / "diffusion_pytorch_model.safetensors",
+        folder / "text_encoder" / "model.safetensors",
+    ):
+        tensors = load_file(str(weights))
+        for name, tensor in tensors.items():
+            if name.endswith(".weight") and tensor.ndim >= 2:
+                tensor.view(tensor.shape[0], -1)[0, 0] = 1e-9
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def check_channels_last_conv_patch(export: Path, folder: Path) -> None:
+    """A LoRA on a conv the CUDA target stores channels-last (NhwcConv: (out, kh, kw, in)) changes
+    that weight by multiplier * (alpha / rank) * up @ down, in the graph's layout."""
+    from addon_files import write_safetensors
+
+    from runtime.lora import GraphTargets, read_lora
+
+    targets = GraphTargets.read(export / "unet" / "model.onnx")
+    module, slot = next((m, s) for m, slots in targets.modules.items() for s in slots if s.get("channels_last"))
+    out_channels, in_channels, kh, kw = slot["shape"]
+    rng = np.random.default_rng(3)
+    down, up = rng.standard_normal((2, in_channels, kh, kw)), rng.standard_normal((out_channels, 2, 1, 1))
+    tensors = {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up, f"{module}.alpha": np.array(1.0)}
+    write_safetensors(folder / "conv.safetensors", tensors)
+    overrides = targets.patch([(read_lora("conv", folder / "conv.safetensors"), 0.8)])
+    name = slot["initializer"]
+    patched = {**overrides.inline, **overrides.external}[name].astype(np.float32)
+    change = (patched - targets.base(name).astype(np.float32)).transpose(0, 3, 1, 2)
+    expected = 0.8 * (1.0 / 2) * (up.reshape(out_channels, 2) @ down.reshape(2, -1))
+    np.testing.assert_allclose(change, expected.reshape(change.shape), rtol=1e-2, atol=2e-3)
+
+
+def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_source, tiny_fp16, tmp_path):
     """Without a GPU the CUDA graphs (GroupNorm and other CUDA-only fusions) cannot run here: the
     export validates a CPU-runnable twin in fp16 arithmetic, and the runtime refuses the folder
-    on the CPU provider with a clear message."""
+    on the CPU provider with a clear message. Its LoRA map finds every weight the CPU target's
+    does, also where onnxruntime's float16 converter rounds tiny values its own way and where
+    NhwcConv stores conv weights channels-last, and a LoRA patches those in their layout."""
     import onnx
 
     from runtime import ModelFolderError, Pipeline
 
     out = tmp_path / "cuda"
-    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=out, target="cuda", vae_encoder=False))
+    source = plant_tiny_values(tiny_source["diffusers"], tmp_path / "source")
+    run_export(ExportOptions(model=str(source), output=out, target="cuda", vae_encoder=False))
+    for graph in ("text_encoder", "unet"):
+        absent = json.loads((out / graph / "lora_targets.json").read_text())["absent"]
+        assert absent == json.loads((tiny_fp16 / graph / "lora_targets.json").read_text())["absent"], graph
+    check_channels_last_conv_patch(out, tmp_path)
     raw = read_manifest(out).raw
     assert raw["target"] == "cuda"
     for name in ("text_encoder", "unet", "vae_decoder"):
