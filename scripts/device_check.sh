@@ -12,15 +12,16 @@
 #   box, once per batch:   bash scripts/device_check.sh stage     (carry: .whl/bN; b1 first)
 #   box, last:             bash scripts/device_check.sh run       (writes $OUT/bench-cuda.json)
 #
-# `stage` of b1 installs the small wheels and starts the model build + export in the background
-# (setsid), so that the export runs while the other batches travel; `run` waits for it.
+# `stage` installs the small wheels once they are there. `run` installs onnxruntime-gpu, then builds
+# and exports the model, so that the exporter validates the real CUDA graphs on the GPU (without the
+# CUDA provider it can only validate a CPU twin without the CUDA-only fusions), runs the bench, and
+# scripts/cuda_parity.py (each stage and whole images against diffusers fp16 and fp32).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS="$REPO/.whl"
 STAGE=${STAGE:-/tmp/acertain-wheels}
 SITE=${SITE:-/tmp/acertain-site}
-PREP_LOG=$STAGE/prepare.log
 OUT=${OUT:-$REPO/out}
 PY=${PYTHON:-python3}
 PART_MIB=14  # parts stay under 16 MiB
@@ -119,18 +120,6 @@ join_parts() {
 
 staged_wheel() { find "$STAGE" -maxdepth 1 -name "$1-*.whl" | head -1; }
 
-start_prepare() {
-    # Build the random-weight source and export it (fp16, CUDA target) in the background, with the
-    # box's own CPU onnxruntime running the exporter's optimizer (its validation then uses a CPU
-    # twin of the graph). bench.py caches both under ~/.cache/acertain-onnx/bench.
-    [[ -f $STAGE/prepare.started ]] && return 0
-    touch "$STAGE/prepare.started"
-    site_env
-    log "starting the model build + export in the background (log: $PREP_LOG)"
-    setsid nohup bash -c "cd '$REPO' && '$PY' scripts/bench.py ${BENCH_ARGS[*]} --figures none --systems none \
-        >'$PREP_LOG' 2>&1; echo \$? >'$STAGE/prepare.rc'" </dev/null >/dev/null 2>&1 &
-}
-
 stage() {
     mkdir -p "$STAGE"
     local dir moved=0
@@ -151,8 +140,6 @@ stage() {
         touch "$STAGE/small.installed"
         log "installed ${#small[@]} small wheels into $SITE"
     fi
-    if [[ -f $STAGE/small.installed ]]; then start_prepare; fi
-    if [[ -f $PREP_LOG ]]; then log "prepare: $(tail -c 400 "$PREP_LOG" | tr '\r' '\n' | grep . | tail -1)"; fi
 }
 
 report_psnr() {
@@ -178,25 +165,28 @@ run() {
     local ort
     ort=$(staged_wheel onnxruntime_gpu)
     [[ -n $ort ]] || { log "onnxruntime-gpu is not complete in $STAGE: stage every batch first"; exit 3; }
-    [[ -f $STAGE/prepare.started ]] || { log "b1 was never staged: no export under way"; exit 3; }
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-    # onnxruntime-gpu goes into $SITE only after the export: the exporter, started in the background,
-    # imports onnxruntime from $SITE first and must not find a half-written one there.
-    log "waiting for the model build + export"
-    while [[ ! -f $STAGE/prepare.rc ]]; do sleep 5; done
-    cp "$PREP_LOG" "$OUT/prepare.log"
-    if [[ $(cat "$STAGE/prepare.rc") != 0 ]]; then
-        log "model build/export failed:"
-        tail -40 "$PREP_LOG"
-        exit 4
-    fi
+    [[ -f $STAGE/small.installed ]] || { log "the small wheels (b1) were never staged"; exit 3; }
     install_wheels "$ort"
     site_env
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     "$PY" -c "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())" |
         tee -a "$OUT/gpu.txt"
     "$PY" -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"
-    "$PY" scripts/bench.py "${BENCH_ARGS[@]}" --repeats 3 --retries 0 --json "$OUT/bench-cuda.json" 2>&1 |
+    log "building and exporting the model (validated on the CUDA provider)"
+    if ! "$PY" scripts/bench.py "${BENCH_ARGS[@]}" --figures none --systems none >"$OUT/prepare.log" 2>&1; then
+        log "model build/export failed:"
+        tail -40 "$OUT/prepare.log"
+        exit 4
+    fi
+    grep -v 'fusion:' "$OUT/prepare.log" | grep -E 'vs torch|validated|wrote' || true
+    "$PY" scripts/bench.py "${BENCH_ARGS[@]}" --repeats 2 --retries 0 --json "$OUT/bench-cuda.json" 2>&1 |
         tee "$OUT/bench.log"
+    local source export
+    source=$(sed -n 's/^diffusers source: *//p' "$OUT/prepare.log" | tail -1)
+    export=$(sed -n 's/^runtime export: *//p' "$OUT/prepare.log" | tail -1)
+    "$PY" scripts/cuda_parity.py --export "$export" --source "$source" --json "$OUT/cuda-parity.json" \
+        >"$OUT/cuda-parity.log" 2>&1 || log "cuda_parity failed: $(tail -3 "$OUT/cuda-parity.log")"
+    [[ -f $OUT/cuda-parity.json ]] && cat "$OUT/cuda-parity.json"
     report_psnr "$OUT/bench-cuda.json"
 }
 
@@ -206,7 +196,7 @@ pack) pack ;;
 stage) stage ;;
 run) run ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac
