@@ -72,6 +72,11 @@ def parse_prompt(prompt: str, field_name: str = "prompt") -> tuple[str, list[Lor
         return ""
 
     text = EXTRA_NETWORK.sub(take, prompt)
+    # The web UI groups tags by the kind as written, in the order each kind first appears, and
+    # hands the Lora extension the <lora:...> group and the <lyco:...> group one after the other;
+    # its order is the order LoRAs are applied in, so keep it (a stable sort by first appearance).
+    first_seen = {kind: index for index, (kind, _) in reversed(list(enumerate(found)))}
+    found.sort(key=lambda tag: first_seen[tag[0]])
     loras = []
     for kind, args in found:
         kind = ALIASES.get(kind, kind)

@@ -16,7 +16,9 @@ Python (the web UI uses a lark grammar; the rules below are the grammar's, writt
 - Brackets nest; `(x)`, `(x:w)` and `[x]` are attention syntax and stay in the text as written,
   with any editing inside them resolved.
 - What the grammar does not accept is left alone: the whole prompt is one text for all steps.
-  That covers a `|` outside square brackets, a lone backslash at the end, and more. Unbalanced
+  That covers a `|` outside square brackets, a lone backslash at the end, and more. A `when`
+  too large to be a step (`1e999`) fails the web UI's whole generation when read as editing, so
+  such a bracket is not editing here (read as the grammar's other constructs, or plain text). Unbalanced
   brackets and colons at the top level are just text, while editing elsewhere in the prompt still
   works (`((a][:b:c [d:3]`).
 - Hires fix second passes: a fraction above 1 reaches into the second pass (`1.5`: half-way
@@ -71,8 +73,9 @@ class _Parser:
     """Backtracking descent over the grammar: inside brackets everything must parse; at the top
     level an opening bracket whose construct does not parse is a literal character instead."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, timeline: _Timeline) -> None:
         self.text = text
+        self.timeline = timeline
         self.depth = 0
         # A construct parses the same wherever it is reached from, so each opener is tried once
         # (without this, a run of stray top-level openers would be re-parsed quadratically).
@@ -173,7 +176,7 @@ class _Parser:
         if "|" in separators or len(separators) > 2:
             raise _NoParse
         number = _NUMBER.fullmatch(text, *spans[-1])
-        if number is None:
+        if number is None or not self.timeline.usable(number.group(1)):
             raise _NoParse
         before = segments[0] if len(separators) == 2 else None
         return (_Scheduled(before, segments[-2], number.group(1)),), pos
@@ -188,17 +191,24 @@ class _Timeline:
     fraction_offset: float = 0.0
     old: bool = False
 
-    def when(self, number: str) -> int:
+    def _value(self, number: str) -> float:
         value = float(number)
         if self.old:
-            value = value * self.steps if value < 1 else value
-        elif "." in number:
-            value = (value - self.fraction_offset) * self.steps
-        else:
-            value -= self.int_offset
-        if math.isinf(value):  # `1e999`: the web UI fails on int(inf); it can only mean "never"/"always"
-            return self.steps if value > 0 else -1
-        return min(self.steps, int(value))
+            return value * self.steps if value < 1 else value
+        if "." in number:
+            return (value - self.fraction_offset) * self.steps
+        return value - self.int_offset
+
+    def usable(self, number: str) -> bool:
+        """Whether the web UI can make a step of `number`. Its int() fails on an infinite value
+        (`1e999`, or a fraction that overflows once multiplied by the steps), and with it the whole
+        generation, whenever its parser reads that bracket as editing; where the grammar allows
+        another reading (literal brackets) that is the only one the web UI gives a result for, so
+        such a bracket is not editing here."""
+        return math.isfinite(self._value(number))
+
+    def when(self, number: str) -> int:
+        return min(self.steps, int(self._value(number)))
 
 
 def _boundaries(nodes: _Seq, timeline: _Timeline, found: set[int]) -> None:
@@ -248,7 +258,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None, old
     else:
         timeline = _Timeline(hires_steps, int_offset=steps, fraction_offset=1.0)
     try:
-        nodes = _Parser(prompt).parse()
+        nodes = _Parser(prompt, timeline).parse()
     except (_NoParse, _TooDeep):
         return [(timeline.steps, prompt)]
     found = {timeline.steps}

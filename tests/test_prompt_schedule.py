@@ -6,18 +6,10 @@ the docstring of get_learned_conditioning, and the wiki's Features page (prompt 
 words, composable diffusion). Where a doctest disagrees with what the web UI's code returns, the
 code's value is used and the case says so.
 
-With A1111_PROMPT_PARSER pointing to a copy of the web UI's prompt_parser.py (and lark installed),
-test_against_the_web_uis_code also compares random prompts with its functions; it is skipped
-otherwise (the web UI's code is not part of this repository).
+The comparison with the web UI's own code, on a large seeded corpus, is tests/test_a1111_corpus.py.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
-import random
-import sys
-import types
 
 import pytest
 from hypothesis import given, settings
@@ -215,66 +207,3 @@ def test_deep_nesting_and_long_prompts_stay_fast() -> None:
     assert prompt_schedule(deep, 20) == [(20, deep)]  # too deep to read edits from: one text
     long = "[a|b] " * 2_000
     assert len(prompt_schedule(long, 20)) == 20
-
-
-def _web_ui_parser() -> types.ModuleType:
-    path = os.environ.get("A1111_PROMPT_PARSER")
-    if not path:
-        pytest.skip("A1111_PROMPT_PARSER (a copy of the web UI's modules/prompt_parser.py) is not set")
-    pytest.importorskip("lark")
-    sys.modules.setdefault("torch", types.ModuleType("torch"))  # imported at its end, unused here
-    spec = importlib.util.spec_from_file_location("a1111_prompt_parser", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# Pieces of real-looking prompts: editing, alternation, nesting, AND, weights, escapes, BREAK.
-REAL_PIECES = [
-    "1girl",
-    ", ",
-    "solo",
-    "(masterpiece:1.2)",
-    "((best quality))",
-    "[cat:dog:0.5]",
-    "[red|blue] hair",
-    "[lowres::5]",
-    "[sunset:0.3]",
-    "(detailed [eyes:face:10]:1.1)",
-    "[[a|b]:c:0.4]",
-    "[(smile:1.2)|frown]",
-    "\\(artist\\)",
-    " AND ",
-    "a cat:1.2",
-    " ",
-    "BREAK",
-    "[bad:good:1.5]",
-    "<lora:x:0.8>",
-    "it's",
-    "(a [b:c:0.25] d)",
-    "[x:[y:z:4]:0.2]",
-    "[|tail]",
-    "[fe|]male",
-    "[mountain:lake:0.25]",
-    " in background",
-    "\n",
-    "score_9, ",
-    "[a:b:12]",
-]
-
-
-def test_against_the_web_uis_code() -> None:
-    """Random real-looking prompts give the web UI's schedules and AND parts.
-
-    (On prompts where stray brackets or colons sit right next to editing syntax, `[a:b:0.5]::`,
-    the web UI's grammar is ambiguous and lark's Earley parser picks a reading by its internal
-    order; there we read the editing and may differ. See docs/prompts.md.)"""
-    web_ui = _web_ui_parser()
-    rng = random.Random(0)
-    for _ in range(300):
-        prompt = "".join(rng.choice(REAL_PIECES) for _ in range(rng.randint(1, 8)))
-        for steps, hires in ((20, None), (28, None), (20, 10)):
-            expected = web_ui.get_learned_conditioning_prompt_schedules([prompt], steps, hires)[0]
-            assert prompt_schedule(prompt, steps, hires) == [tuple(entry) for entry in expected], prompt
-        indexes, flat, _ = web_ui.get_multicond_prompt_list([prompt])
-        assert split_and(prompt) == [(flat[index], weight) for index, weight in indexes[0]], prompt
