@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -259,7 +260,10 @@ def optimize(
             # The converter retypes each initializer before it reads it: a weight still on disk
             # would then be read as fp16 from fp32 bytes (the full-size UNet failed so on a GPU box).
             onnx.load_external_data_for_model(model.model, ".")
-            model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io)
+            projection = float32_projection(model.model, spec.keep_fp32_io)
+            model.convert_float_to_float16(keep_io_types=spec.keep_fp32_io, node_block_list=projection)
+            if projection:
+                read_inputs_uncast(model, spec.keep_fp32_io)
         elif precision == "fp16":
             store_weights_fp16(model.model)
         onnx.load_external_data_for_model(model.model, ".")
@@ -267,6 +271,40 @@ def optimize(
     add_input_defaults(model.model, spec)
     describe_precision(model.model, spec.name, precision, "float16" if fp16_compute else "float32")
     return model.model
+
+
+PROJECTION_END = ("MatMul", "Gemm")  # the time embedding's first layer: fp16 from there on
+
+
+def float32_projection(model: onnx.ModelProto, inputs: list[str]) -> list[str]:
+    """Nodes from the float32 inputs (the UNet's timestep) up to the first matrix product: the
+    sinusoidal time projection, which diffusers computes in float32 in fp16 pipelines too. In fp16
+    Euler's fractional timesteps (961.53) and their products with the frequencies (up to ~1000)
+    are rounded to steps of 0.5, which turns the fast sines and cosines into noise."""
+    names: list[str] = []
+    frontier = set(inputs)
+    while frontier:
+        reached = [node for node in model.graph.node if node.name not in names and frontier & set(node.input)]
+        reached = [node for node in reached if node.op_type not in PROJECTION_END]
+        names += [node.name for node in reached]
+        frontier = {output for node in reached for output in node.output}
+    return names
+
+
+def read_inputs_uncast(model: Any, inputs: list[str]) -> None:
+    """The float16 converter casts every kept-float32 input to fp16 first and back to float32 for
+    blocked nodes, which loses what blocking was for: blocked nodes read the input itself."""
+    graph = model.model.graph
+    to_half = {node.output[0]: node.input[0] for node in graph.node
+               if node.op_type == "Cast" and node.input[0] in inputs}  # fmt: skip
+    back = {node.output[0]: to_half[node.input[0]] for node in graph.node
+            if node.op_type == "Cast" and node.input[0] in to_half
+            and any(item.name == "to" and item.i == onnx.TensorProto.FLOAT for item in node.attribute)}  # fmt: skip
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in back:
+                node.input[index] = back[name]
+    model.prune_graph()
 
 
 @contextmanager

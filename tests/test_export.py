@@ -430,6 +430,22 @@ def check_channels_last_conv_patch(export: Path, folder: Path) -> None:
     np.testing.assert_allclose(change, expected.reshape(change.shape), rtol=1e-2, atol=2e-3)
 
 
+def check_time_projection_in_float32(path: Path) -> None:
+    """Everything between the timestep input and the time embedding's first matrix product
+    computes in float32, as diffusers does in fp16: no Cast on that path, and its Sin and Cos."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    frontier, reached = {"timestep"}, []
+    while frontier:
+        nodes = [node for node in graph.node if frontier & set(node.input) and node.op_type not in ("MatMul", "Gemm")]
+        reached += nodes
+        frontier = {output for node in nodes for output in node.output}
+    ops = [node.op_type for node in reached]
+    assert "Sin" in ops and "Cos" in ops
+    assert "Cast" not in ops[: ops.index("Sin")], ops
+
+
 def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_source, tiny_fp16, tmp_path):
     """Without a GPU the CUDA graphs (GroupNorm and other CUDA-only fusions) cannot run here: the
     export validates a CPU-runnable twin in fp16 arithmetic, and the runtime refuses the folder
@@ -447,6 +463,7 @@ def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_sourc
         absent = json.loads((out / graph / "lora_targets.json").read_text())["absent"]
         assert absent == json.loads((tiny_fp16 / graph / "lora_targets.json").read_text())["absent"], graph
     check_channels_last_conv_patch(out, tmp_path)
+    check_time_projection_in_float32(out / "unet" / "model.onnx")
     raw = read_manifest(out).raw
     assert raw["target"] == "cuda"
     for name in ("text_encoder", "unet", "vae_decoder"):
