@@ -794,9 +794,9 @@ def run_plan(args: argparse.Namespace, models: dict[str, Path], images: Path) ->
 
 
 def image_parity(images: Path, system: str = "runtime") -> dict[str, Any] | None:
-    """PSNR (dB, 8-bit RGB) between a system's image of the timed generation and diffusers' fp32 one
-    (which our fp32 graphs reproduce at 87 dB): same seed, same weights, so a large difference
-    would mean the two are not doing the same work."""
+    """PSNR (dB, 8-bit RGB) between a system's image of the timed generation and diffusers' one
+    (fp32 on the CPU, which our fp32 graphs reproduce at 87 dB; fp16 on CUDA): same seed, same
+    weights, so a large difference would mean the two are not doing the same work."""
     ours, theirs = images / f"{system}.rgb", images / "diffusers.rgb"
     if not (ours.is_file() and theirs.is_file()):
         return None
@@ -868,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     for name, item in (("runtime", parity), ("openvino", parity_openvino)):
         if item:
-            print(f"{name} image vs diffusers fp32: PSNR {item.get('psnr_db')} dB")
+            print(f"{name} image vs diffusers {_torch_precision(args)}: PSNR {item.get('psnr_db')} dB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
