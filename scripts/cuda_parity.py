@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime import Pipeline
-
-PROMPT = "masterpiece, best quality, 1girl, looking at viewer, cherry blossoms"
-NEGATIVE = "lowres, bad anatomy, bad hands, text, error, missing fingers, worst quality"
-SEED, CFG = 114514, 11.0
+from bench import NEGATIVE, PROMPT, DiffusersSystem, Job, RuntimeSystem  # the bench's systems and settings
 
 
 def relative_error(ours: np.ndarray, reference: torch.Tensor) -> float:
@@ -42,58 +39,34 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(10 * math.log10(255**2 / mse), 2) if mse else None
 
 
-class Diffusers:
-    """diffusers' pipeline in one dtype, with clip skip 2 computed as bench.py does."""
-
-    def __init__(self, source: Path, dtype: torch.dtype, device: str) -> None:
-        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(source), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.dtype, self.device = pipe.to(device), dtype, device
-
-    @torch.no_grad()
-    def embeddings(self, text: str) -> torch.Tensor:
-        tokens = self.pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        encoder = self.pipe.text_encoder
-        hidden = encoder(tokens.input_ids.to(self.device), output_hidden_states=True).hidden_states[-2]
-        return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-
-    @torch.no_grad()
-    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> torch.Tensor:
-        to = {"device": self.device, "dtype": self.dtype}
-        return self.pipe.unet(
-            torch.from_numpy(sample).to(**to), torch.tensor(timestep, device=self.device),
-            encoder_hidden_states=torch.from_numpy(context).to(**to), return_dict=False,
-        )[0]  # fmt: skip
-
-    @torch.no_grad()
-    def decode(self, latents: np.ndarray) -> torch.Tensor:
-        vae = self.pipe.vae
-        image = vae.decode(torch.from_numpy(latents).to(self.device, self.dtype) / vae.config.scaling_factor)[0]
-        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-
-    def image(self, size: int, steps: int) -> np.ndarray:
-        out = self.pipe(
-            prompt_embeds=self.embeddings(PROMPT), negative_prompt_embeds=self.embeddings(NEGATIVE),
-            num_inference_steps=steps, guidance_scale=CFG, width=size, height=size,
-            generator=torch.Generator().manual_seed(SEED), output_type="np",
-        ).images[0]  # fmt: skip
-        return (out * 255).round().astype(np.uint8)
-
-
-def runtime_image(pipe: Pipeline, size: int, steps: int) -> np.ndarray:
-    out = pipe(
-        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=CFG, width=size, height=size,
-        seed=SEED, sampler="euler_a", output_type="np",
+def make_job(system: str, model: Path, provider: str, precision: str, args: argparse.Namespace) -> Job:
+    return Job(
+        system, "parity", str(model), args.size, args.size, args.steps, os.cpu_count() or 1, provider, precision,
+        repeats=1, warmup=0,
     )  # fmt: skip
-    return (out.images[0] * 255).round().astype(np.uint8)
 
 
-def stages(pipe: Pipeline, references: dict[str, Diffusers], size: int) -> dict[str, dict[str, float]]:
+@torch.no_grad()
+def diffusers_unet(ref: DiffusersSystem, sample: np.ndarray, timestep: float, context: np.ndarray) -> torch.Tensor:
+    to = {"device": ref.device, "dtype": ref.dtype}
+    return ref.pipe.unet(
+        torch.from_numpy(sample).to(**to), torch.tensor(timestep, device=ref.device),
+        encoder_hidden_states=torch.from_numpy(context).to(**to), return_dict=False,
+    )[0]  # fmt: skip
+
+
+@torch.no_grad()
+def diffusers_decode(ref: DiffusersSystem, latents: np.ndarray) -> torch.Tensor:
+    vae = ref.pipe.vae
+    image = vae.decode(torch.from_numpy(latents).to(ref.device, ref.dtype) / vae.config.scaling_factor)[0]
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def first_image(system: DiffusersSystem | RuntimeSystem) -> np.ndarray:
+    return np.asarray(system.generate()()[0])
+
+
+def stages(pipe: Any, references: dict[str, DiffusersSystem], size: int) -> dict[str, dict[str, float]]:
     prepared = pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
     states = pipe.encode(prepared.chunks)
     piece = prepared.conditioning[0]
@@ -109,8 +82,10 @@ def stages(pipe: Pipeline, references: dict[str, Diffusers], size: int) -> dict[
     for name, ref in references.items():
         result[name] = {
             "text_encoder": relative_error(cond, ref.embeddings(PROMPT)[0]),
-            "unet": relative_error(unet_out, ref.unet(sample, 500.0, context)),
-            "vae_decoder": relative_error(np.asarray(decoded).reshape(1, size, size, 3), ref.decode(latents)),
+            "unet": relative_error(unet_out, diffusers_unet(ref, sample, 500.0, context)),
+            "vae_decoder": relative_error(
+                np.asarray(decoded).reshape(1, size, size, 3), diffusers_decode(ref, latents)
+            ),
         }
     return result
 
@@ -124,18 +99,23 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    device = "cuda" if args.provider == "cuda" else "cpu"
-    references = {"diffusers_fp32": Diffusers(args.source, torch.float32, device)}
-    if device == "cuda":
-        references["diffusers_fp16"] = Diffusers(args.source, torch.float16, device)
+    precisions = ("fp32", "fp16") if args.provider == "cuda" else ("fp32",)
+    references = {}
+    for precision in precisions:
+        references[f"diffusers_{precision}"] = DiffusersSystem(
+            make_job("diffusers", args.source, args.provider, precision, args)
+        )
+        references[f"diffusers_{precision}"].load()
     report: dict[str, Any] = {"size": args.size, "steps": args.steps}
-    images = {name: ref.image(args.size, args.steps) for name, ref in references.items()}
-    for cuda_graph in (False, True) if device == "cuda" else (False,):
-        pipe = Pipeline.from_pretrained(args.export, provider=args.provider, cuda_graph=cuda_graph)
+    images = {name: first_image(ref) for name, ref in references.items()}
+    for cuda_graph in (False, True) if args.provider == "cuda" else (False,):
+        runtime = RuntimeSystem(make_job("runtime", args.export, args.provider, "fp16", args))
+        runtime.cuda_graph = cuda_graph
+        runtime.pipe = runtime.load_pipeline()
         label = f"runtime_cuda_graph_{'on' if cuda_graph else 'off'}"
-        report[f"stages_{label}"] = stages(pipe, references, args.size)
-        images[label] = runtime_image(pipe, args.size, args.steps)
-        del pipe
+        report[f"stages_{label}"] = stages(runtime.pipe, references, args.size)
+        images[label] = first_image(runtime)
+        del runtime
     report["image_psnr_db"] = {f"{a} vs {b}": psnr(images[a], images[b]) for a, b in itertools.combinations(images, 2)}
     text = json.dumps(report, indent=2)
     print(text)
