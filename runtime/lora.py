@@ -109,17 +109,25 @@ class GraphTargets:
             data = np.frombuffer(handle.read(entry["length"]), dtype=dtype, count=count)
         return data.reshape(entry["shape"])
 
-    def patch(self, uses: list[tuple[LoraFile, float]]) -> InitializerOverrides:
-        """Patched initializers for LoRAs with their multipliers (modules of other graphs ignored).
-        One initializer at a time in float32, so the peak is one weight's float32 copy on top of
-        the patched set in the graph's dtype."""
+    def _work(self, uses: list[tuple[LoraFile, float]]) -> dict[str, list[tuple[LoraModule, float, dict[str, Any]]]]:
+        """Per initializer, the LoRA modules that change it, with their multipliers and slots."""
         work: dict[str, list[tuple[LoraModule, float, dict[str, Any]]]] = {}
         for lora, multiplier in uses:
             for module_name, module in lora.modules.items():
                 for slot in self.modules.get(module_name, []) if multiplier else []:
                     work.setdefault(slot["initializer"], []).append((module, multiplier, slot))
+        return work
+
+    def touches(self, uses: list[tuple[LoraFile, float]]) -> bool:
+        """Whether these LoRAs at these multipliers change any weight of this graph."""
+        return bool(self._work(uses))
+
+    def patch(self, uses: list[tuple[LoraFile, float]]) -> InitializerOverrides:
+        """Patched initializers for LoRAs with their multipliers (modules of other graphs ignored).
+        One initializer at a time in float32, so the peak is one weight's float32 copy on top of
+        the patched set in the graph's dtype."""
         overrides = InitializerOverrides()
-        for name, items in work.items():
+        for name, items in self._work(uses).items():
             value = self.base(name).astype(np.float32)
             for module, multiplier, slot in items:
                 delta = module.delta(tuple(slot["shape"])) * np.float32(multiplier)
@@ -368,8 +376,7 @@ class LoraSessions(LoraResolver):
         for graph in LORA_GRAPHS:
             multiplier = "te_multiplier" if graph == "text_encoder" else "unet_multiplier"
             uses = [(lora, getattr(use, multiplier)) for lora, use in active]
-            targets = self.targets(graph).modules
-            if any(value and any(targets.get(name) for name in lora.modules) for lora, value in uses):
+            if self.targets(graph).touches(uses):
                 patched[graph] = uses
         return patched
 
