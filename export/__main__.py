@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .choices import DEFAULT_MODEL, PRECISIONS, TARGETS
+from export.choices import DEFAULT_MODEL, PRECISIONS, TARGETS
 
 if TYPE_CHECKING:
-    from .exporter import ExportReport
+    from export.exporter import ExportReport
 
 log = logging.getLogger("export")
 
@@ -99,9 +99,8 @@ def summary_table(report: ExportReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from export.exporter import ExportOptions, run_export  # torch, diffusers, onnx: only once arguments are fine
     from runtime.errors import UserError
-
-    from .exporter import ExportOptions, run_export  # torch, diffusers, onnx: only once arguments are fine
 
     # Our progress at INFO; the libraries' (onnxruntime's optimizer logs every fusion) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -142,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_vae_main(args: argparse.Namespace) -> int:
+    from export.add_vae import AddVaeOptions, add_vae
     from runtime.errors import UserError
-
-    from .add_vae import AddVaeOptions, add_vae
 
     if args.output is None:
         print("error: --add-vae needs --output, the existing export folder", file=sys.stderr)

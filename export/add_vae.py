@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from runtime import model_folder as layout
-from runtime.vaes import VAES_DIR, check_vae_name
+from export.exporter import ExportError, ExportOptions, GraphReport, finish_graph, graph_entry, plan_graph, write_json
+from export.vae import load_vae
+from runtime.graphs import model_folder as layout
+from runtime.graphs.vaes import VAES_DIR, check_vae_name
 
 from . import graphs
-from .exporter import ExportError, ExportOptions, GraphReport, finish_graph, graph_entry, plan_graph, write_json
-from .vae import load_vae
 
 log = logging.getLogger(__name__)
 

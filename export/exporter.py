@@ -26,15 +26,15 @@ from typing import Any
 import onnx
 import torch
 
-from runtime import model_folder as layout
+from export.choices import PRECISIONS, TARGETS
+from export.sources import LoadedSource, load_source
+from export.vae import load_vae, with_vae_weights
+from export.validate import ValidationResult, available_provider, validate_graph
 from runtime.errors import UserError
-from runtime.tokenizer import ClipTokenizer, load_tokenizer_files
+from runtime.graphs import model_folder as layout
+from runtime.text.tokenizer import ClipTokenizer, load_tokenizer_files
 
 from . import graphs, lora_map, openvino_ir
-from .choices import PRECISIONS, TARGETS
-from .sources import LoadedSource, load_source
-from .vae import load_vae, with_vae_weights
-from .validate import ValidationResult, available_provider, validate_graph
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from runtime.model_folder import (
+from export.modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference, text_model
+from runtime.graphs.model_folder import (
     METADATA_PREFIX,
     TEXT_EXTRA,
     TEXT_INPUT,
@@ -36,8 +37,6 @@ from runtime.model_folder import (
     VAE_ENCODER_INPUT,
     VAE_ENCODER_OUTPUT,
 )
-
-from .modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference, text_model
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Where each weight a LoRA can change ended up in an exported graph (runtime/lora.py applies it).
+"""Where each weight a LoRA can change ended up in an exported graph (runtime/graphs/lora.py applies it).
 
 A kohya / A1111 LoRA names torch modules (`lora_unet_down_blocks_0_attentions_0_..._to_q`,
 `lora_te_text_model_encoder_layers_0_self_attn_q_proj`). After `torch.onnx.export` and ORT's

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.model_folder import IR_BIN, METADATA_PREFIX
-
-from .graphs import GraphSpec
-from .validate import TOLERANCE, ValidationResult, compare_cases
+from export.graphs import GraphSpec
+from export.validate import TOLERANCE, ValidationResult, compare_cases
+from runtime.graphs.model_folder import IR_BIN, METADATA_PREFIX
 
 log = logging.getLogger(__name__)
 

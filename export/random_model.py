@@ -17,8 +17,8 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .ldm_layout import to_ldm_state_dict
-from .shipped import config_dir, tokenizer_dir
+from export.ldm_layout import to_ldm_state_dict
+from export.shipped import config_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
 

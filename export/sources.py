@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
+from export.checkpoint_file import CheckpointError, as_safetensors, read_checkpoint
+from export.shipped import ARCHITECTURES, config_dir, tokenizer_dir
 from runtime.errors import UserError
-from runtime.model_folder import sha256_of_file
-
-from .checkpoint_file import CheckpointError, as_safetensors, read_checkpoint
-from .shipped import ARCHITECTURES, config_dir, tokenizer_dir
+from runtime.graphs.model_folder import sha256_of_file
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def expected_ldm_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .ldm_layout import to_ldm_state_dict
+    from export.ldm_layout import to_ldm_state_dict
 
     configs = config_dir(arch)
     with torch.device("meta"):

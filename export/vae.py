@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
+from export.ldm_layout import VAE_PREFIX, vae_key
 from runtime.errors import UserError
-from runtime.model_folder import sha256_of_file
-
-from .ldm_layout import VAE_PREFIX, vae_key
+from runtime.graphs.model_folder import sha256_of_file
 
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 

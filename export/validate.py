@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.model_folder import ONNX_DTYPES
-
-from .graphs import GraphSpec
+from export.graphs import GraphSpec
+from runtime.graphs.model_folder import ONNX_DTYPES
 
 log = logging.getLogger(__name__)
 

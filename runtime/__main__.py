@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from .cli_args import Parser, add_lora_cache_option, positive
 from .errors import InvalidRequestError, UserError
+from .images.metadata import save_png
 from .limits import MAX_PIXELS
-from .metadata import save_png
+from .options import Parser, add_addon_options, add_session_options, load_options, positive
 from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
-from .sessions import PROVIDERS
 
 if TYPE_CHECKING:
     from .pipeline import Planner, Prepared
@@ -75,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hires denoising strength (0.7); img2img strength if no --strength",
     )
     parser.add_argument("--vae-tiling", default="auto", help="auto, on or off: tiled VAE decode/encode")
-    parser.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
-    parser.add_argument("--threads", type=positive, help="CPU threads for onnxruntime (default: physical cores)")
+    add_session_options(parser)
     parser.add_argument(
         "--max-pixels", type=positive, default=MAX_PIXELS,
         help="refuse width*height above this (default %(default)s, as the server); raise it knowingly",
@@ -84,23 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--verify", action="store_true", help="check the graph files against the manifest's sha256 before loading"
     )
-    parser.add_argument("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
-    parser.add_argument(
-        "--inference-precision",
-        default="auto",
-        help="provider openvino: auto (bf16 where the CPU has it, else f32), bf16, f16 or f32",
-    )
     parser.add_argument(
         "--optimized-cache",
         action="store_true",
         help="save ORT's optimized graphs at the first load and reuse them (fp32 on CPU: faster start, more disk)",
     )
-    parser.add_argument("--lora-dir", type=Path, help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight>")
-    add_lora_cache_option(parser)
-    parser.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion .safetensors embeddings")
-    parser.add_argument(
-        "--vae", help="an exported VAE by name (python -m export --add-vae); default: the model's own (Automatic)"
-    )
+    add_addon_options(parser)
     parser.add_argument("--output", type=Path, default=Path("out.png"), help="PNG path; batches add -1, -2, ...")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -140,7 +127,7 @@ def prepare_from_args(args: argparse.Namespace, planner: Planner) -> Prepared:
         guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
         eta_noise_seed_delta=args.eta_noise_seed_delta, pad_conds=args.pad_conds, vae_tiling=args.vae_tiling,
-        max_pixels=args.max_pixels, vae=args.vae, **mode_options(args),
+        max_pixels=args.max_pixels, **mode_options(args),
     )  # fmt: skip
 
 
@@ -181,20 +168,17 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     """Check everything cheap first (manifest, parameters, output paths), then load and run."""
+    from .graphs.sessions import resolve_provider
     from .pipeline import Pipeline, Planner
-    from .sessions import resolve_provider
 
     # LoRA names and files, embeddings and the VAE are checked here, before the model loads
-    prepared = prepare_from_args(args, Planner.from_folder(args.model, args.lora_dir, args.embeddings_dir))
+    prepared = prepare_from_args(args, Planner.from_folder(args.model, args.lora_dir, args.embeddings_dir, args.vae))
     resolve_provider(args.provider)
     paths = output_paths(args.output, len(prepared.seeds))
     check_writable(paths)
     pipe = Pipeline.from_pretrained(
-        args.model, provider=args.provider, threads=args.threads, optimized_cache=args.optimized_cache,
-        verify=args.verify,
-        device=args.device, inference_precision=args.inference_precision,
-        lora_dir=args.lora_dir, lora_cache_mb=args.lora_cache_mb, embeddings_dir=args.embeddings_dir, vae=args.vae,
-    )  # fmt: skip
+        args.model, optimized_cache=args.optimized_cache, verify=args.verify, **load_options(args)
+    )
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:

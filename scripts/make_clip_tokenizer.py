@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.tokenizer import BOS_TOKEN, EOS_TOKEN, build_clip_tokenizer
+from runtime.text.tokenizer import BOS_TOKEN, EOS_TOKEN, build_clip_tokenizer
 
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 MERGE_COUNT = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of the list

@@ -1,4 +1,4 @@
-"""Record torch.randn on an NVIDIA GPU, as a fixture for runtime.rng.PhiloxGenerator ("NV" noise).
+"""Record torch.randn on an NVIDIA GPU, as a fixture for runtime.sampling.rng.PhiloxGenerator ("NV" noise).
 
 Run on a machine with CUDA and torch (from the repository root):
 

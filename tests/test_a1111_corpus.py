@@ -11,11 +11,11 @@ itself fails, where its answer is not one answer, or where we refuse on purpose:
 
 - The web UI raises on some input (`[a:1e999]` read as editing: int(inf); `(a:1.2.3)`:
   float('1.2.3')), which fails the whole generation there. We return a result instead, as
-  documented in runtime/prompt_schedule.py and runtime/prompt_parser.py; those cases are counted.
+  documented in runtime/text/prompt_schedule.py and runtime/text/prompt_parser.py; those cases are counted.
 - Where the web UI's grammar is ambiguous (stray brackets or colons next to editing), its answer
   depends on Python's hash seed, so on the start of the web UI; the fixture holds every answer seen
   under 16 hash seeds, and ours must be one of them.
-- Extra network tags (runtime/extra_networks.py): where the web UI would silently generate
+- Extra network tags (runtime/text/extra_networks.py): where the web UI would silently generate
   something other than what was asked (an unknown or unsupported kind it skips, a LoRA without a
   name, a multiplier that is not a number so that activation fails and no LoRA is applied, args
   it ignores: `dyn`, named args other than te/unet, a fifth positional) or where a multiplier is
@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import InvalidRequestError
-from runtime.extra_networks import MAX_MULTIPLIER, parse_prompt
-from runtime.prompt_parser import parse_prompt_attention
-from runtime.prompt_schedule import ConditioningPlan, prompt_schedule, split_and
+from runtime.text.extra_networks import MAX_MULTIPLIER, parse_prompt
+from runtime.text.prompt_parser import parse_prompt_attention
+from runtime.text.prompt_schedule import ConditioningPlan, prompt_schedule, split_and
 
 FIXTURE = Path(__file__).parent / "data" / "a1111_prompt_corpus.json.gz"
 SHOWN = 5  # examples per category in a failure message

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from runtime.metadata import read_infotext
+from runtime.images.metadata import read_infotext
 
 PROMPT = "masterpiece, best quality, 1girl"
 
@@ -111,7 +111,7 @@ BAD_ARGUMENTS = {
     "unknown rng": (["--rng", "gpu"], "unknown rng 'gpu'"),
     "seed out of range": (["--seed", str(2**40)], "seed: must be -1"),
     "not a number": (["--steps", "many"], "invalid int value"),
-    "unknown provider": (["--provider", "tpu"], "unknown provider"),
+    "unknown provider": (["--provider", "tpu"], "--provider: invalid choice: 'tpu'"),
     "negative lora cache": (["--lora-cache-mb", "-1"], "--lora-cache-mb: -1 must not be negative"),
 }
 

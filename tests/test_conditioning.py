@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.conditioning import (
+from runtime.text.conditioning import (
     CHUNK_IDS,
     PromptChunks,
     apply_emphasis,
@@ -18,8 +18,8 @@ from runtime.conditioning import (
     prompt_to_chunks,
     unet_contexts,
 )
-from runtime.prompt_parser import is_break, parse_prompt_attention
-from runtime.tokenizer import ClipTokenizer
+from runtime.text.prompt_parser import is_break, parse_prompt_attention
+from runtime.text.tokenizer import ClipTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "tokenizer"
 

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 import diffusers_reference as reference
 from runtime import Pipeline
-from runtime.conditioning import prompt_to_chunks
-from runtime.embeddings import EmbeddingLibrary
+from runtime.text.conditioning import prompt_to_chunks
+from runtime.text.embeddings import EmbeddingLibrary
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres, negemb"
 VOCAB = 49408
@@ -98,7 +98,7 @@ def test_a_new_file_appears_after_refresh(runtime_fp32, embeddings_dir, tmp_path
 
 def test_pt_embeddings_convert_with_the_exporter(tmp_path, embeddings_dir):
     from export.embedding import convert
-    from runtime.embeddings import read_embedding
+    from runtime.text.embeddings import read_embedding
 
     vectors = torch.randn(2, 32)
     torch.save({"string_to_param": {"*": vectors}, "name": "old", "step": 100}, tmp_path / "old.pt")

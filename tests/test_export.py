@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import REPO  # noqa: E402
 from export.exporter import ExportError, ExportOptions, run_export  # noqa: E402
 from export.sources import SourceError  # noqa: E402
-from runtime.model_folder import read_manifest  # noqa: E402
+from runtime.graphs.model_folder import read_manifest  # noqa: E402
 
 # Tolerances of this test file (max abs difference / max(1, max |reference|)):
 FP32_TOLERANCE = 1e-4
@@ -413,7 +413,7 @@ def check_channels_last_conv_patch(export: Path, folder: Path) -> None:
     that weight by multiplier * (alpha / rank) * up @ down, in the graph's layout."""
     from addon_files import write_safetensors
 
-    from runtime.lora import GraphTargets, read_lora
+    from runtime.graphs.lora import GraphTargets, read_lora
 
     targets = GraphTargets.read(export / "unet" / "model.onnx")
     module, slot = next((m, s) for m, slots in targets.modules.items() for s in slots if s.get("channels_last"))
@@ -489,7 +489,7 @@ def test_optimizer_reads_external_weights_only_where_needed(tiny_source, tmp_pat
     from export import graphs
     from export.exporter import ExportOptions, build_specs
     from export.sources import load_source
-    from runtime.tokenizer import ClipTokenizer
+    from runtime.text.tokenizer import ClipTokenizer
 
     source = load_source(str(tiny_source["diffusers"]))
     tokenizer = ClipTokenizer.from_folder(tiny_source["diffusers"] / "tokenizer")

@@ -8,8 +8,8 @@ import pytest
 
 from runtime import Pipeline
 from runtime.errors import InvalidRequestError
+from runtime.images.upscale import interpolate, target_size
 from runtime.registry import UPSCALERS
-from runtime.upscale import interpolate, target_size
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres"
 

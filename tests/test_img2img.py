@@ -128,7 +128,7 @@ def test_bad_inputs_name_the_field(runtime_fp32, kwargs, field):
 def test_decompression_bomb_is_refused(runtime_fp32, tmp_path):
     import io
 
-    from runtime import inputs
+    from runtime.images import inputs
 
     buffer = io.BytesIO()
     Image.new("L", (9000, 8000)).save(buffer, format="PNG")

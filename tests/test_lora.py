@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 
 import diffusers_reference as reference
 from runtime import Pipeline
-from runtime import lora as lora_module
 from runtime.errors import InvalidRequestError
-from runtime.extra_networks import LoraUse, parse_prompt
-from runtime.lora import LORA_GRAPHS, LoraLibrary
-from runtime.model_folder import TEXT_INPUT
+from runtime.graphs import lora as lora_module
+from runtime.graphs.lora import LORA_GRAPHS, LoraLibrary
+from runtime.graphs.model_folder import TEXT_INPUT
+from runtime.text.extra_networks import LoraUse, parse_prompt
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres"
 STEPS = 8

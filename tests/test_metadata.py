@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from runtime import metadata
-from runtime.metadata import format_infotext, png_bytes, quote, read_infotext, save_png
+from runtime.images import metadata
+from runtime.images.metadata import format_infotext, png_bytes, quote, read_infotext, save_png
 
 EXAMPLE_PARAMS = {
     "Steps": 28,
@@ -251,7 +251,7 @@ def test_save_png_bad_folder_raises(tmp_path: Path) -> None:
 def test_parse_infotext_reads_what_format_infotext_writes():
     """A1111's parse_generation_parameters rules: prompt lines, negative prompt, quoted values
     unquoted, WxH sizes split into -1/-2 keys."""
-    from runtime.metadata import format_infotext, parse_infotext
+    from runtime.images.metadata import format_infotext, parse_infotext
 
     params = {"Steps": 20, "Sampler": "Euler a", "Seed": 5, "Size": "512x768", "Hires prompt": "a, b: c",
               "Hires upscale": 2, "Hires upscaler": "Latent"}  # fmt: skip

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import REPO  # noqa: E402
 from runtime import InvalidRequestError, ModelFolderError, Pipeline  # noqa: E402
-from runtime.model_folder import read_manifest  # noqa: E402
+from runtime.graphs.model_folder import read_manifest  # noqa: E402
 
 # fp16-compressed weights, f32 arithmetic: the same rounding as the CPU target's fp16 graphs
 # (max abs difference / max(1, max |reference|)).

@@ -25,8 +25,8 @@ from diffusers import EulerAncestralDiscreteScheduler
 
 import diffusers_reference as reference
 from runtime import Pipeline
-from runtime.model_folder import TEXT_INPUT
-from runtime.prompt_schedule import prompt_schedule
+from runtime.graphs.model_folder import TEXT_INPUT
+from runtime.text.prompt_schedule import prompt_schedule
 
 NEGATIVE = "lowres"
 STEPS = 8

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.prompt_parser import BREAK_TEXT, BREAK_WEIGHT, is_break, parse_prompt_attention
+from runtime.text.prompt_parser import BREAK_TEXT, BREAK_WEIGHT, is_break, parse_prompt_attention
 
 B = (BREAK_TEXT, BREAK_WEIGHT)
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.prompt_schedule import ConditioningPlan, prompt_schedule, split_and, text_for_call
+from runtime.text.prompt_schedule import ConditioningPlan, prompt_schedule, split_and, text_for_call
 
 ALTERNATE_10 = [
     (1, "a"),

@@ -1,4 +1,4 @@
-"""runtime.rng: torch's CPU randn and A1111's "NV" (Philox) randn, reproduced without torch.
+"""runtime.sampling.rng: torch's CPU randn and A1111's "NV" (Philox) randn, reproduced without torch.
 
 torch is only the reference here: the tests that call it skip where it is missing, and the golden
 values below (recorded from torch 2.13 and from A1111's own code) check the same paths without it.
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import rng
 from runtime.errors import InvalidRequestError
-from runtime.rng import PhiloxGenerator, TorchCpuGenerator, make_generator, philox4x32_10
+from runtime.sampling import rng
+from runtime.sampling.rng import PhiloxGenerator, TorchCpuGenerator, make_generator, philox4x32_10
 
 FIXTURE = Path(__file__).parent / "data" / "philox_cuda_fixture.npz"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import InvalidRequestError, ModelFolderError, NonFiniteError
-from runtime.model_folder import read_manifest, verify_files
+from runtime.graphs.model_folder import read_manifest, verify_files
 from runtime.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers_reference import scheduler_like_users_switch  # noqa: E402
-from runtime.samplers import (  # noqa: E402
+from runtime.sampling.samplers import (  # noqa: E402
     SAMPLER_FUNCTIONS,
     ancestral_step,
     noise_draws,
@@ -32,7 +32,7 @@ from runtime.samplers import (  # noqa: E402
     sample_dpmpp_2m,
     sample_euler,
 )
-from runtime.schedules import Schedule, final_latents, make_schedule, training_alphas_cumprod  # noqa: E402
+from runtime.sampling.schedules import Schedule, final_latents, make_schedule, training_alphas_cumprod  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
 TOLERANCE = 1e-4
@@ -286,7 +286,7 @@ def test_deterministic_samplers_never_draw_noise(raw_config):
 
 
 def test_sampler_functions_cover_every_sampler():
-    from runtime.schedules import SAMPLERS
+    from runtime.sampling.schedules import SAMPLERS
 
     assert set(SAMPLER_FUNCTIONS) == set(SAMPLERS)
 

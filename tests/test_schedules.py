@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import InvalidRequestError
-from runtime.schedules import (
+from runtime.sampling.schedules import (
     SAMPLERS,
     SCHEDULES,
     final_latents,

@@ -35,7 +35,7 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from runtime.errors import InvalidRequestError, OutOfMemoryError  # noqa: E402
-from runtime.metadata import read_infotext  # noqa: E402
+from runtime.images.metadata import read_infotext  # noqa: E402
 from runtime.pipeline import GenerationRequest, PipelineOutput, Prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -661,7 +661,7 @@ class _FlakyPipe:
 
 def test_worker_survives_failing_jobs_and_maps_them_to_statuses() -> None:
     from runtime.registry import SAMPLERS, SCHEDULERS
-    from runtime.schedules import Schedule
+    from runtime.sampling.schedules import Schedule
     from runtime.server.jobs import JobFailure, JobResult, Worker
     from runtime.server.mapping import Plan
 

@@ -8,8 +8,8 @@ def test_saved_optimized_graphs_are_read_back_and_give_the_same_output(tiny_fp32
     ORT-optimized graph, the next load reads it back, and the graph computes the same thing."""
     import numpy as np
 
-    from runtime import sessions
-    from runtime.model_folder import read_manifest
+    from runtime.graphs import sessions
+    from runtime.graphs.model_folder import read_manifest
 
     monkeypatch.setattr(sessions, "CACHE_MIN_BYTES", 0)  # the tiny graphs are far under 64 MiB
     manifest = read_manifest(tiny_fp32)
@@ -33,8 +33,8 @@ def test_io_bound_unet_step_equals_the_plain_call(tiny_fp16, monkeypatch):
     import numpy as np
     import onnxruntime as ort
 
-    from runtime import sessions
-    from runtime.model_folder import read_manifest
+    from runtime.graphs import sessions
+    from runtime.graphs.model_folder import read_manifest
 
     from_numpy, from_shape = ort.OrtValue.ortvalue_from_numpy, ort.OrtValue.ortvalue_from_shape_and_type
     monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", lambda array, *_: from_numpy(array, "cpu", 0))

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from runtime.errors import ModelFolderError
-from runtime.tokenizer import ClipTokenizer, clean_text
+from runtime.text.tokenizer import ClipTokenizer, clean_text
 
 transformers = pytest.importorskip("transformers")
 

@@ -183,7 +183,7 @@ def outside(vaes: dict) -> dict:
 )
 def test_malformed_vaes_section_is_one_clear_error(two_vaes, tmp_path, change, message):
     from runtime.errors import ModelFolderError
-    from runtime.model_folder import read_manifest
+    from runtime.graphs.model_folder import read_manifest
 
     folder = tmp_path / "copy"
     shutil.copytree(two_vaes, folder)

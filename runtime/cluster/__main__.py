@@ -15,8 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cli_args import Parser, positive, positive_number
 from ..errors import UserError
+from ..options import Parser, positive, positive_number
 from ..server.__main__ import TRAFFIC, _is_loopback, add_api_options, build_config
 from .settings import ClusterSettings, Scaling
 

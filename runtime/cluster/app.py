@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..errors import UserError
-from ..model_folder import read_manifest
+from ..graphs.model_folder import read_manifest
 from ..pipeline import Planner
 from ..server.app import build_app
 from .backend import GENERATOR, ServeBackend
@@ -38,7 +38,7 @@ class Ingress:
         # Requests are checked here, once, as on one box: LoRA names and shapes against the model,
         # embeddings matched in prompts (their vectors travel with the job). No ONNX session.
         server = settings.server
-        self.model = Planner.from_folder(server.model, server.lora_dir, server.embeddings_dir)
+        self.model = Planner.from_folder(server.model, server.lora_dir, server.embeddings_dir, server.vae)
         self.settings = settings
         self.backend = ServeBackend(generator, settings)
 

@@ -19,10 +19,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
+from ..graphs.sessions import CPU, CUDA
 from ..server.jobs import JobFailure, JobResult, QueueFull, RetryEstimate, Unavailable, outcome_name
 from ..server.mapping import Plan
 from ..server.tasks import TaskBoard
-from ..sessions import CPU, CUDA
 from .generator import DONE, PROGRESS, STARTED
 from .settings import ClusterSettings
 

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from ..errors import ModelFolderError
-from ..model_folder import (
+from ..graphs.model_folder import (
     MANIFEST_FILE,
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,

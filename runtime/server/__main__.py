@@ -12,10 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_args import Parser, add_lora_cache_option, positive, positive_number
 from ..errors import UserError
-from ..openvino_sessions import PRECISIONS as OPENVINO_PRECISIONS
-from ..sessions import PROVIDERS
+from ..options import Parser, add_addon_options, add_session_options, load_options, positive, positive_number
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, Traffic, parse_credentials
 
 log = logging.getLogger("runtime.server")
@@ -33,9 +31,7 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     add("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    add("--lora-dir", help="folder of kohya/A1111 .safetensors LoRAs for <lora:name:weight> (cluster: on every node)")
-    add_lora_cache_option(parser)  # cluster: per replica
-    add("--embeddings-dir", help="folder of textual-inversion .safetensors embeddings (cluster: on every node)")
+    add_addon_options(parser, on_every_node=parser.prog.endswith("cluster"))  # cluster: the LoRA cache per replica
     add(
         "--api-auth",
         default=os.environ.get(AUTH_ENV),
@@ -66,14 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
     add = parser.add_argument
     add("--model", required=True, type=Path, help="folder written by `python -m export`")
-    add("--provider", default="auto", choices=PROVIDERS, help="auto: CUDA if usable; OpenVINO exports: openvino")
-    add("--threads", type=positive, help="CPU threads for onnxruntime (default: physical cores)")
-    add("--device", default="CPU", help="provider openvino: OpenVINO device (CPU, GPU, NPU)")
-    add(
-        "--inference-precision", default="auto", choices=OPENVINO_PRECISIONS,
-        help="provider openvino: auto (bf16 where the CPU has it, else f32)",
-    )  # fmt: skip
-    add("--vae", help="the exported VAE requests use unless override_settings.sd_vae names another (default: own)")
+    add_session_options(parser)
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
     add("--header-timeout", type=positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
     add_api_options(parser)
@@ -115,11 +104,7 @@ def serve(config: ServerConfig) -> None:
     from .app import create_app
     from .protocol import protocol_with_timeout
 
-    pipe = Pipeline.from_pretrained(
-        config.model, provider=config.provider, threads=config.threads, device=config.device,
-        inference_precision=config.inference_precision, lora_dir=config.lora_dir, lora_cache_mb=config.lora_cache_mb,
-        embeddings_dir=config.embeddings_dir, vae=config.vae,
-    )  # fmt: skip
+    pipe = Pipeline.from_pretrained(config.model, **load_options(config))
     log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)

@@ -58,9 +58,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     traffic: Traffic = field(default_factory=Traffic)
     lora_dir: str | None = None  # kohya/A1111 LoRA files, used by <lora:name:m> in prompts
-    lora_cache_mb: int = LORA_CACHE_MB  # LoRA-patched sessions kept (runtime.lora.LoraSessions)
+    lora_cache_mb: int = LORA_CACHE_MB  # LoRA-patched sessions kept (runtime.graphs.lora.LoraSessions)
     embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
-    vae: str | None = None  # the exported VAE requests use by default (runtime.vaes)
+    vae: str | None = None  # the exported VAE requests use by default (runtime.graphs.vaes)
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

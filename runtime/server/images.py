@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from ..metadata import png_bytes
+from ..images.metadata import png_bytes
 from ..pipeline import to_pil
 
 # SD 1.x latent channels -> RGB: the linear fit A1111 calls "Approx cheap". Good enough to see the

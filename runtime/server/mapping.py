@@ -13,7 +13,7 @@ Mapping decisions (docs/server.md has the table):
 - override_settings.randn_source: "GPU" (A1111's default) and "NV" -> "nv" (A1111's NV source
   reproduces torch's CUDA randn), "CPU" -> "cpu".
 - ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111: the
-  library applies that rule (pipeline.uses_ensd).
+  library applies that rule (runtime.pipeline.request.uses_ensd).
 - n_iter batches continue the seeds: image i of the request uses seed + i.
 """
 
@@ -40,9 +40,9 @@ from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 
 if TYPE_CHECKING:
-    from ..embeddings import EmbeddingLibrary
-    from ..lora import LoraResolver
-    from ..model_folder import Manifest
+    from ..graphs.lora import LoraResolver
+    from ..graphs.model_folder import Manifest
+    from ..text.embeddings import EmbeddingLibrary
 
 MAX_RANDOM_SEED = MAX_SEED - 1  # A1111 draws random seeds from [0, 4294967294]
 

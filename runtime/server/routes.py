@@ -21,9 +21,9 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import InvalidRequestError
-from ..metadata import parse_infotext, read_infotext
+from ..graphs.vaes import vae_choices, vae_label
+from ..images.metadata import parse_infotext, read_infotext
 from ..registry import SAMPLERS, SCHEDULERS, UPSCALERS
-from ..vaes import vae_choices, vae_label
 from .config import ServerConfig
 from .jobs import JobResult
 from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .registry import UpscalerInfo
+from ..registry import UpscalerInfo
 
 
 def _nearest(size_in: int, size_out: int, exact: bool) -> np.ndarray:

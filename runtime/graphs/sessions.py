@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
+from ..errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 MAX_INPUT_PIXELS = 8192 * 8192  # decoded size above which an input is refused as a likely bomb
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # A1111's resize_mode 0, 1, 2

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..graphs.safetensors_io import SafetensorsError, SafetensorsFile
 from .conditioning import CHUNK_LENGTH
-from .safetensors_io import SafetensorsError, SafetensorsFile
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 __all__ = [
     "NoiseGenerator",

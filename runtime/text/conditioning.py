@@ -12,7 +12,7 @@ that long and weighted prompts condition the UNet exactly as they do there:
 - each chunk is padded to 75 and wrapped as BOS + 75 + EOS = 77 ids, with weight 1.0 on every
   added id; each chunk is encoded by CLIP on its own and the results are concatenated.
 
-Textual-inversion embeddings are spliced in here too (runtime/embeddings.py): a name found in a
+Textual-inversion embeddings are spliced in here too (runtime/text/embeddings.py): a name found in a
 piece's tokens takes as many positions as the embedding has vectors, in the next chunk if it does
 not fit in this one, with the piece's weight on each.
 """

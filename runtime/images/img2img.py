@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidRequestError
+from ..sampling.schedules import Schedule
 from . import inputs
-from .errors import InvalidRequestError
-from .schedules import Schedule
 
 FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = range(4)  # A1111's inpainting_fill
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import ftfy
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .errors import ModelFolderError
+from ..errors import ModelFolderError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from ..errors import ModelFolderError
 
 FORMAT_NAME = "acertain-onnx"
 FORMAT_VERSION = 1

@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import registry
-from .errors import InvalidRequestError
+from .. import registry
+from ..errors import InvalidRequestError
+from ..registry import UpscalerInfo
+from ..sampling.schedules import Schedule
 from .img2img import slice_schedule, start_step
 from .inputs import check_strength, check_whole_number
 from .metadata import infotext_number
-from .registry import UpscalerInfo
-from .schedules import Schedule
 from .upscale import target_size
 
 MAX_SCALE = 8.0

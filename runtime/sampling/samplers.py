@@ -1,7 +1,7 @@
 """The four samplers as small k-diffusion-style loops over a denoiser, in numpy.
 
 All of them work on the variance-exploding sample ``x`` (``latent / sqrt(alpha_bar)``) and a
-decreasing list of noise levels ``sigmas`` (see `runtime.schedules`). The denoiser maps ``(x, i)``
+decreasing list of noise levels ``sigmas`` (see `runtime.sampling.schedules`). The denoiser maps ``(x, i)``
 to the predicted clean sample at ``sigmas[i]``; the pipeline computes it as ``x - sigma * eps``
 from the UNet's noise prediction. Each loop reproduces the update of the matching diffusers
 scheduler step for step (same float32 sample arithmetic, same noise draws), so a pipeline built on
@@ -227,7 +227,7 @@ def sample(
     """Run sampler `name` over `schedule`, passing DDIM the schedule's extra fields.
 
     `x` is the initial VE sample (noise times ``schedule.init_noise_sigma``); the result is in VE
-    space too: `runtime.schedules.final_latents` gives the latent to decode.
+    space too: `runtime.sampling.schedules.final_latents` gives the latent to decode.
     """
     if name not in SAMPLER_FUNCTIONS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_FUNCTIONS)}")

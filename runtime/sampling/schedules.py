@@ -3,7 +3,7 @@
 Every schedule is expressed as noise levels ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` over the
 VE sample ``x = latent / sqrt(alpha_bar)``. The pipeline feeds the UNet ``x / sqrt(sigma**2 + 1)``
 (the VP latent) with the matching timestep and turns its noise prediction ``eps`` into the
-denoised sample ``x - sigma * eps``; the samplers in `runtime.samplers` only ever see sigmas.
+denoised sample ``x - sigma * eps``; the samplers in `runtime.sampling.samplers` only ever see sigmas.
 
 Three discretizations are offered:
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 __all__ = [
     "SAMPLERS",
@@ -112,7 +112,7 @@ class Schedule:
     but it follows the reference where that differs (diffusers' "trailing" spacing yields one extra
     timestep for some counts, A1111's DDIM runs ``len(range(0, 1000, 1000 // steps)) - 1`` steps).
 
-    The last three fields only matter for DDIM and for non-default configs; `runtime.samplers.sample`
+    The last three fields only matter for DDIM and for non-default configs; `runtime.sampling.samplers.sample`
     applies them:
 
     * `sigmas_to`: where diffusers' DDIM step really lands (``prev_timestep = t - T // steps``), when

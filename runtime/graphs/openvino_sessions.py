@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError, ModelFolderError
+from ..errors import InvalidRequestError, ModelFolderError
 from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, GraphInfo
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError, ModelFolderError
-from .extra_networks import LoraUse
-from .limits import LORA_CACHE_MB
+from ..errors import InvalidRequestError, ModelFolderError
+from ..limits import LORA_CACHE_MB
+from ..text.extra_networks import LoraUse
 from .model_folder import OPENVINO_TARGET, Manifest
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .sessions import GraphSession, InitializerOverrides, Sessions, UNetSession, trim_c_heap

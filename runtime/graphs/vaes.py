@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequestError, ModelFolderError
+from ..errors import InvalidRequestError, ModelFolderError
 from .model_folder import GraphInfo, Manifest, graph_info
 
 VAES_DIR = "vaes"

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 KINDS = ("lora",)

@@ -1,0 +1,90 @@
+"""The model as the samplers see it: classifier-free guidance (with A1111's AND parts) around the
+UNet, conditioning pieces switched at their step, and each image's own noise generator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..sampling.rng import NoiseGenerator
+from ..sampling.schedules import Schedule
+from ..text.conditioning import unet_contexts
+from .request import CondPiece
+
+if TYPE_CHECKING:
+    from ..graphs.openvino_sessions import OpenVINOUNet
+    from ..graphs.sessions import UNetSession
+
+Denoiser = Callable[[np.ndarray, int], np.ndarray]
+
+
+def make_denoiser(
+    unet: UNetSession | OpenVINOUNet,
+    schedule: Schedule,
+    conditioning: tuple[CondPiece, ...],
+    states: dict[str, np.ndarray],
+    scale: float,
+    latent_shape: tuple,
+    pad_conds: bool = False,
+) -> Denoiser:
+    """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+    Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
+    piece with i < until_step; the UNet is rebound only when the piece changes. With
+    guidance one UNet call runs the uncond half first (as diffusers does), then one half per
+    AND part; parts and uncond of different lengths run as two calls, as in A1111
+    (conditioning.unet_contexts)."""
+    batch = latent_shape[0]
+    bound: dict[str, Any] = {"calls": 0}
+
+    def bind() -> CondPiece:
+        call = bound["calls"]
+        bound["calls"] += 1
+        index = next((i for i, piece in enumerate(conditioning) if call < piece.until_step), 0)
+        if bound.get("piece") != index:
+            piece = conditioning[index]
+            uncond = states[piece.uncond] if piece.uncond is not None else None
+            contexts = unet_contexts([states[text] for text in piece.conds], uncond, pad_conds, states.get(""))
+            bound["steps"] = []
+            for context in contexts:
+                context = np.repeat(context, batch, axis=0)  # each half once per image
+                bound["steps"].append((unet.bind(context, (len(context), *latent_shape[1:])), len(context) // batch))
+            bound["piece"] = index
+        return conditioning[index]
+
+    def denoise(x: np.ndarray, step: int) -> np.ndarray:
+        piece = bind()
+        sigma = np.float32(schedule.sigmas[step])
+        scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
+        outputs = []
+        for unet_step, halves in bound["steps"]:
+            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+            outputs.append(unet_step(np.concatenate([scaled] * halves), timesteps))
+        eps = np.concatenate(outputs)
+        if piece.uncond is not None:
+            eps = combine_guidance(eps, batch, scale, piece.weights)
+        return x - sigma * eps
+
+    return denoise
+
+
+def combine_guidance(eps: np.ndarray, batch: int, scale: float, weights: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    """Classifier-free guidance on one UNet output holding the uncond half first (as diffusers):
+    eps = uncond + scale * (cond - uncond). With AND parts after it, A1111's composable
+    diffusion: eps = uncond + sum of weight * scale * (cond_part - uncond) (CFGDenoiser's
+    combine_denoised, there on the denoised images: the same sum, as denoised = x - sigma * eps)."""
+    eps_uncond = combined = eps[:batch]
+    for index, weight in enumerate(weights, start=1):
+        combined = combined + np.float32(weight * scale) * (eps[index * batch : (index + 1) * batch] - eps_uncond)
+    return combined
+
+
+def per_image_noise(generators: list[NoiseGenerator], shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """Each image draws from its own generator, so image i of a batch equals a single run with
+    seed + i (A1111's batch rule; diffusers with a list of generators does the same)."""
+
+    def draw() -> np.ndarray:
+        return np.concatenate([generator.randn(shape) for generator in generators])
+
+    return draw

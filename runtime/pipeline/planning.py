@@ -1,0 +1,312 @@
+"""Planning a generation without ONNX sessions: every parameter checked (one InvalidRequestError
+naming the field) and the prompts, schedule, seeds, init image and hires pass planned once.
+`Planner` holds what planning needs of a model folder; a cluster's ingress is one alone, and a
+`Pipeline` (runtime.pipeline.running) is one with sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import registry
+from ..errors import InvalidRequestError
+from ..graphs.lora import LoraLibrary, LoraResolver
+from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_scheduler_config, text_vocab_size
+from ..graphs.vaes import resolve_vae
+from ..images.hires import HiresPlan, plan_hires
+from ..images.img2img import default_size, plan_init, slice_schedule, start_step
+from ..images.inputs import check_strength, load_image
+from ..images.tiling import VAE_TILING
+from ..limits import MAX_PIXELS
+from ..sampling.schedules import make_schedule
+from ..text.conditioning import PromptChunks, empty_chunks, prompt_to_chunks
+from ..text.embeddings import EmbeddingLibrary, EmbeddingMatcher
+from ..text.extra_networks import parse_prompt
+from ..text.prompt_schedule import ConditioningPlan
+from ..text.tokenizer import ClipTokenizer
+from .request import (
+    MAX_AND_PARTS,
+    MAX_GENERATOR_SEED,
+    MAX_WEIGHT,
+    MIN_SIZE,
+    CondPiece,
+    GenerationRequest,
+    Prepared,
+    check_guidance,
+    check_pixels,
+    check_size,
+    require_int,
+    resolve_seeds,
+)
+
+INIT_OPTIONS = (  # prepare()'s img2img / inpainting keywords beyond image, strength, mask_image
+    "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)  # fmt: skip
+
+
+def prepare(
+    manifest: Manifest,
+    scheduler_config: dict[str, Any],
+    tokenizer: ClipTokenizer,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    num_inference_steps: int = 28,
+    guidance_scale: float = 11.0,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = -1,
+    num_images_per_prompt: int = 1,
+    sampler: str = "euler_a",
+    schedule: str = "model",
+    rng: str = "cpu",
+    eta_noise_seed_delta: int = 0,
+    image: Any = None,
+    strength: float = 0.75,
+    mask_image: Any = None,
+    enable_hr: bool = False,
+    hires_options: dict[str, Any] | None = None,
+    vae_tiling: str = "auto",
+    max_pixels: int | None = MAX_PIXELS,
+    embeddings: EmbeddingMatcher | None = None,
+    vae: str | None = None,
+    pad_conds: bool = False,
+    **init_options: Any,
+) -> Prepared:
+    """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
+    prompts parsed and chunked, schedule and seeds made: once, for run().
+
+    img2img: `image` (PIL image, array, path or bytes) and `strength` (A1111's denoising
+    strength; int(steps * strength) steps run, as diffusers). Inpainting adds `mask_image` (white
+    is repainted) and A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`,
+    `inpaint_full_res_padding`, `inpainting_mask_invert`; `resize_mode` fits the image to the
+    size (default: the image's own size rounded down to a multiple of 8).
+
+    Hires fix (txt2img): `enable_hr` and `hires_options`, A1111's hr_scale, hr_resize_x/y,
+    hr_upscaler, hr_second_pass_steps, denoising_strength, hr_prompt, hr_negative_prompt,
+    hr_sampler_name (see runtime.images.hires.plan_hires).
+
+    `pad_conds` is A1111's "Pad prompt/negative prompt" option: prompt and negative prompt of
+    different 75-token chunk counts share one UNet call, the shorter padded with empty chunks
+    (faster; another image). Off, as in the web UI: they run as two UNet calls.
+
+    `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
+    minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
+
+    `<lora:...>` tags are taken out of the prompt (runtime.text.extra_networks) before its editing
+    schedule is planned, as A1111 does; `embeddings` (the pipeline's EmbeddingMatcher) places
+    textual-inversion embeddings named in any prompt."""
+    unknown = set(init_options) - set(INIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if image is None and (mask_image is not None or init_options):
+        raise InvalidRequestError("image", "mask_image and the img2img options need an init image")
+    if image is not None:
+        strength = check_strength(strength)
+        loaded = load_image(image, "image")
+        if width is None and height is None:
+            width, height = default_size(loaded, manifest.vae_scale_factor)
+            width, height = max(width, MIN_SIZE), max(height, MIN_SIZE)
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+    text_prompt, loras = parse_prompt(prompt)
+    steps = require_int("steps", num_inference_steps)
+    if steps < 1:
+        raise InvalidRequestError("steps", f"must be at least 1, not {steps}")
+    check_guidance(guidance_scale)
+    multiple = manifest.vae_scale_factor
+    width = check_size("width", manifest.default_size if width is None else width, multiple)
+    height = check_size("height", manifest.default_size if height is None else height, multiple)
+    check_pixels("width", width, height, max_pixels)
+    count = require_int("batch_size", num_images_per_prompt)
+    if count < 1:
+        raise InvalidRequestError("batch_size", f"must be at least 1, not {count}")
+    sampler = registry.sampler(sampler).key
+    schedule = registry.schedule(schedule)
+    rng = registry.rng(rng)
+    delta = require_int("eta_noise_seed_delta", eta_noise_seed_delta)
+    if delta < 0:
+        raise InvalidRequestError("eta_noise_seed_delta", f"must not be negative, not {delta}")
+    if not isinstance(pad_conds, bool):
+        raise InvalidRequestError("pad_conds", f"must be true or false, not {pad_conds!r}")
+    seeds = resolve_seeds(seed, count)
+    if seeds[-1] + delta > MAX_GENERATOR_SEED:
+        most = MAX_GENERATOR_SEED - seeds[-1]
+        raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
+    plan = make_schedule(scheduler_config, sampler, schedule, steps)
+    init = None
+    if image is not None:
+        init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+        plan = slice_schedule(plan, start_step(plan.steps, strength))
+    request = GenerationRequest(
+        prompt, negative_prompt, steps, float(guidance_scale), width, height,
+        seeds, sampler, schedule, rng, delta, pad_conds,
+    )  # fmt: skip
+    cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
+    pieces, chunks, padded, counts = plan_conditioning(
+        tokenizer, cond_plan, guidance_scale, embeddings=embeddings, pad_conds=pad_conds
+    )
+    vae = resolve_vae(manifest, vae)
+    if vae_tiling not in VAE_TILING:
+        raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
+    hires, hires_conditioning, hires_chunks = None, (), {}
+    if enable_hr:
+        if image is not None:
+            raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
+        hires = plan_hires(
+            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            sampler, prompt, negative_prompt, steps, **(hires_options or {}),
+        )  # fmt: skip
+        check_pixels("hr_scale", hires.width, hires.height, max_pixels)
+        hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(
+            tokenizer, hires, request, embeddings
+        )
+        padded = padded or padded_hr
+        counts = {name: max(count, counts.get(name, 0)) for name, count in {**counts, **hr_counts}.items()}
+    rows = embeddings.rows if embeddings is not None else None
+    return Prepared(
+        request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling,
+        tuple(loras), rows, vae,
+    )  # fmt: skip
+
+
+def _hires_conditioning(
+    tokenizer: ClipTokenizer,
+    hires: HiresPlan,
+    request: GenerationRequest,
+    embeddings: EmbeddingMatcher | None = None,
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The second pass's conditioning from hr_prompt / hr_negative_prompt (the first pass's
+    prompts unless given). As A1111, its editing schedule is over the second pass's steps on the
+    hires timeline (prompt_schedule's hires_steps), also when the prompts are the first pass's.
+    <lora:...> tags of a separate hires prompt are removed; the first pass's LoRAs stay on."""
+    own = hires.prompt != request.prompt or hires.negative_prompt != request.negative_prompt
+    fields = ("hr_prompt", "hr_negative_prompt") if own else ("prompt", "negative_prompt")
+    # A1111 plans it over hr_second_pass_steps (or the first pass's steps), not over the steps the
+    # denoising strength leaves to run; HiresPlan keeps that number in its infotext.
+    hires_steps = hires.infotext.get("Hires steps") or request.steps
+    text = parse_prompt(hires.prompt, fields[0])[0]
+    cond_plan = ConditioningPlan.build(text, hires.negative_prompt, request.steps, hires_steps=hires_steps)
+    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields, embeddings, request.pad_conds)
+
+
+def prompt_chunks(
+    tokenizer: ClipTokenizer, field_name: str, text: Any, embeddings: EmbeddingMatcher | None = None
+) -> PromptChunks:
+    """A prompt parsed and chunked, its attention weights finite: `(x:1e400)` or thousands of
+    nested brackets would turn the embeddings into NaN (a black image in A1111)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(field_name, f"must be a string, not {type(text).__name__}")
+    chunks = prompt_to_chunks(tokenizer, text, embeddings=embeddings)
+    bad = chunks.weights[~np.isfinite(chunks.weights) | (np.abs(chunks.weights) > MAX_WEIGHT)]
+    if bad.size:
+        raise InvalidRequestError(field_name, f"weight {bad[0]:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    return chunks
+
+
+def plan_conditioning(
+    tokenizer: ClipTokenizer,
+    plan: ConditioningPlan,
+    guidance_scale: float,
+    fields: tuple[str, str] = ("prompt", "negative_prompt"),
+    embeddings: EmbeddingMatcher | None = None,
+    pad_conds: bool = False,
+) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
+    """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
+    that pass's step count), and every text they name parsed and chunked once (its weights
+    checked as prompt_chunks does; a hires second pass builds its plan with hires_steps).
+
+    Each text keeps its own chunk count; how parts and negative of different lengths meet in the
+    UNet is conditioning.unet_contexts (A1111's CFGDenoiser). With `pad_conds` the empty text's
+    chunk comes along (what the shorter side is padded with), and the bool returned says whether
+    any step pads (infotext `Pad conds: True`). Guidance at most 1 drops the negative prompt,
+    except with AND or a part weight: A1111 combines those around the uncond always."""
+    positive, negative = fields
+    if len(plan.parts) > MAX_AND_PARTS:
+        raise InvalidRequestError(positive, f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
+    for _, weight in plan.parts:
+        if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise InvalidRequestError(positive, f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
+    with_negative = guidance_scale > 1.0 or plan.composable
+    texts = {positive: plan.positive_texts(), negative: plan.negative_texts()}
+    parsed = {name: {text: prompt_chunks(tokenizer, name, text, embeddings) for text in items}
+              for name, items in texts.items()}  # fmt: skip
+    counts = {name: max(item.count for item in items.values()) for name, items in parsed.items()}
+    chunks = {**parsed[positive], **(parsed[negative] if with_negative else {})}
+    pieces = []
+    for end in plan.boundaries():
+        parts, negative = plan.at_call(end)
+        pieces.append(CondPiece(
+            end + 1, tuple(text for text, _ in parts), tuple(weight for _, weight in parts),
+            negative if with_negative else None,
+        ))  # fmt: skip
+    padded = pad_conds and any(_lengths_differ(piece, chunks) for piece in pieces)
+    if pad_conds:
+        chunks.setdefault("", empty_chunks(1, tokenizer))  # the empty prompt is one empty chunk
+    return tuple(pieces), chunks, padded, counts
+
+
+def _lengths_differ(piece: CondPiece, chunks: dict[str, PromptChunks]) -> bool:
+    """Whether this piece's AND parts (their longest) and negative prompt differ in chunk count."""
+    if piece.uncond is None:
+        return False
+    return max(chunks[text].count for text in piece.conds) != chunks[piece.uncond].count
+
+
+class Planner:
+    """A model folder's checks and planning, without ONNX sessions: the manifest, tokenizer,
+    scheduler config and add-on folders (LoRAs checked against the model, embeddings matched in
+    prompts). A Pipeline is one with sessions; a cluster's ingress is one alone (it checks every
+    request once, its replicas' Pipelines run them)."""
+
+    loras: LoraResolver
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tokenizer: ClipTokenizer,
+        scheduler_config: dict,
+        loras: LoraResolver,
+        embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.vae = resolve_vae(manifest, vae)  # requests that name no VAE use this one
+        self.loras = loras
+        self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
+    ) -> Planner:
+        manifest = read_manifest(folder)
+        tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+        loras = LoraResolver(manifest, LoraLibrary(lora_dir))
+        return cls(manifest, tokenizer, read_scheduler_config(manifest.folder), loras, embeddings_dir, vae)
+
+    def prepare(self, **parameters: Any) -> Prepared:
+        """Check and plan a generation (keywords of `Pipeline.__call__` but output_type and
+        callbacks), including that every LoRA the prompt names exists and fits this model. The
+        embeddings' vectors travel in the Prepared (a few KB each), to whichever Pipeline runs it."""
+        matcher = self.embeddings.matcher()
+        parameters.setdefault("vae", self.vae)
+        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
+        self.loras.resolve(list(prepared.loras))
+        # The manifest lists the graph's inputs, and loading a session checks the graph against it.
+        text_inputs = self.manifest.graphs["text_encoder"].inputs
+        if prepared.extra is not None and prepared.extra.used and TEXT_EXTRA not in text_inputs:
+            raise InvalidRequestError(
+                "prompt", f"embedding {next(iter(prepared.extra.used))!r} needs a text encoder exported with "
+                "embedding support; re-export the model with this version of `python -m export`"
+            )  # fmt: skip
+        return prepared

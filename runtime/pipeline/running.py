@@ -1,0 +1,409 @@
+"""Text-to-image on ONNX Runtime: prompt -> text conditioning -> sampler loop with CFG -> VAE.
+
+The API follows diffusers' StableDiffusionPipeline (`Pipeline.from_pretrained(folder)`, then call
+it with a prompt) and its defaults follow ACertainThing's model card (28 steps, Euler a, CFG 11).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .. import __version__, registry
+from ..errors import InvalidRequestError
+from ..graphs.lora import LoraLibrary, LoraSessions
+from ..graphs.model_folder import (
+    TEXT_EXTRA,
+    TEXT_INPUT,
+    VAE_DECODER_INPUT,
+    VAE_ENCODER_INPUT,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+    verify_files,
+)
+from ..graphs.sessions import GraphSession, SessionConfig, Sessions, load_sessions
+from ..graphs.vaes import resolve_vae, vae_choices, vae_label
+from ..images.hires import HiresPlan
+from ..images.img2img import apply_overlay, blend, encode_sample, fill_latents
+from ..images.metadata import format_infotext, infotext_number
+from ..images.tiling import TileSizes, tiled, use_tiling
+from ..images.upscale import truncate, upscale_image, upscale_latents
+from ..limits import LORA_CACHE_MB
+from ..sampling import samplers
+from ..sampling.rng import NoiseGenerator, make_generator
+from ..sampling.schedules import Schedule, final_latents
+from ..text.conditioning import PromptChunks, encode_chunks
+from ..text.embeddings import ti_hashes
+from ..text.tokenizer import ClipTokenizer
+from .denoising import make_denoiser, per_image_noise
+from .planning import Planner
+from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np")
+StepCallback = Callable[[int, int, np.ndarray], Any]  # (step, total, latents); returning False stops
+
+
+@dataclass
+class PipelineOutput:
+    images: list  # PIL images, or float32 (H, W, 3) arrays in [0, 1] for output_type="np"
+    infotexts: list[str]
+    seeds: list[int]
+    interrupted: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline(Planner):
+    """Exported SD1.x model on ONNX Runtime. Not thread-safe: serve one generation at a time."""
+
+    loras: LoraSessions
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        sessions: Sessions,
+        tokenizer: ClipTokenizer,
+        scheduler_config: dict,
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
+        lora_cache_mb: int = LORA_CACHE_MB,
+    ) -> None:
+        loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir), check_lora_cache_mb(lora_cache_mb) * 2**20)
+        super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
+        self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
+        self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
+        self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
+        self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        cuda_graph: bool = False,
+        optimized_cache: bool = False,
+        cache_dir: str | Path | None = None,
+        verify: bool = False,
+        device: str = "CPU",
+        inference_precision: str = "auto",
+        lora_dir: str | Path | None = None,
+        embeddings_dir: str | Path | None = None,
+        vae: str | None = None,
+        lora_cache_mb: int = LORA_CACHE_MB,
+    ) -> Pipeline:
+        """`optimized_cache` saves the graphs ONNX Runtime optimized at the first load (CPU, fp32
+        graphs: the full-size UNet then loads in 1 s instead of 6 s, for 3.4 GB of disk under
+        `cache_dir`, default ~/.cache/acertain-onnx/optimized). `verify` checks every graph file
+        against the sha256 in the manifest first. `device` and `inference_precision`
+        serve provider "openvino" (an export made with --target openvino): OpenVINO device name
+        (CPU; GPU/NPU pass through) and "auto" (bf16 where the CPU has it, else f32), "bf16", "f16"
+        or "f32". `vae` names the VAE requests use unless they name another (an added one, see
+        `python -m export --add-vae`; default: the export's own). `lora_cache_mb` bounds the memory
+        of LoRA-patched sessions kept for later requests (0: none; see runtime.graphs.lora.LoraSessions)."""
+        manifest = read_manifest(folder)
+        resolve_vae(manifest, vae)  # an unknown name fails before the sessions load
+        check_lora_cache_mb(lora_cache_mb)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidRequestError(
+                "threads", f"must be a whole number >= 1 (or None for one per core), not {threads!r}"
+            )
+        if verify:
+            verify_files(manifest)  # reads every graph file once: seconds for a full-size model
+        config = SessionConfig(
+            provider=provider,
+            threads=threads,
+            cuda_graph=cuda_graph,
+            optimized_cache=optimized_cache,
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            device=device,
+            inference_precision=inference_precision,
+        )
+        sessions = load_sessions(manifest, config)
+        tokenizer = ClipTokenizer.from_folder(manifest.folder / "tokenizer")
+        scheduler_config = read_scheduler_config(manifest.folder)
+        return cls(manifest, sessions, tokenizer, scheduler_config, lora_dir, embeddings_dir, vae, lora_cache_mb)
+
+    @property
+    def provider(self) -> str:
+        return self.sessions.provider
+
+    def release_memory(self) -> None:
+        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
+        self.sessions.release_memory(self.manifest)
+
+    # -- prepare and run ------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+        **parameters: Any,
+    ) -> PipelineOutput:
+        """Generate: prepare (every parameter checked once) then run. `parameters` are prepare()'s
+        keywords (runtime.pipeline.planning.prepare: num_inference_steps, guidance_scale, seed,
+        sampler, img2img, inpainting, hires fix, ...), described there once."""
+        check_output_type(output_type)
+        prepared = self.prepare(prompt=prompt, negative_prompt=negative_prompt, **parameters)
+        return self.run(prepared, output_type, callback, cancel_event)
+
+    def run(
+        self,
+        prepared: Prepared,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> PipelineOutput:
+        """Sample, decode, write the infotexts. An interrupted run decodes the last prediction of
+        the clean image, as the A1111 web UI shows on Interrupt."""
+        check_output_type(output_type)
+        request = prepared.request
+        # At most one rebuild of the text-encoder and UNet sessions when the LoRA set changes. The
+        # last run's set is let go first: if the cache evicts it (or keeps none), it is freed
+        # before the new one is built, not held beside it.
+        self.sessions = self.loras.base
+        self.sessions = self.with_vae(self.loras.sessions_for(list(prepared.loras)).sessions, prepared.vae)
+        self._extra = prepared.extra.matrix() if prepared.extra is not None else None
+        latents, interrupted = self._sample(prepared, callback, cancel_event)
+        pixels = self.decode(latents, prepared.vae_tiling)
+        if prepared.init is not None and prepared.init.overlay is not None:
+            pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
+        images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
+        infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    def with_vae(self, sessions: Sessions, name: str | None) -> Sessions:
+        """`sessions` decoding (and encoding) with VAE `name`; its sessions load once and stay cached
+        (small: the full-size decoder holds about 200 MB of fp32 weights)."""
+        if name not in self._vae_sessions:
+            choice = vae_choices(self.manifest)[name]
+            make = partial(GraphSession, provider=self.sessions.provider, config=self.sessions.config)
+            encoder = make(choice.encoder) if choice.encoder is not None else None
+            self._vae_sessions[name] = (make(choice.decoder), encoder)
+            log.info("loaded VAE %s", name)
+        decoder, encoder = self._vae_sessions[name]
+        return replace(sessions, vae_decoder=decoder, vae_encoder=encoder)
+
+    # -- the stages -----------------------------------------------------------------------------
+
+    def encode(self, chunks: dict[str, PromptChunks]) -> dict[str, np.ndarray]:
+        """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
+        chunks through the text encoder in one batch (one run, also with prompt editing),
+        A1111's emphasis applied per text, chunks joined on the token axis; the embeddings the
+        prompts name ride along as extra_embeddings rows."""
+
+        def run(ids: np.ndarray) -> np.ndarray:
+            feed = {TEXT_INPUT: ids}
+            if self._extra is not None:
+                feed[TEXT_EXTRA] = self._extra
+            return self.sessions.text_encoder.run(feed)
+
+        return encode_chunks(run, chunks, self.tokenizer)
+
+    def decode(self, latents: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """Latents -> float32 images (N, H, W, 3) in [0, 1], one image at a time to bound memory;
+        tiled (diffusers' tiled_decode) when `tiling` says so for this size."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        factor, sizes = self.manifest.vae_scale_factor, self.tile_sizes
+        tiles = use_tiling(tiling, scaled.shape[3] * factor, scaled.shape[2] * factor, sizes)
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return self.sessions.vae_decoder.run({VAE_DECODER_INPUT: tile})
+
+        images = [tiled(run, scaled[i : i + 1], sizes.latent, sizes.sample) if tiles else run(scaled[i : i + 1])
+                  for i in range(len(scaled))]  # fmt: skip
+        pixels = np.concatenate(images)
+        check_finite(pixels, "the VAE decoder's image")
+        return np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def infotext(self, prepared: Prepared, seed: int) -> str:
+        request = prepared.request
+        params = {
+            "Steps": request.steps,
+            "Sampler": registry.sampler(request.sampler).name,
+            "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
+            "CFG scale": infotext_number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
+            "Model hash": self.manifest.model_hash,
+            "Model": self.manifest.model_name,
+            "VAE hash": vae_label(self.manifest, prepared.vae)[1],
+            "VAE": vae_label(self.manifest, prepared.vae)[0],
+            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
+            "RNG": registry.RNG_LABELS[request.rng],
+            "Pad conds": True if prepared.padded else None,
+            **(prepared.init.infotext if prepared.init is not None else {}),
+            **(prepared.hires.infotext if prepared.hires is not None else {}),
+            "Lora hashes": self.loras.hashes(list(prepared.loras)),
+            "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
+            "Version": f"acertain-onnx {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+    def _sample(
+        self,
+        prepared: Prepared,
+        callback: StepCallback | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """(latents for the VAE, interrupted): the first pass, then the hires pass if asked."""
+        request = prepared.request
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        if prepared.hires is None or interrupted:
+            return latents, interrupted
+        x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
+        # A1111: the second pass draws its noise from fresh generators of the same seeds.
+        generators = [make_generator(request.rng, seed) for seed in request.seeds]
+        noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
+        x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
+        hires = prepared.hires
+        pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event)
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        factor = self.manifest.vae_scale_factor
+        return (1, self.manifest.latent_channels, height // factor, width // factor)
+
+    def _loop(
+        self,
+        request: GenerationRequest,
+        pass_: _Pass,
+        x: np.ndarray,
+        generators: list[NoiseGenerator],
+        callback: StepCallback | None,
+        cancel_event: threading.Event | None,
+    ) -> tuple[np.ndarray, bool]:
+        """One sampling pass from x. An interrupted pass returns the last prediction of the
+        clean image, as the A1111 web UI shows on Interrupt."""
+        schedule, shape = pass_.schedule, (1, *x.shape[1:])
+        if uses_ensd(request, pass_.sampler):
+            # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
+            generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
+        states = self.encode(pass_.chunks)
+        denoise = make_denoiser(
+            self.sessions.unet, schedule, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
+        )
+        last_denoised: dict[str, np.ndarray] = {}
+
+        def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
+            last_denoised["x"] = denoise(x_in, step)
+            return last_denoised["x"]
+
+        def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
+            latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
+            stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
+            if stop or (cancel_event is not None and cancel_event.is_set()):
+                raise _Stop
+            return latents
+
+        try:
+            noise = per_image_noise(generators, shape)
+            x = samplers.sample(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+        except _Stop:
+            log.info("generation interrupted; decoding the last prediction")
+            # A clean-image prediction sits at noise level 0: nothing to rescale.
+            return last_denoised.get("x", x), True
+        latents = final_latents(x, schedule)
+        check_finite(latents, "the sampled latents")
+        return latents, False
+
+    def _upscale(self, latents: np.ndarray, plan: HiresPlan, tiling: str) -> np.ndarray:
+        """The first pass at the hires size: latents resized (latent upscalers), or decoded,
+        resized as an image and encoded again (the latent distribution's mean)."""
+        factor = self.manifest.vae_scale_factor
+        size = (plan.upscale_to[0] // factor, plan.upscale_to[1] // factor)
+        if plan.upscaler.latent:
+            upscaled = upscale_latents(latents, size, plan.upscaler)
+        else:
+            decoded = self.decode(latents, tiling)
+            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler) for image in decoded]
+            moments = [self.encode_pixels((image * 2 - 1).transpose(2, 0, 1)[None], tiling) for image in pixels]
+            upscaled = np.concatenate([np.split(m, 2, axis=1)[0] for m in moments])
+            upscaled = upscaled * np.float32(self.manifest.vae_scaling_factor)
+        return truncate(upscaled, *plan.truncate).astype(np.float32)
+
+    def _initial(
+        self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
+        """The first sample x (VE space) and what to do to x after each step. Each image's
+        generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
+        then the noise; inpainting also a (discarded) sample for the masked image."""
+        schedule, init = prepared.schedule, prepared.init
+        if init is None:
+            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+        moments = self.encode_pixels(init.pixels, prepared.vae_tiling)
+        x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
+        noise = np.concatenate([g.randn(shape) for g in generators])
+        if init.latent_mask is None:
+            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+        for g in generators:
+            g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
+        x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        if init.strength == 1.0:  # diffusers starts from pure noise at full strength
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = x0 + noise * np.float32(schedule.sigmas[0])
+
+        def after_step(step: int, latents: np.ndarray) -> np.ndarray:
+            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+
+        return x.astype(np.float32), after_step
+
+    def encode_pixels(self, pixels: np.ndarray, tiling: str = "auto") -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked;
+        tiled (diffusers' _tiled_encode) when `tiling` says so for this size."""
+        encoder = self.sessions.vae_encoder
+        if encoder is None:
+            raise InvalidRequestError(
+                "image", "this model folder has no vae_encoder graph (exported with --no-vae-encoder)"
+            )
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return encoder.run({VAE_ENCODER_INPUT: tile})
+
+        sizes = self.tile_sizes
+        if use_tiling(tiling, pixels.shape[3], pixels.shape[2], sizes):
+            return tiled(run, pixels, sizes.sample, sizes.latent)
+        return run(pixels)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidRequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+
+
+class _Stop(Exception):
+    """Raised inside the sampler loop to leave it at a step boundary."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    sampler: str
+    schedule: Schedule
+    conditioning: tuple[CondPiece, ...]
+    chunks: dict[str, PromptChunks]
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """As diffusers' numpy_to_pil: scale to 0..255 and round."""
+    return Image.fromarray((image * 255).round().astype(np.uint8))
