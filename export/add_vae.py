@@ -60,10 +60,11 @@ def add_vae(options: AddVaeOptions) -> list[GraphReport]:
         raise ExportError(
             f"{folder} already has a VAE named {name!r}; nothing was changed. Pass --overwrite to replace it"
         )
-    separate = load_vae(options.source, _template(folder), options.allow_pickle)
+    with_encoder = "vae_encoder" in manifest.graphs  # a decoder-only VAE fits an export without one
+    separate = load_vae(options.source, _template(folder), options.allow_pickle, with_encoder)
     pipe = SimpleNamespace(vae=separate.vae)
     specs = [graphs.vae_decoder_spec(pipe)]
-    if "vae_encoder" in manifest.graphs:
+    if with_encoder:
         specs.append(graphs.vae_encoder_spec(pipe))
     staging = folder / VAES_DIR / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -231,7 +231,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def as_safetensors(path: Path, weights: CheckpointWeights, scratch: Path) -> Iterator[Path]:
     """A .safetensors path holding the kept weights: the file itself when it needs no change."""
     if weights.tensors is None:
-        yield path
+        if path.suffix == SAFETENSORS:
+            yield path
+            return
+        # diffusers picks its reader by the exact suffix: `X.SAFETENSORS` would go to torch.load
+        # ("Unable to load weights"). A link under the lower-case name reads the same bytes.
+        linked = scratch / (path.stem + SAFETENSORS)
+        linked.symlink_to(path.resolve())
+        yield linked
         return
     converted = scratch / (path.stem + SAFETENSORS)
     write_safetensors(weights.tensors, converted)

@@ -407,12 +407,12 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
     started = time.perf_counter()
     check_options(options)
     with with_vae_weights(options.model, options.vae, options.allow_pickle) as model:
-        source = load_source(model, options.allow_pickle, options.config, options.ema)
+        source = load_source(model, options.allow_pickle, options.config, options.ema, options.vae_encoder)
     if model != options.model:  # a checkpoint given the --vae weights: A1111 hashes the user's file
         source.model_hash = layout.sha256_of_file(Path(options.model))[:10]
     vae_info = None
     if options.vae is not None:
-        separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle)
+        separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle, options.vae_encoder)
         source.pipe.vae = separate.vae
         vae_info = {"name": separate.name, "hash": separate.hash, "source": options.vae}
     output = options.output.resolve()

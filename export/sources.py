@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from export.checkpoint_file import CheckpointError, as_safetensors, read_checkpoint
+from export.checkpoint_file import CheckpointError, CheckpointWeights, as_safetensors, read_checkpoint
 from export.shipped import ARCHITECTURES, config_dir, tokenizer_dir
 from runtime.errors import UserError
 from runtime.graphs.model_folder import sha256_of_file
@@ -164,14 +164,15 @@ def classify_ldm_checkpoint(shapes: dict[str, tuple[int, ...]], where: str) -> N
         )
 
 
-def expected_ldm_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    """LDM key -> shape of a shipped architecture, from its configs on the meta device (no memory)."""
+def expected_ldm_shapes(arch: str | Path) -> dict[str, tuple[int, ...]]:
+    """LDM key -> shape of a shipped architecture (or of a --config folder), from its configs on the
+    meta device (no memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from export.ldm_layout import to_ldm_state_dict
 
-    configs = config_dir(arch)
+    configs = arch if isinstance(arch, Path) else config_dir(arch)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_read_json(configs / "unet" / "config.json"))
         vae = AutoencoderKL.from_config(_read_json(configs / "vae" / "config.json"))
@@ -191,6 +192,35 @@ def _check_parts_present(shapes: dict[str, tuple[int, ...]], where: str) -> None
         )
     if not any(key.startswith(_PARTS["text encoder"]) for key in shapes):
         raise SourceError(f"{where} has no text encoder weights (cond_stage_model.*); it cannot be exported alone")
+
+
+# What --no-vae-encoder leaves unused: the VAE's encoder half (quant_conv belongs to it).
+_VAE_ENCODER = ("first_stage_model.encoder.", "first_stage_model.quant_conv.")
+
+
+def fill_pruned_vae_encoder(weights: CheckpointWeights, path: Path, config: Path | None) -> None:
+    """--no-vae-encoder: a file whose VAE encoder was pruned (decoder-only VAEs are shared that way)
+    converts with zeros in its place. diffusers' converter reads every VAE key, but no encoder graph
+    is exported, so the zeros never reach an image. A file with encoder weights, without any VAE, or
+    that fits no architecture apart from its encoder is left for the usual checks to name."""
+    if any(key.startswith(_VAE_ENCODER) for key in weights.shapes):
+        return
+    if not any(key.startswith(_PARTS["VAE"]) for key in weights.shapes):
+        return
+    for expected in [expected_ldm_shapes(config)] if config else map(expected_ldm_shapes, ARCHITECTURES):
+        encoder = {key: shape for key, shape in expected.items() if key.startswith(_VAE_ENCODER)}
+        if all(weights.shapes.get(key) == shape for key, shape in expected.items() if key not in encoder):
+            break
+    else:
+        return
+    if weights.tensors is None:  # a .safetensors read as it is: its kept tensors, to write a converted copy
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            weights.tensors = {key: handle.get_tensor(key) for key in weights.shapes}
+    weights.tensors.update({key: torch.zeros(shape) for key, shape in encoder.items()})
+    weights.shapes.update(encoder)
+    log.info("%s has no VAE encoder weights: exporting without one (--no-vae-encoder)", path.name)
 
 
 def _check_prediction_metadata(metadata: dict[str, str], where: str) -> None:
@@ -266,13 +296,17 @@ def _from_single_file(weights: Path, config: Path, tokenizer_folder: Path, where
         raise SourceError(f"{where} does not fit the configs in {config}: {text}") from None
 
 
-def load_single_file(path: Path, allow_pickle: bool, config: Path | None, ema: bool = False) -> LoadedSource:
+def load_single_file(
+    path: Path, allow_pickle: bool, config: Path | None, ema: bool = False, vae_encoder: bool = True
+) -> LoadedSource:
     model_hash = sha256_of_file(path)[:10]
     try:
         weights = read_checkpoint(path, allow_pickle, ema)
     except CheckpointError as error:
         raise SourceError(str(error)) from None
     classify_ldm_checkpoint({**dict.fromkeys(weights.file_keys, ()), **weights.shapes}, path.name)
+    if not vae_encoder:
+        fill_pruned_vae_encoder(weights, path, config)
     _check_prediction_metadata(weights.metadata, path.name)
     arch = None
     if config is None:
@@ -319,7 +353,11 @@ def download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_source(model: str, allow_pickle: bool = False, config: Path | None = None, ema: bool = False) -> LoadedSource:
+def load_source(
+    model: str, allow_pickle: bool = False, config: Path | None = None, ema: bool = False, vae_encoder: bool = True
+) -> LoadedSource:
+    """The torch pipeline of a diffusers folder, single checkpoint file or hub id. `vae_encoder`
+    False (--no-vae-encoder) accepts a single file whose VAE encoder was pruned."""
     path = Path(model).expanduser()
     if path.is_dir():
         if ema:
@@ -328,7 +366,7 @@ def load_source(model: str, allow_pickle: bool = False, config: Path | None = No
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise SourceError(f"{path} is not a checkpoint file (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return load_single_file(path, allow_pickle, config, ema)
+        return load_single_file(path, allow_pickle, config, ema, vae_encoder)
     if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         folder = download_from_hub(model)
         return load_diffusers_folder(folder, "hub", model.split("/")[-1])

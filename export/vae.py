@@ -58,18 +58,31 @@ def _file_state(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
-def _from_ldm(state: dict[str, torch.Tensor], template: torch.nn.Module, where: str) -> torch.nn.Module:
-    """Fill a VAE of `template`'s architecture from LDM-named weights."""
+# The LDM VAE's encoder half: what a decoder-only file lacks and --no-vae-encoder never exports.
+LDM_VAE_ENCODER = ("encoder.", "quant_conv.")
+
+
+def _from_ldm(
+    state: dict[str, torch.Tensor], template: torch.nn.Module, where: str, encoder: bool = True
+) -> torch.nn.Module:
+    """Fill a VAE of `template`'s architecture from LDM-named weights. Without `encoder` (an export
+    made with --no-vae-encoder) a decoder-only file is accepted: the encoder half, which no graph
+    will hold, is zeros."""
     from diffusers import AutoencoderKL
 
     state = {key.removeprefix(VAE_PREFIX): value for key, value in state.items()}
     vae = AutoencoderKL.from_config(template.config)
     levels = len(vae.config.block_out_channels)
+    pruned = not encoder and not any(key.startswith(LDM_VAE_ENCODER) for key in state)
     converted = {}
     for key, expected in vae.state_dict().items():
         name = vae_key(key, levels)
+        if pruned and name.startswith(LDM_VAE_ENCODER):
+            converted[key] = torch.zeros_like(expected)
+            continue
         if name not in state:
-            raise VaeError(f"--vae {where} lacks {name} (not an SD1 VAE in LDM layout?)")
+            hint = "; a decoder-only VAE needs --no-vae-encoder" if name.startswith(LDM_VAE_ENCODER) else ""
+            raise VaeError(f"--vae {where} lacks {name} (not an SD1 VAE in LDM layout?{hint})")
         value = state[name]
         if value.ndim == 4 and expected.ndim == 2:
             value = value[:, :, 0, 0]  # LDM's VAE attention is 1x1 convolutions
@@ -126,8 +139,9 @@ def with_vae_weights(model: str, vae: str | None, allow_pickle: bool) -> Iterato
         yield str(merged)
 
 
-def load_vae(source: str, template: torch.nn.Module, allow_pickle: bool) -> VaeSource:
-    """The VAE at `source`, checked against the checkpoint's VAE architecture `template`."""
+def load_vae(source: str, template: torch.nn.Module, allow_pickle: bool, encoder: bool = True) -> VaeSource:
+    """The VAE at `source`, checked against the checkpoint's VAE architecture `template` (`encoder`
+    False: its encoder half may be missing, see _from_ldm)."""
     path = Path(source)
     if not path.exists():
         raise VaeError(f"--vae {source} does not exist")
@@ -146,5 +160,5 @@ def load_vae(source: str, template: torch.nn.Module, allow_pickle: bool) -> VaeS
                            f"{template.config.latent_channels}")  # fmt: skip
         weights = sorted(folder.glob("diffusion_pytorch_model*"))
         return VaeSource(vae, path.name, sha256_of_file(weights[0])[:10] if weights else "")
-    vae = _from_ldm(_file_state(path, allow_pickle), template, path.name)
+    vae = _from_ldm(_file_state(path, allow_pickle), template, path.name, encoder)
     return VaeSource(vae, path.name, sha256_of_file(path)[:10])

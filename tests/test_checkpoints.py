@@ -223,3 +223,14 @@ def test_read_checkpoint_keeps_only_model_weights(ldm, tmp_path) -> None:
     save_file({**ldm, "model_ema.decay": torch.tensor(0.9999), "lora_unet_x": torch.ones(1)}, str(path))
     weights = read_checkpoint(path, allow_pickle=False)
     assert set(weights.shapes) == set(ldm) and weights.tensors is None  # read by diffusers from the file itself
+
+
+def test_upper_case_safetensors_suffix_exports(ldm, reference, tmp_path) -> None:
+    """`X.SAFETENSORS` that needs no renaming reaches diffusers as it is: diffusers chooses its reader
+    by the exact suffix, so the exporter must hand it a lower-case name."""
+    path = tmp_path / "plain.SAFETENSORS"
+    save_file(ldm, str(path))
+    _assert_same_weights(load_source(str(path)).pipe, reference)
+    output = tmp_path / "out"
+    assert export_main(["--model", str(path), "--output", str(output), "--precision", "fp32"]) == 0
+    assert (output / "unet" / "model.onnx").is_file()

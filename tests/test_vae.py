@@ -115,3 +115,41 @@ def test_broken_vae_files_are_one_clear_error(other_vae, tmp_path):
         load_vae(str(tmp_path / "junk.safetensors"), other_vae, False)
     with pytest.raises(VaeError, match="does not exist"):
         load_vae(str(tmp_path / "none.safetensors"), other_vae, False)
+
+
+def _without_encoder(path: Path, prefix: str, out: Path) -> Path:
+    """`path` with its VAE encoder half pruned, as decoder-only VAEs are shared."""
+    from safetensors.torch import load_file
+
+    encoder = (prefix + "encoder.", prefix + "quant_conv.")
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith(encoder)}, str(out))
+    return out
+
+
+def test_decoder_only_vae_exports_with_no_vae_encoder(tiny_source, other_vae, vae_file, tmp_path):
+    """A decoder-only VAE, as a --vae file or inside the checkpoint, exports with --no-vae-encoder
+    (the user asked for no encoder) and decodes as diffusers does; without the flag it is refused
+    in one line that names it."""
+    from export.__main__ import main as export_main
+
+    decoder_only = _without_encoder(vae_file, "", tmp_path / "decoder-only.safetensors")
+    pruned = _without_encoder(tiny_source["single_file"], "first_stage_model.", tmp_path / "pruned.safetensors")
+    with pytest.raises(VaeError, match="--no-vae-encoder"):
+        load_vae(str(decoder_only), other_vae, allow_pickle=False)
+    pipe = reference.load(tiny_source["diffusers"])
+    expected_plain = reference.generate(pipe, PROMPT, NEGATIVE, "euler_a", [9], steps=4)
+    pipe.vae = other_vae
+    expected_other = reference.generate(pipe, PROMPT, NEGATIVE, "euler_a", [9], steps=4)
+    cases = {
+        "vae-file": (["--model", str(tiny_source["single_file"]), "--vae", str(decoder_only)], expected_other),
+        "checkpoint": (["--model", str(pruned)], expected_plain),
+    }
+    for name, (args, expected) in cases.items():
+        output = tmp_path / name
+        assert export_main([*args, "--output", str(output), "--precision", "fp32", "--no-vae-encoder"]) == 0, name
+        assert not (output / "vae_encoder").exists()
+        ours = Pipeline.from_pretrained(output, provider="cpu")
+        out = ours(PROMPT, negative_prompt=NEGATIVE, seed=9, width=64, height=64, num_inference_steps=4,
+                   output_type="np")  # fmt: skip
+        assert np.abs(np.stack(out.images) - expected).max() * 255 <= 1.0, name
+    assert export_main(["--model", str(pruned), "--output", str(tmp_path / "refused"), "--precision", "fp32"]) == 2
