@@ -36,6 +36,8 @@ CORPUS = [
     "combining e\u0301 vs precomposed é, Å vs A\u030a",
     "no\u00a0break\u2003em\u3000ideographic spaces and zero\u200bwidth",
     "<|endoftext|>",
+    "<|ENDOFTEXT|> upper-case end token, <|EndOfText|> mixed",  # lower-cased before CLIP's split
+    "ΟΔΥΣΣΕΥΣ, ΣΟΦΙΑ ΚΑΙ ΟΔΥΣΣΕΥΣ ΣΣ Σ.",  # Python's lower(): a word-final Σ becomes ς
     "before<|endoftext|>after <|startoftext|> both",
     "&lt;|endoftext|&gt; escaped",
     "Café naïve résumé Ångström façade",

@@ -44,7 +44,7 @@ CORPUS = [
     "http://example.com/path?query=1&x=y",
 ]
 for text in CORPUS:
-    assert clean_text(text) == unicodedata.normalize("NFC", " ".join(text.split())), f"not plain text: {text!r}"
+    assert clean_text(text) == unicodedata.normalize("NFC", " ".join(text.split())).lower(), f"not plain: {text!r}"
 
 
 @pytest.fixture(scope="module", params=["tokenizer.json", "vocab+merges"])
@@ -84,7 +84,7 @@ def test_reference_covers_what_ftfy_repairs():
         if fast(case["text"], add_special_tokens=False).input_ids != case["ids"]
     ]  # fmt: skip
     assert len(differing) >= 8, differing
-    for marker in ("’", "ﬁ", "ＦＵＬＬ", "&amp;", "â€™", "😀", "<|endoftext|>"):
+    for marker in ("’", "ﬁ", "ＦＵＬＬ", "&amp;", "â€™", "😀", "<|endoftext|>", "<|ENDOFTEXT|>", "ΟΔΥΣΣΕΥΣ"):
         assert any(marker in case["text"] for case in SLOW_REFERENCE["cases"]), marker
 
 

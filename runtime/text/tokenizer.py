@@ -9,7 +9,7 @@ ftfy's `fix_text` and folds whitespace before BPE. So `it’s`, `“quoted”`, 
 and mojibake such as `itâ€™s` give the ids they give there. HTML entities are unescaped by
 `fix_text` itself, once, and only in text without `<` or `>` (ftfy's "auto" rule): transformers
 does not apply the original CLIP's double `html.unescape`, so neither do we. The literal
-`<|endoftext|>` in a prompt is the end token (49407), as there.
+`<|endoftext|>` in a prompt, in any case, is the end token (49407), as there.
 """
 
 from __future__ import annotations
@@ -36,9 +36,13 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 def clean_text(text: str) -> str:
-    """transformers' slow CLIPTokenizer cleaning: ftfy's fix_text, then runs of whitespace folded
-    to one space and the ends stripped. (Lower-casing is the tokenizer's normalizer.)"""
-    return _WHITESPACE.sub(" ", ftfy.fix_text(text)).strip()
+    """transformers' slow CLIPTokenizer cleaning: ftfy's fix_text, runs of whitespace folded to one
+    space, the ends stripped, then Python's lower(). The tokenizer's own Lowercase normalizer
+    (kept for tokenizer.json files used alone) folds one character at a time; Python's lower()
+    knows context: a word-final `Σ` becomes `ς`, as in the web UI. Lower-casing before the
+    special tokens are matched also makes `<|ENDOFTEXT|>` the end token, as CLIP's split pattern
+    matches it there after the slow tokenizer lower-cased it."""
+    return _WHITESPACE.sub(" ", ftfy.fix_text(text)).strip().lower()
 
 
 def build_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
