@@ -826,6 +826,16 @@ def settings(args: argparse.Namespace, source: Path, exported: Path) -> dict[str
     }  # fmt: skip
 
 
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here (None: it can). Checked before anything is exported: the IR
+    export would otherwise fail after the runtime's export, minutes in."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as error:
+        return f"OpenVINO is not installed ({error}); pip install '.[openvino]' adds it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -833,6 +843,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     machine = machine_info(args.threads)
     systems = [name for name in SYSTEMS if name in args.systems.split(",")]
+    skipped = {}
+    if args.provider == "openvino" or "openvino" in systems:
+        missing = openvino_missing()
+        if missing and args.provider == "openvino":
+            print(f"error: --provider openvino: {missing}", file=sys.stderr)
+            return 2
+        if missing and "openvino" in systems:
+            systems.remove("openvino")
+            skipped["openvino"] = missing
+            print(f"note: the OpenVINO peer is skipped: {missing}", flush=True)
     source, exported, openvino = prepare(args, systems)
     print(f"diffusers source: {source}\nruntime export:   {exported}\nOpenVINO IR:      {openvino}", flush=True)
     if openvino is None and "openvino" in systems:
@@ -861,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         "env_mb": env,
         "parity": parity,
         "parity_openvino": parity_openvino,
+        "skipped": skipped,  # peers that could not run here, and why
         "machine": machine,
         "seconds": round(time.time() - started, 1),
     }

@@ -19,19 +19,47 @@ RATIOS = ("unet_step", "text_encode", "vae_decode", "total", "cold_start", "peak
 FIGURES = ("unet_step_s", "text_encode_s", "vae_decode_s", "total_s", "cold_start_s", "peak_rss_mb")
 
 
+def without_openvino(work: Path) -> dict[str, str]:
+    """The environment of an install without the openvino extra: a package of that name on the path
+    that fails to import, as a missing one does."""
+    stub = work / "no-openvino" / "openvino"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError(\"No module named 'openvino'\")\n")
+    path = os.pathsep.join(filter(None, [str(stub.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+
+
+def bench(work: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--arch", "tiny", *args]
+    env = {**env, "ACERTAIN_BENCH_CACHE": str(work / "cache")}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
+    """As documented, in an install without the openvino extra: the OpenVINO peer is skipped with a
+    note, and everything else is measured."""
     work = tmp_path_factory.mktemp("bench")
     out = work / "out.json"
-    env = {**os.environ, "ACERTAIN_BENCH_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, str(REPO / "scripts" / "bench.py"), "--arch", "tiny", "--steps", "2", "--height", "64",
-        "--width", "64", "--repeats", "1", "--retries", "0", "--json", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    args = ["--steps", "2", "--height", "64", "--width", "64", "--repeats", "1", "--retries", "0", "--json", str(out)]
+    done = bench(work, without_openvino(work), *args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "UNet step" in done.stdout  # the table was printed
+    assert "OpenVINO peer is skipped" in done.stdout
     return json.loads(out.read_text())
+
+
+def test_openvino_peer_is_skipped_with_a_note_without_the_extra(report):
+    assert "openvino" in report["skipped"]
+    assert report["openvino"]["details"] == {} and report["parity_openvino"] is None
+
+
+def test_openvino_provider_without_the_extra_fails_before_any_export(tmp_path):
+    done = bench(tmp_path, without_openvino(tmp_path), "--provider", "openvino")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert "--provider openvino: OpenVINO is not installed" in done.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was built or exported
 
 
 def test_json_has_every_ratio_as_a_positive_number(report):

@@ -40,6 +40,7 @@ from addon_files import tiny_embedding, tiny_lora  # noqa: E402
 from runtime.server.config import Limits, ServerConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RAY_DASHBOARD_PORT = 8265  # ray.init's default dashboard port
 TORCH_STACK = ("torch", "transformers", "diffusers", "optimum")
 SMALL = {"width": 64, "height": 64}
 RECIPE = {
@@ -98,12 +99,13 @@ def cluster(tiny_fp32: Path, addons: Addons) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
+    from runtime.cluster.__main__ import start_ray
     from runtime.cluster.app import deploy
     from runtime.cluster.model_check import fingerprint
     from runtime.cluster.settings import ClusterSettings
 
     # 2 CPUs for the replicas, 1 for the deployment that must fail; the ingress takes none.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_ray(None, num_cpus=3, log_to_driver=False)
     port = _free_port()
     server = addons.server(tiny_fp32, port=port, queue_size=QUEUE_PER_REPLICA)
     settings = ClusterSettings(server=server, replicas=2, cpus_per_replica=1, fingerprint=fingerprint(tiny_fp32))
@@ -147,6 +149,15 @@ def test_cluster_package_never_imports_the_torch_stack() -> None:
         f"assert not any(sys.modules.get(name) for name in {TORCH_STACK!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_a_local_cluster_serves_no_dashboard(cluster: Cluster) -> None:
+    """start_ray's local Ray opens no dashboard UI: nothing listens on Ray's dashboard port."""
+    import psutil
+
+    listening = {conn.laddr.port for conn in psutil.net_connections("tcp") if conn.status == psutil.CONN_LISTEN}
+    assert RAY_DASHBOARD_PORT not in listening
+    assert httpx.get(cluster.url + "/sdapi/v1/samplers").status_code == 200  # while the cluster serves
 
 
 def test_a_bad_model_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..options import Parser, positive, positive_number
@@ -84,13 +85,26 @@ def _check_room(settings: ClusterSettings) -> None:
         raise UserError("this Ray cluster has no GPU: give --cpus-per-replica K for CPU replicas")
 
 
+def start_ray(address: str | None, **options: Any) -> None:
+    """Join the Ray cluster at `address`, or start a local one without Ray's dashboard UI (nothing
+    listens on its port 8265). Ray 2.60 still starts its API-server process (dashboard.py, with
+    `--disable-frontend` and only the usage-stats module, which reports nothing unless
+    RAY_USAGE_STATS_ENABLED=1) and the per-node dashboard agent: Ray offers no switch for them.
+    A new local cluster turns on Ray's token authentication and keeps the token in
+    ~/.ray/auth_token (docs/cluster.md). `options` go to ray.init (tests: num_cpus)."""
+    import ray
+
+    dashboard = False if address is None else None  # a cluster made elsewhere keeps its own choice
+    ray.init(address=address, include_dashboard=dashboard, logging_level=logging.WARNING, **options)
+
+
 def serve_until_stopped(settings: ClusterSettings, address: str | None) -> None:
     import ray
     from ray import serve
 
     from .app import deploy
 
-    ray.init(address=address, include_dashboard=False if address is None else None, logging_level=logging.WARNING)
+    start_ray(address)
     try:
         _check_room(settings)
         deploy(settings)
