@@ -24,7 +24,6 @@ MAX_WEIGHT = 1000.0  # far above any useful emphasis; bounds what one weight can
 MAX_AND_PARTS = 16
 MAX_SEED = 2**32 - 1  # A1111's range; random seeds come from [0, 2**32 - 2] as in the web UI
 MAX_GENERATOR_SEED = 2**64 - 1  # torch.manual_seed's range: seed + ENSD must fit in it
-OUTPUT_TYPES = ("pil", "np")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Text-to-image on ONNX Runtime: prompt -> text conditioning -> sampler loop with CFG -> VAE.
+"""Running a planned generation on the graphs: text encoder -> sampler loop with CFG -> VAE.
 
-The API follows diffusers' StableDiffusionPipeline (`Pipeline.from_pretrained(folder)`, then call
-it with a prompt) and its defaults follow ACertainThing's model card (28 steps, Euler a, CFG 11).
+`Pipeline` is a Planner with sessions. The API follows diffusers' StableDiffusionPipeline
+(`Pipeline.from_pretrained(folder)`, then call it with a prompt) and its defaults follow
+ACertainThing's model card (28 steps, Euler a, CFG 11).
 """
 
 from __future__ import annotations
