@@ -35,6 +35,21 @@ def test_pil_and_numpy_outputs(pipe):
     assert pil.seeds == [1, 2] and "Seed: 2," in pil.infotexts[1]
 
 
+def test_leading_parameters_by_position_as_by_name(pipe):
+    """prompt ... eta_noise_seed_delta may come by position (in prepare()'s order), as before."""
+    by_position = pipe("1girl", "lowres", 2, 7.0, 64, 64, 5, 1, "euler", "karras", "cpu", 0, output_type="np")
+    by_name = pipe(
+        prompt="1girl", negative_prompt="lowres", num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
+        seed=5, sampler="euler", schedule="karras", output_type="np",
+    )  # fmt: skip
+    assert np.array_equal(by_position.images[0], by_name.images[0])
+    assert by_position.infotexts == by_name.infotexts
+    with pytest.raises(TypeError, match="multiple values for seed"):
+        pipe("1girl", "", 2, 7.0, 64, 64, 5, seed=6)
+    with pytest.raises(TypeError, match="at most 12 positional"):
+        pipe("1girl", "", 2, 7.0, 64, 64, 5, 1, "euler", "karras", "cpu", 0, "pil")
+
+
 def test_same_seed_same_image_and_random_seed_reported(pipe):
     first = pipe("1girl", seed=11, output_type="np", **SMALL).images[0]
     again = pipe("1girl", seed=11, output_type="np", **SMALL).images[0]

@@ -5,6 +5,7 @@ naming the field) and the prompts, schedule, seeds, init image and hires pass pl
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,23 @@ def prepare(
         request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling,
         tuple(loras), rows, vae,
     )  # fmt: skip
+
+
+# The leading keywords of prepare() that Pipeline.__call__ also takes by position, in this order
+# (prompt, negative_prompt, num_inference_steps, ... eta_noise_seed_delta), read off its signature
+# so that the list of parameters lives in one place.
+POSITIONAL = tuple(inspect.signature(prepare).parameters)[3:15]
+
+
+def positional_parameters(args: tuple[Any, ...], keywords: dict[str, Any]) -> dict[str, Any]:
+    """prepare()'s keywords from a call's positional arguments (see POSITIONAL) and keywords."""
+    if len(args) > len(POSITIONAL):
+        raise TypeError(f"takes at most {len(POSITIONAL)} positional arguments ({', '.join(POSITIONAL)})")
+    named = dict(zip(POSITIONAL, args, strict=False))
+    twice = set(named) & set(keywords)
+    if twice:
+        raise TypeError(f"got multiple values for {', '.join(sorted(twice))}")
+    return {**named, **keywords}
 
 
 def _hires_conditioning(

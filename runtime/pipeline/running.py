@@ -46,7 +46,7 @@ from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
 from .denoising import make_denoiser, per_image_noise
-from .planning import Planner
+from .planning import Planner, positional_parameters
 from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
 
 log = logging.getLogger(__name__)
@@ -148,19 +148,18 @@ class Pipeline(Planner):
 
     def __call__(
         self,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
+        *args: Any,
         output_type: str = "pil",
         callback: StepCallback | None = None,
         cancel_event: threading.Event | None = None,
         **parameters: Any,
     ) -> PipelineOutput:
-        """Generate: prepare (every parameter checked once) then run. `parameters` are prepare()'s
-        keywords (runtime.pipeline.planning.prepare: num_inference_steps, guidance_scale, seed,
-        sampler, img2img, inpainting, hires fix, ...), described there once."""
+        """Generate: prepare (every parameter checked once) then run. The parameters are prepare()'s
+        (runtime.pipeline.planning.prepare: prompt, negative_prompt, num_inference_steps,
+        guidance_scale, seed, sampler, img2img, inpainting, hires fix, ...), described there once;
+        the first twelve may also be given by position, prompt first."""
         check_output_type(output_type)
-        prepared = self.prepare(prompt=prompt, negative_prompt=negative_prompt, **parameters)
+        prepared = self.prepare(**positional_parameters(args, parameters))
         return self.run(prepared, output_type, callback, cancel_event)
 
     def run(
