@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -92,3 +93,59 @@ def test_sampler_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, mon
     got = ours(runtime_fp32, sampler, schedule)
     assert expected.std() > 0.02  # a real image, not a flat one
     assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def init_image() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    return Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8) % 255)
+
+
+def kdiffusion_img2img(pipe, raw_config, sampler: str, strength: float, monkeypatch, steps: int) -> np.ndarray:
+    """A1111's sample_img2img: t_enc = int(min(strength, 0.999) * steps), the sampler runs
+    sigmas[steps - t_enc - 1:] from x0 + noise * that first level. The init latent is drawn from
+    the VAE's distribution with the image's generator before the noise, as the runtime (and
+    diffusers) draw it."""
+    denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
+    model = kd.cfg_model(
+        denoiser, reference.clip_skip_embeddings(pipe, PROMPT), reference.clip_skip_embeddings(pipe, NEGATIVE), CFG
+    )
+    pixels = torch.from_numpy(np.asarray(init_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels).latent_dist
+        x0 = (dist.mean + dist.std * torch.randn(shape, generator=generator)) * pipe.vae.config.scaling_factor
+        noise = torch.randn(shape, generator=generator)
+        monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+        sigmas = a1111_sigmas(denoiser, sampler, "automatic", steps)
+        t_enc = int(min(strength, 0.999) * steps)
+        schedule = sigmas[steps - t_enc - 1 :]
+        latents = getattr(kd.sampling, A1111[sampler][0])(model, x0 + noise * schedule[0], schedule, disable=True)
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6, 0.75])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+def test_img2img_a1111_rule_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, strength):
+    steps = 6
+    expected = kdiffusion_img2img(diffusers_pipe, raw_config, sampler, strength, monkeypatch, steps)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, sampler=sampler, schedule="automatic", num_inference_steps=steps,
+        guidance_scale=CFG, output_type="np", image=init_image(), strength=strength, step_rule="a1111",
+    )  # fmt: skip
+    assert np.abs(out.images[0] - expected[0]).max() * 255 <= 1.0
+    assert "Strength rule" not in out.infotexts[0]  # A1111's own rule: A1111's infotext
+
+
+def test_img2img_step_rules(runtime_fp32):
+    """A1111 runs t_enc + 1 levels (one noisier start than diffusers' int(steps * strength));
+    img2img_fix_steps runs exactly `steps` over int(steps / strength) levels."""
+    prepare = runtime_fp32.prepare
+    common = {"prompt": PROMPT, "image": init_image(), "strength": 0.6, "num_inference_steps": 10, "sampler": "euler"}
+    a1111 = prepare(**common, schedule="automatic", step_rule="a1111").schedule
+    diffusers = prepare(**common, schedule="automatic").schedule
+    fixed = prepare(**common, schedule="automatic", step_rule="a1111", img2img_fix_steps=True).schedule
+    assert (a1111.steps, diffusers.steps, fixed.steps) == (7, 6, 10)
+    assert a1111.sigmas[1] == diffusers.sigmas[0]
+    assert prepare(**common, schedule="automatic").init.infotext["Strength rule"] == "diffusers"

@@ -764,8 +764,9 @@ def test_img2img_matches_the_library(main: Server, tiny_fp32: Path, with_mask: b
     assert info["denoising_strength"] == 0.6 and result["parameters"]["init_images"] is None
     pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
     expected = pipe(
-        "1girl", "", 4, 7.0, 64, 64, 114514, 1, sampler="euler_a", schedule="a1111", rng="nv",
-        image=base64.b64decode(_png_base64()), strength=0.6, **options,
+        "1girl", "", num_inference_steps=4, guidance_scale=7.0, width=64, height=64, seed=114514,
+        num_images_per_prompt=1, sampler="euler_a", schedule="automatic", rng="nv",
+        image=base64.b64decode(_png_base64()), strength=0.6, step_rule="a1111", **options,
     )  # fmt: skip
     pixels, text = decode_png(result["images"][0])
     np.testing.assert_array_equal(pixels, np.asarray(expected.images[0]))
