@@ -18,47 +18,81 @@ class SamplerInfo:
     name: str  # A1111's label (infotext "Sampler", /sdapi/v1/samplers)
     key: str  # the library's sampler
     aliases: tuple[str, ...]  # A1111's aliases
-    options: dict
-    automatic: str  # the library schedule A1111's "Automatic" means for this sampler
+    options: dict  # A1111's sampler options, as /sdapi/v1/samplers lists them
     eta: float | None = None  # the only eta the library's sampler implements, if it takes one
-    ancestral: bool = False  # draws noise while sampling (ENSD applies)
+    ancestral: bool = False  # draws noise while sampling (ENSD applies): A1111's "uses_ensd"
 
 
+# A1111 1.10's samplers_k_diffusion / samplers_timesteps entries this runtime implements, in its
+# order. "Automatic" per sampler (options["scheduler"]) lives in runtime.sampling.schedules.AUTOMATIC.
 SAMPLERS = (
-    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, "a1111", 1.0, True),
-    SamplerInfo("Euler", "euler", ("k_euler",), {}, "a1111"),
-    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}, "karras"),
-    SamplerInfo("DDIM", "ddim", ("ddim",), {}, "a1111", eta=0.0),
-)
+    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}),
+    SamplerInfo("DPM++ 2S a", "dpmpp_2s_a", ("k_dpmpp_2s_a",),
+                {"scheduler": "karras", "uses_ensd": True, "second_order": True}, 1.0, True),
+    SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("Euler", "euler", ("k_euler",), {}),
+    SamplerInfo("LMS", "lms", ("k_lms",), {}),
+    SamplerInfo("Heun", "heun", ("k_heun",), {"second_order": True}),
+    SamplerInfo("DPM2", "dpm2", ("k_dpm_2",),
+                {"scheduler": "karras", "discard_next_to_last_sigma": True, "second_order": True}),
+    SamplerInfo("DPM2 a", "dpm2_a", ("k_dpm_2_a",),
+                {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True},
+                1.0, True),
+    SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("DDIM", "ddim", ("ddim",), {}, eta=0.0),
+)  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
-
-# Library schedules -> infotext "Schedule type" (None: A1111's "Automatic", written as nothing).
-SCHEDULE_LABELS = {"model": "Diffusers", "karras": "Karras", "a1111": None}
+# A1111 samplers this runtime does not implement: refused by name rather than "not found".
+UNSUPPORTED_SAMPLERS = (
+    "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM adaptive", "Restart",
+    "DDIM CFG++", "PLMS", "UniPC", "LCM",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class SchedulerInfo:
-    """A1111's `scheduler` field."""
+    """A1111's `scheduler` field (sd_schedulers.py; /sdapi/v1/schedulers lists these fields)."""
 
     name: str
     label: str
-    schedule: str | None  # library schedule; None: "the sampler's automatic one"
+    schedule: str  # the library schedule (runtime.sampling.schedules.SCHEDULES)
     aliases: tuple[str, ...] = ()
     default_rho: float | None = None
     need_inner_model: bool | None = None
 
 
 SCHEDULERS = (
-    SchedulerInfo("automatic", "Automatic", None),
+    SchedulerInfo("automatic", "Automatic", "automatic"),
     SchedulerInfo("uniform", "Uniform", "a1111", need_inner_model=True),
     SchedulerInfo("karras", "Karras", "karras", default_rho=7.0),
-    SchedulerInfo("diffusers", "Diffusers", "model"),
+    SchedulerInfo("exponential", "Exponential", "exponential"),
+    SchedulerInfo("polyexponential", "Polyexponential", "polyexponential", default_rho=1.0),
+    SchedulerInfo("sgm_uniform", "SGM Uniform", "sgm_uniform", ("SGMUniform",), need_inner_model=True),
+    SchedulerInfo("kl_optimal", "KL Optimal", "kl_optimal"),
+    SchedulerInfo("align_your_steps", "Align Your Steps", "align_your_steps"),
+    SchedulerInfo("simple", "Simple", "simple", need_inner_model=True),
+    SchedulerInfo("normal", "Normal", "normal", need_inner_model=True),
+    SchedulerInfo("ddim", "DDIM", "ddim", need_inner_model=True),
+    SchedulerInfo("beta", "Beta", "beta", need_inner_model=True),
+    SchedulerInfo("diffusers", "Diffusers", "model"),  # not A1111's: the diffusers scheduler's own levels
 )
-# A1111 schedulers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SCHEDULERS = (
-    "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform", "KL Optimal", "Align Your Steps",
-    "Simple", "Normal", "DDIM", "Beta",
-)  # fmt: skip
+
+# Library schedule -> infotext "Schedule type"; None writes nothing ("a1111": A1111's plain levels,
+# "automatic": see schedule_label).
+SCHEDULE_LABELS = {"model": "Diffusers", "a1111": None, "automatic": None, "uniform": "Uniform"} | {
+    s.schedule: s.label for s in SCHEDULERS if s.schedule not in ("model", "a1111", "automatic")
+}
+
+
+def schedule_label(sampler_key: str, schedule_name: str, automatic: dict[str, str]) -> str | None:
+    """The infotext "Schedule type": A1111 writes the label of the schedule type its "Automatic"
+    resolves to when that is not the plain one (DPM++ 2M: "Karras"); DDIM takes none."""
+    if sampler_key == "ddim" and schedule_name != "model":
+        return None
+    if schedule_name == "automatic":
+        schedule_name = automatic.get(sampler_key, "a1111")
+    return SCHEDULE_LABELS[schedule_name]
+
 
 # Library RNG -> infotext "RNG"; A1111's randn_source values -> library RNG.
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
@@ -110,6 +144,10 @@ def _choices(names) -> str:
 def sampler(name: str, field: str = "sampler") -> SamplerInfo:
     """A sampler by library key, A1111 label or alias."""
     info = _SAMPLER_TABLE.get(_key(name)) if isinstance(name, str) else None
+    if info is None and isinstance(name, str) and _key(name) in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
+        raise InvalidRequestError(
+            field, f"{name!r} is not supported by this server; choose one of {_choices(s.name for s in SAMPLERS)}"
+        )
     if info is None:
         raise InvalidRequestError(
             field, f"unknown sampler {name!r}; choose one of {_choices(s.name for s in SAMPLERS)}"
@@ -144,8 +182,6 @@ def scheduler(name: str) -> SchedulerInfo:
     if info is not None:
         return info
     choices = _choices(s.label for s in SCHEDULERS)
-    if _key(name) in {_key(n) for n in UNSUPPORTED_SCHEDULERS}:
-        raise InvalidRequestError("scheduler", f"{name!r} is not supported by this server; use {choices}")
     raise InvalidRequestError("scheduler", f"unknown scheduler {name!r}; use {choices}")
 
 
@@ -155,11 +191,14 @@ def sampler_and_scheduler(name: str, scheduler_name: str) -> tuple[SamplerInfo, 
     info = _SAMPLER_TABLE.get(_key(name))
     if info is not None:
         return info, scheduler(scheduler_name)
-    for suffix in (*(n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)), *UNSUPPORTED_SCHEDULERS):
+    for suffix in (n for s in SCHEDULERS for n in (s.label, s.name, *s.aliases)):
         if _key(name).endswith(" " + _key(suffix)):
-            base = _SAMPLER_TABLE.get(_key(name)[: -len(_key(suffix)) - 1])
+            base_name = _key(name)[: -len(_key(suffix)) - 1]
+            base = _SAMPLER_TABLE.get(base_name)
             if base is not None:
                 return base, scheduler(suffix)
+            if base_name in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
+                sampler(base_name, "sampler_name")  # "not supported", listing the choices
     return sampler(name, "sampler_name"), scheduler(scheduler_name)
 
 
@@ -169,4 +208,4 @@ def library_schedule(info: SamplerInfo, found: SchedulerInfo) -> str:
         return "model"
     if info.key == "ddim":
         return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
-    return found.schedule or info.automatic
+    return found.schedule

@@ -10,3 +10,7 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,server,cluster,openvino,test]"
+# The samplers' reference: k-diffusion's sampling code only (tests/kdiffusion_reference.py). Its
+# declared requirements (torchvision, clip, wandb...) are never used by that code and would replace
+# the CPU torch, hence --no-deps; what the code does need is in the test extra.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1"

@@ -286,7 +286,7 @@ def test_deterministic_samplers_never_draw_noise(raw_config):
 
 
 def test_sampler_functions_cover_every_sampler():
-    from runtime.sampling.schedules import SAMPLERS
+    from runtime.sampling.schedules import DIFFUSERS_SAMPLERS as SAMPLERS
 
     assert set(SAMPLER_FUNCTIONS) == set(SAMPLERS)
 

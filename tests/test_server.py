@@ -226,9 +226,15 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
         progress = client.get("/sdapi/v1/progress").json()
         schema = client.get("/openapi.json").json()
     assert models[0]["model_name"] == "tiny-diffusers" and {"title", "hash", "filename"} <= set(models[0])
-    assert [s["name"] for s in samplers] == ["Euler a", "Euler", "DPM++ 2M", "DDIM"]
-    assert "k_euler_a" in samplers[0]["aliases"] and samplers[2]["options"] == {"scheduler": "karras"}
-    assert {s["label"] for s in schedulers} >= {"Automatic", "Uniform", "Karras"}
+    assert [s["name"] for s in samplers] == [
+        "DPM++ 2M", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DDIM",
+    ]  # fmt: skip
+    assert "k_euler_a" in samplers[2]["aliases"] and samplers[0]["options"] == {"scheduler": "karras"}
+    assert [s["label"] for s in schedulers][:12] == [
+        "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+        "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
+    ]  # fmt: skip
+    assert schedulers[5]["aliases"] == ["SGMUniform"] and schedulers[4]["default_rho"] == 1.0
     assert options["CLIP_stop_at_last_layers"] == 2 and options["sd_model_checkpoint"] == models[0]["title"]
     assert health["status"] == "ok" and health["provider"] == "CPUExecutionProvider"
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
@@ -245,6 +251,8 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
         ({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "Karras"),
         ({"sampler_name": "euler a", "scheduler": "karras"}, "Euler a", "Karras"),
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "DDIM", None),  # A1111's DDIM ignores it
+        ({"sampler_name": "DPM2 a"}, "DPM2 a", "Karras"),
+        ({"sampler_name": "Heun", "scheduler": "beta"}, "Heun", "Beta"),
         ({}, "Euler", None),  # A1111's default sampler
         ({"sampler_name": None, "seed": None, "prompt": None}, "Euler", None),  # null = omitted
     ],
@@ -694,17 +702,26 @@ def test_mapping_rules() -> None:
         sampler, found = find_sampler(name, scheduler)
         return sampler.key, library_schedule(sampler, found)
 
-    assert resolve("Euler a") == ("euler_a", "a1111")
-    assert resolve("k_euler_ancestral") == ("euler_a", "a1111")
+    assert resolve("Euler a") == ("euler_a", "automatic")
+    assert resolve("k_euler_ancestral") == ("euler_a", "automatic")
     assert resolve("euler_ancestral", "Karras") == ("euler_a", "karras")
-    assert resolve("DPM++ 2M") == ("dpmpp_2m", "karras")
+    assert resolve("DPM++ 2M") == ("dpmpp_2m", "automatic")  # Karras: runtime.sampling.schedules.AUTOMATIC
+    assert resolve("DPM++ 2M SGM Uniform") == ("dpmpp_2m", "sgm_uniform")
+    assert resolve("k_dpm_2_a", "Align Your Steps") == ("dpm2_a", "align_your_steps")
     assert resolve("dpm++ 2m", "uniform") == ("dpmpp_2m", "a1111")
     assert resolve("DPM++ 2M Karras", "Uniform") == ("dpmpp_2m", "karras")  # the suffix wins, as in A1111
     assert resolve("DDIM", "Karras") == ("ddim", "a1111")
     assert resolve("Euler", "Diffusers") == ("euler", "model")
     with pytest.raises(InvalidRequestError) as error:
-        resolve("DPM++ 2M SGM Uniform")
-    assert error.value.field == "scheduler"
+        resolve("DPM++ 2M", "Karras Exponential")
+    assert error.value.field == "scheduler" and "'Beta'" in error.value.message
+    with pytest.raises(InvalidRequestError) as error:
+        resolve("DPM++ 2M SDE Karras")
+    assert (
+        error.value.field == "sampler_name"
+        and "not supported" in error.value.message
+        and "'Heun'" in error.value.message
+    )
 
 
 # -- img2img, inpainting, hires fix and their endpoints ---------------------------------------------
@@ -747,8 +764,9 @@ def test_img2img_matches_the_library(main: Server, tiny_fp32: Path, with_mask: b
     assert info["denoising_strength"] == 0.6 and result["parameters"]["init_images"] is None
     pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
     expected = pipe(
-        "1girl", "", 4, 7.0, 64, 64, 114514, 1, sampler="euler_a", schedule="a1111", rng="nv",
-        image=base64.b64decode(_png_base64()), strength=0.6, **options,
+        "1girl", "", num_inference_steps=4, guidance_scale=7.0, width=64, height=64, seed=114514,
+        num_images_per_prompt=1, sampler="euler_a", schedule="automatic", rng="nv",
+        image=base64.b64decode(_png_base64()), strength=0.6, step_rule="a1111", **options,
     )  # fmt: skip
     pixels, text = decode_png(result["images"][0])
     np.testing.assert_array_equal(pixels, np.asarray(expected.images[0]))

@@ -5,13 +5,14 @@ samples img2img-style at the larger size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .. import registry
 from ..errors import InvalidRequestError
 from ..registry import UpscalerInfo
 from ..sampling.schedules import Schedule
-from .img2img import slice_schedule, start_step
+from .img2img import plan_denoise
 from .inputs import check_strength, check_whole_number
 from .metadata import infotext_number
 from .upscale import target_size
@@ -53,6 +54,7 @@ def plan_hires(
     hr_prompt: str = "",
     hr_negative_prompt: str = "",
     hr_sampler_name: str | None = None,
+    step_rule: str = "diffusers",
 ) -> HiresPlan:
     """Check the hires fields and lay out the second pass (A1111's calculate_target_resolution)."""
     if isinstance(hr_scale, bool) or not isinstance(hr_scale, int | float) or not 1.0 <= hr_scale <= MAX_SCALE:
@@ -70,8 +72,8 @@ def plan_hires(
     latent_w, latent_h = to_x // factor - truncate_x, to_y // factor - truncate_y
     if latent_w < 1 or latent_h < 1 or to_x < width or to_y < height:
         raise InvalidRequestError("hr_resize_x", f"hires size {to_x}x{to_y} is smaller than the first pass")
-    schedule = make_schedule(sampler, second_steps or steps)
-    schedule = slice_schedule(schedule, start_step(schedule.steps, strength))
+    # A1111 passes the hires pass its step count, so it always takes the img2img_fix_steps rule.
+    schedule = plan_denoise(partial(make_schedule, sampler), second_steps or steps, strength, step_rule, True)
     # A1111's init() order: sampler, prompts, then the size, steps and upscaler.
     info: dict[str, Any] = {"Denoising strength": infotext_number(strength)}
     if sampler != first_sampler:
@@ -86,6 +88,7 @@ def plan_hires(
         info["Hires resize"] = f"{resize_x}x{resize_y}"
     info["Hires steps"] = second_steps or None
     info["Hires upscaler"] = upscaler.name
+    info["Strength rule"] = "diffusers" if step_rule == "diffusers" and schedule.log_sigmas is not None else None
     return HiresPlan(
         upscaler, (to_y, to_x), (truncate_x, truncate_y), latent_w * factor, latent_h * factor, sampler, schedule,
         strength, hr_prompt or prompt, hr_negative_prompt or negative_prompt, info,

@@ -117,9 +117,38 @@ def _mask_infotext(blur: int, fill: int, full_res: bool, padding: int, invert: b
     }
 
 
+STEP_RULES = ("diffusers", "a1111")
+
+
 def start_step(steps: int, strength: float) -> int:
     """diffusers' get_timesteps: int(steps * strength) steps run, from the end of the schedule."""
     return steps - min(int(steps * strength), steps)
+
+
+def a1111_steps(steps: int, strength: float, fix_steps: bool) -> tuple[int, int]:
+    """(schedule length, t_enc) of A1111's img2img (sd_samplers_common.setup_img2img_steps): the
+    schedule has `steps` levels and t_enc = int(min(strength, 0.999) * steps), or with
+    "img2img_fix_steps" (always for the hires pass) int(steps / min(strength, 0.999)) levels and
+    t_enc = steps - 1. The sampler then runs the last t_enc + 1 steps of it: one more than
+    diffusers' rule, starting one level noisier."""
+    capped = min(strength, 0.999)
+    if fix_steps:
+        return (int(steps / capped) if strength > 0 else 0), steps - 1
+    return steps, int(capped * steps)
+
+
+def plan_denoise(make: Any, steps: int, strength: float, rule: str, fix_steps: bool = False) -> Schedule:
+    """The schedule an img2img (or hires) pass runs at `strength`: `make(n)` builds an n-step
+    schedule. "a1111" slices it as A1111's KDiffusionSampler.sample_img2img does
+    (``sigmas[steps - t_enc - 1:]``) for k-diffusion schedules; "diffusers" (and A1111's DDIM,
+    whose timestep loop this runtime runs as diffusers' DDIM) keeps diffusers' get_timesteps."""
+    if rule == "a1111":
+        total, t_enc = a1111_steps(steps, strength, fix_steps)
+        schedule = make(max(total, 1))
+        if schedule.log_sigmas is not None:
+            return slice_schedule(schedule, max(schedule.steps - t_enc - 1, 0))
+    schedule = make(steps)
+    return slice_schedule(schedule, start_step(schedule.steps, strength))
 
 
 def slice_schedule(schedule: Schedule, start: int) -> Schedule:

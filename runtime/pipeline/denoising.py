@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..sampling.rng import NoiseGenerator
-from ..sampling.schedules import Schedule
 from ..text.conditioning import unet_contexts
 from .request import CondPiece
 
@@ -17,19 +16,20 @@ if TYPE_CHECKING:
     from ..graphs.openvino_sessions import OpenVINOUNet
     from ..graphs.sessions import UNetSession
 
-Denoiser = Callable[[np.ndarray, int], np.ndarray]
+Denoiser = Callable[[np.ndarray, float, float], np.ndarray]
+"""(x, sigma, timestep) -> the predicted clean x (VE space) at noise level sigma."""
 
 
 def make_denoiser(
     unet: UNetSession | OpenVINOUNet,
-    schedule: Schedule,
     conditioning: tuple[CondPiece, ...],
     states: dict[str, np.ndarray],
     scale: float,
     latent_shape: tuple,
     pad_conds: bool = False,
 ) -> Denoiser:
-    """The model as samplers see it: x in VE space and a step index -> predicted clean x.
+    """The model as samplers see it: x in VE space, its noise level and the UNet timestep for that
+    level -> predicted clean x.
     Call i (counted from 0, as A1111 counts denoiser calls) uses the first conditioning
     piece with i < until_step; the UNet is rebound only when the piece changes. With
     guidance one UNet call runs the uncond half first (as diffusers does), then one half per
@@ -53,13 +53,13 @@ def make_denoiser(
             bound["piece"] = index
         return conditioning[index]
 
-    def denoise(x: np.ndarray, step: int) -> np.ndarray:
+    def denoise(x: np.ndarray, sigma: float, timestep: float) -> np.ndarray:
         piece = bind()
-        sigma = np.float32(schedule.sigmas[step])
+        sigma = np.float32(sigma)
         scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
         outputs = []
         for unet_step, halves in bound["steps"]:
-            timesteps = np.full((batch * halves,), schedule.timesteps[step], dtype=np.float32)
+            timesteps = np.full((batch * halves,), timestep, dtype=np.float32)
             outputs.append(unet_step(np.concatenate([scaled] * halves), timesteps))
         eps = np.concatenate(outputs)
         if piece.uncond is not None:

@@ -6,6 +6,7 @@ naming the field) and the prompts, schedule, seeds, init image and hires pass pl
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..graphs.lora import LoraLibrary, LoraResolver
 from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_scheduler_config, text_vocab_size
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
-from ..images.img2img import default_size, plan_init, slice_schedule, start_step
+from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
@@ -75,6 +76,8 @@ def prepare(
     embeddings: EmbeddingMatcher | None = None,
     vae: str | None = None,
     pad_conds: bool = False,
+    step_rule: str = "diffusers",
+    img2img_fix_steps: bool = False,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -93,6 +96,12 @@ def prepare(
     `pad_conds` is A1111's "Pad prompt/negative prompt" option: prompt and negative prompt of
     different 75-token chunk counts share one UNet call, the shorter padded with empty chunks
     (faster; another image). Off, as in the web UI: they run as two UNet calls.
+
+    `step_rule` says how `strength` (and the hires pass's denoising_strength) picks the steps that
+    run: "diffusers" (int(steps * strength) from the end of the schedule, diffusers' pipelines) or
+    "a1111" (A1111's t_enc + 1 steps from one level noisier; `img2img_fix_steps` is A1111's
+    option that runs exactly `steps` steps over a longer schedule). The infotext says "Strength
+    rule: diffusers" where the rule changes the image.
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -138,11 +147,19 @@ def prepare(
     if seeds[-1] + delta > MAX_GENERATOR_SEED:
         most = MAX_GENERATOR_SEED - seeds[-1]
         raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
+    if step_rule not in STEP_RULES:
+        raise InvalidRequestError("step_rule", f"must be one of {', '.join(STEP_RULES)}, not {step_rule!r}")
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
     init = None
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
-        plan = slice_schedule(plan, start_step(plan.steps, strength))
+
+        def make(n: int) -> Any:
+            return make_schedule(scheduler_config, sampler, schedule, n)
+
+        plan = plan_denoise(make, steps, strength, step_rule, bool(img2img_fix_steps))
+        if step_rule == "diffusers" and plan.log_sigmas is not None:
+            init = replace(init, infotext={**init.infotext, "Strength rule": "diffusers"})
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
         seeds, sampler, schedule, rng, delta, pad_conds,
@@ -160,7 +177,7 @@ def prepare(
             raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
         hires = plan_hires(
             width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
-            sampler, prompt, negative_prompt, steps, **(hires_options or {}),
+            sampler, prompt, negative_prompt, steps, **(hires_options or {}), step_rule=step_rule,
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
         hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(

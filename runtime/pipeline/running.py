@@ -39,13 +39,13 @@ from ..images.metadata import format_infotext, infotext_number
 from ..images.tiling import TileSizes, tiled, use_tiling
 from ..images.upscale import truncate, upscale_image, upscale_latents
 from ..limits import LORA_CACHE_MB
-from ..sampling import samplers
+from ..sampling import ksamplers, samplers
 from ..sampling.rng import NoiseGenerator, make_generator
-from ..sampling.schedules import Schedule, final_latents
+from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
-from .denoising import make_denoiser, per_image_noise
+from .denoising import Denoiser, make_denoiser, per_image_noise
 from .planning import Planner, positional_parameters
 from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
 
@@ -236,7 +236,7 @@ class Pipeline(Planner):
         params = {
             "Steps": request.steps,
             "Sampler": registry.sampler(request.sampler).name,
-            "Schedule type": registry.SCHEDULE_LABELS[request.schedule],
+            "Schedule type": registry.schedule_label(request.sampler, request.schedule, AUTOMATIC),
             "CFG scale": infotext_number(request.guidance_scale),
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",  # the first pass's, as A1111 writes it
@@ -300,12 +300,12 @@ class Pipeline(Planner):
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
         states = self.encode(pass_.chunks)
         denoise = make_denoiser(
-            self.sessions.unet, schedule, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
+            self.sessions.unet, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
         )
         last_denoised: dict[str, np.ndarray] = {}
 
-        def tracked(x_in: np.ndarray, step: int) -> np.ndarray:
-            last_denoised["x"] = denoise(x_in, step)
+        def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> np.ndarray:
+            last_denoised["x"] = denoise(x_in, sigma, timestep)
             return last_denoised["x"]
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
@@ -317,7 +317,7 @@ class Pipeline(Planner):
 
         try:
             noise = per_image_noise(generators, shape)
-            x = samplers.sample(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = run_sampler(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
@@ -402,6 +402,20 @@ class _Pass:
     conditioning: tuple[CondPiece, ...]
     chunks: dict[str, PromptChunks]
     after_step: Callable[[int, np.ndarray], np.ndarray] | None
+
+
+def run_sampler(
+    name: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule, noise: Any, callback: Any
+) -> np.ndarray:
+    """k-diffusion samplers on A1111 schedules (the model asked at any level); diffusers' on
+    diffusers' schedules and A1111's DDIM (the model asked at the schedule's steps)."""
+    if schedule.log_sigmas is not None:
+        return ksamplers.sample(name, denoise, x, schedule, noise, callback)
+
+    def at_step(x_in: np.ndarray, step: int) -> np.ndarray:
+        return denoise(x_in, float(schedule.sigmas[step]), float(schedule.timesteps[step]))
+
+    return samplers.sample(name, at_step, x, schedule, noise, callback)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError
+from . import a1111_schedules
+from .a1111_schedules import A1111_SCHEDULES, sigma_to_t
 
 __all__ = [
     "SAMPLERS",
@@ -47,8 +49,18 @@ __all__ = [
     "training_alphas_cumprod",
 ]
 
-SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
-SCHEDULES = ("model", "karras", "a1111")
+# The samplers diffusers has a scheduler for: the only ones schedule "model" serves.
+DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
+SAMPLERS = (*DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast")
+# "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
+# gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
+SCHEDULES = ("model", "a1111", "automatic", *A1111_SCHEDULES)
+
+# A1111 1.10's "Automatic" per sampler (the `scheduler` option of samplers_k_diffusion; none
+# means CompVisDenoiser.get_sigmas, i.e. "uniform"). DDIM is a timestep sampler and takes none.
+AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras", "dpm2_a": "karras"}
+# Samplers that A1111 gives one step more and then drops the next-to-last level.
+DISCARD_PENULTIMATE = ("dpm2", "dpm2_a")
 
 KARRAS_RHO = 7.0  # the paper's value, k-diffusion's and A1111's default
 
@@ -122,7 +134,11 @@ class Schedule:
     * `clip_denoised`: DDIM's ``clip_sample_range`` when the config asks for ``clip_sample``.
     * `rescale_final`: whether `final_latents` turns the result back into a VP latent. diffusers'
       Euler schedulers (and k-diffusion) hand their last VE sample to the VAE unchanged, which only
-      differs when the schedule ends above 0 (``final_sigmas_type="sigma_min"``).
+      differs when the schedule ends above 0 (``final_sigmas_type="sigma_min"``, KL Optimal).
+
+    `log_sigmas` marks a k-diffusion schedule (A1111's schedule types): the model may be asked at
+    any level, its timestep found by ``sigma_to_t`` over this table (``CompVisDenoiser``), and
+    `runtime.sampling.ksamplers.sample` runs it.
     """
 
     sigmas: np.ndarray
@@ -131,6 +147,7 @@ class Schedule:
     sigmas_to: np.ndarray | None = None
     clip_denoised: float | None = None
     rescale_final: bool = True
+    log_sigmas: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -168,10 +185,10 @@ def resolve_config(scheduler_config: Mapping[str, Any], sampler: str) -> dict[st
     copied from a live diffusers scheduler) count as missing, because they were never in the file.
     Other keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are metadata.
     """
-    if sampler not in _DEFAULTS:
+    if sampler not in SAMPLERS:
         raise _bad_sampler(sampler)
     defaulted = set(scheduler_config.get("_use_default_values", ()) or ())
-    resolved = dict(_DEFAULTS[sampler])
+    resolved = dict(_DEFAULTS.get(sampler, _COMMON_DEFAULTS))
     for key, value in scheduler_config.items():
         if key in resolved and not key.startswith("_") and key not in defaulted:
             resolved[key] = value
@@ -290,31 +307,9 @@ def _sigma_of_alpha(alpha: np.ndarray | float) -> np.ndarray:
     return np.sqrt((1.0 - a) / a)
 
 
-def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
-    """Fractional timestep of each sigma by interpolating in log sigma between the two neighbouring
-    training levels (k-diffusion ``DiscreteSchedule.sigma_to_t``, diffusers ``_sigma_to_t``);
-    clamped to the table's ends."""
-    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
-    table = log_table.astype(np.float64)
-    low = np.clip(np.searchsorted(table, log_sigma, side="right") - 1, 0, len(table) - 2)
-    w = np.clip((table[low] - log_sigma) / (table[low] - table[low + 1]), 0.0, 1.0)
-    return (1.0 - w) * low + w * (low + 1)
-
-
-def t_to_sigma(t: np.ndarray, log_table: np.ndarray) -> np.ndarray:
-    """Sigma at fractional timesteps by interpolating log sigma (k-diffusion ``t_to_sigma``)."""
-    t = np.asarray(t, dtype=np.float64)
-    low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
-    w = t - low
-    table = log_table.astype(np.float64)
-    return np.exp((1.0 - w) * table[low] + w * table[high])
-
-
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> np.ndarray:
     """Karras et al. (2022) eq. 5: n levels evenly spaced in sigma**(1/rho), sigma_max first."""
-    ramp = np.linspace(0.0, 1.0, n)
-    max_inv, min_inv = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return a1111_schedules.karras(n, sigma_min, sigma_max, rho)[:-1]
 
 
 def _vp_init(sigma_0: float) -> float:
@@ -330,6 +325,7 @@ def _schedule(
     sigmas_to: np.ndarray | None = None,
     clip_denoised: float | None = None,
     rescale_final: bool = True,
+    log_sigmas: np.ndarray | None = None,
 ) -> Schedule:
     def frozen(values: np.ndarray) -> np.ndarray:
         array = np.array(values, dtype=np.float32)  # a private copy, read-only like the dataclass
@@ -343,6 +339,7 @@ def _schedule(
         sigmas_to=None if sigmas_to is None else frozen(sigmas_to),
         clip_denoised=clip_denoised,
         rescale_final=rescale_final,
+        log_sigmas=None if log_sigmas is None else frozen(log_sigmas),
     )
 
 
@@ -481,23 +478,24 @@ def _ldm_sigma_table(cfg: Mapping[str, Any]) -> np.ndarray:
     return _sigma_table(training_alphas_cumprod(cfg, ldm_precision=True))
 
 
-def _karras(cfg: Mapping[str, Any], n: int) -> Schedule:
-    """A1111 "Karras": ``get_sigmas_karras(n, sigmas[0], sigmas[-1], rho=7)`` + 0, timesteps from
-    ``sigma_to_t``; k-diffusion starts from ``noise * sigmas[0]``."""
+def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> Schedule:
+    """An A1111 schedule type for a k-diffusion sampler, as A1111's ``KDiffusionSampler.get_sigmas``
+    builds it: "automatic" resolved per sampler, one step more and the next-to-last level dropped
+    for DPM2 / DPM2 a, timesteps from ``sigma_to_t``; k-diffusion starts from ``noise * sigmas[0]``
+    and hands its last sample to the VAE as it is. "DPM fast" takes the plain levels: its own grid
+    runs between their ends (`runtime.sampling.ksamplers.sample`)."""
     table = _ldm_sigma_table(cfg)
-    sigmas = karras_sigmas(n, float(table[0]), float(table[-1]))
-    timesteps = sigma_to_t(sigmas, np.log(table))
-    sigmas = np.append(sigmas, 0.0).astype(np.float32)
-    return _schedule(sigmas, timesteps, float(sigmas[0]))
-
-
-def _a1111_kdiffusion(cfg: Mapping[str, Any], n: int) -> Schedule:
-    """A1111 "Automatic" for k-diffusion samplers: ``CompVisDenoiser.get_sigmas(n)``, i.e.
-    ``t = linspace(T - 1, 0, n)``, ``sigma = t_to_sigma(t)`` (log-sigma interpolation) + 0."""
-    table = _ldm_sigma_table(cfg)
-    timesteps = np.linspace(len(table) - 1, 0, n)
-    sigmas = np.append(t_to_sigma(timesteps, np.log(table)), 0.0).astype(np.float32)
-    return _schedule(sigmas, timesteps, float(sigmas[0]))
+    kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
+    if sampler == "dpm_fast":
+        kind = "uniform"  # A1111 passes DPM fast the model's sigma range and the step count only
+    discard = sampler in DISCARD_PENULTIMATE
+    sigmas = a1111_schedules.a1111_sigmas(kind, n + 1 if discard else n, table)
+    if discard:
+        sigmas = np.append(sigmas[:-2], sigmas[-1])
+    log_table = np.log(table)
+    return _schedule(
+        sigmas, sigma_to_t(sigmas[:-1], log_table), float(sigmas[0]), rescale_final=False, log_sigmas=log_table
+    )
 
 
 def _a1111_ddim(cfg: Mapping[str, Any], n: int) -> Schedule:
@@ -541,10 +539,15 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
         raise InvalidRequestError(
             "steps", f"steps must be at most {cfg['num_train_timesteps']} (the model's training timesteps)"
         )
-    if schedule == "karras":
-        return _karras(cfg, steps)
-    if schedule == "a1111":
-        return _a1111_ddim(cfg, steps) if sampler == "ddim" else _a1111_kdiffusion(cfg, steps)
+    if schedule != "model":
+        # A1111's DDIM is a timestep sampler: its own uniform grid whatever the schedule type.
+        return _a1111_ddim(cfg, steps) if sampler == "ddim" else _kdiffusion(cfg, sampler, schedule, steps)
+    if sampler not in DIFFUSERS_SAMPLERS:
+        raise InvalidRequestError(
+            "schedule",
+            f"schedule 'model' (the diffusers scheduler's own) exists for {_choices(DIFFUSERS_SAMPLERS)} "
+            f"only, not {sampler!r}; use an A1111 schedule type ({_choices(SCHEDULES[1:])})",
+        )
     if sampler in ("euler_a", "euler"):
         return _euler_model(cfg, steps, ancestral=sampler == "euler_a")
     if sampler == "dpmpp_2m":

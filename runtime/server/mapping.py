@@ -15,6 +15,9 @@ Mapping decisions (docs/server.md has the table):
 - ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111: the
   library applies that rule (runtime.pipeline.request.uses_ensd).
 - n_iter batches continue the seeds: image i of the request uses seed + i.
+- img2img and the hires pass take A1111's step rule (t_enc = int(min(strength, 0.999) * steps),
+  the last t_enc + 1 levels; override_settings.img2img_fix_steps honoured), the library's
+  step_rule="a1111"; the library's own default stays diffusers' rule.
 """
 
 from __future__ import annotations
@@ -261,6 +264,7 @@ def _prepare_batch(
         eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
         **({"vae": body.override_settings.sd_vae} if body.override_settings.sd_vae is not None else {}),
         pad_conds=bool(body.override_settings.pad_cond_uncond),
+        step_rule="a1111", img2img_fix_steps=bool(body.override_settings.img2img_fix_steps),
     )  # fmt: skip
 
 

@@ -48,6 +48,9 @@ class OverrideSettings(BaseModel):
     pad_cond_uncond: bool | None = Field(
         None, description="Pad prompt/negative prompt of different chunk counts to one UNet call (A1111: off)."
     )
+    img2img_fix_steps: bool | None = Field(
+        None, description="img2img runs exactly `steps` steps over a longer schedule (A1111: off)."
+    )
 
     @model_validator(mode="before")
     @classmethod

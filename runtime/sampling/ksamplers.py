@@ -1,0 +1,312 @@
+"""k-diffusion's samplers as AUTOMATIC1111 runs them, in numpy (``k_diffusion/sampling.py``).
+
+Each one is a loop over a model ``denoise(x, sigma) -> denoised`` on the variance-exploding sample
+x and a decreasing list of noise levels; unlike `runtime.sampling.samplers` (diffusers' schedulers)
+the model may be asked at levels between two of them (Heun, DPM2, DPM++ 2S a, DPM fast).
+`noise()` draws fresh standard-normal noise from the per-image generators, as A1111's TorchHijack
+makes k-diffusion's ``torch.randn_like`` do; a sampler draws exactly where k-diffusion does.
+A1111's defaults apply: eta 1 for the ancestral samplers (``eta_ancestral``), s_noise 1, no churn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .a1111_schedules import sigma_to_t
+
+if TYPE_CHECKING:
+    from .schedules import Schedule
+
+__all__ = ["K_SAMPLERS", "ancestral_step", "dpm_fast_grid", "lms_coefficient", "sample"]
+
+SigmaDenoiser = Callable[[np.ndarray, float], np.ndarray]
+NoiseSource = Callable[[], np.ndarray]
+StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _notify(callback: StepCallback | None, i: int, x: np.ndarray) -> np.ndarray:
+    replaced = callback(i, x) if callback is not None else None
+    return _f32(x if replaced is None else replaced)
+
+
+def _derivative(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
+    """The Karras ODE's dx/dsigma (k-diffusion ``to_d``)."""
+    return (x - denoised) / np.float32(sigma)
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up): the level a deterministic step aims at and the fresh noise that
+    brings it back to sigma_to (k-diffusion ``get_ancestral_step``)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - up**2), up
+
+
+def sample_euler(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
+    """Karras et al. (2022) Algorithm 2 with Euler steps and no churn."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigmas[i])
+        x = _f32(x + _derivative(x, sigma, denoise(x, sigma)) * np.float32(float(sigmas[i + 1]) - sigma))
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_euler_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+    """An Euler step down to sigma_down, then noise times sigma_up (none into the last level 0)."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        down, up = ancestral_step(sigma, sigma_next)
+        x = x + _derivative(x, sigma, denoised) * np.float32(down - sigma)
+        if sigma_next > 0:
+            x = x + noise() * np.float32(up)
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_heun(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
+    """Karras et al. (2022) Algorithm 2: an Euler step corrected by the slope at its end (two model
+    calls a step, one for the last step into 0)."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _derivative(x, sigma, denoise(x, sigma))
+        dt = np.float32(sigma_next - sigma)
+        if sigma_next == 0:
+            x = _f32(x + d * dt)
+        else:
+            x_2 = _f32(x + d * dt)
+            d_2 = _derivative(x_2, sigma_next, denoise(x_2, sigma_next))
+            x = _f32(x + (d + d_2) / np.float32(2) * dt)
+        x = _notify(callback, i, x)
+    return x
+
+
+def _log_midpoint(sigma: float, sigma_next: float) -> float:
+    """The geometric mean of two levels: k-diffusion's ``sigma.log().lerp(next.log(), 0.5).exp()``."""
+    return math.exp(math.log(sigma) + 0.5 * (math.log(sigma_next) - math.log(sigma)))
+
+
+def _dpm2_step(denoise: SigmaDenoiser, x, sigma: float, target: float, d: np.ndarray) -> np.ndarray:
+    """DPM-Solver-2's update from sigma to target, using the slope at their log midpoint."""
+    sigma_mid = _log_midpoint(sigma, target)
+    x_2 = _f32(x + d * np.float32(sigma_mid - sigma))
+    d_2 = _derivative(x_2, sigma_mid, denoise(x_2, sigma_mid))
+    return _f32(x + d_2 * np.float32(target - sigma))
+
+
+def sample_dpm_2(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
+    """DPM2: DPM-Solver-2 steps, Euler into the last level 0."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _derivative(x, sigma, denoise(x, sigma))
+        if sigma_next == 0:
+            x = _f32(x + d * np.float32(sigma_next - sigma))
+        else:
+            x = _dpm2_step(denoise, x, sigma, sigma_next, d)
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_dpm_2_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+    """DPM2 a: a DPM-Solver-2 step down to sigma_down, then noise times sigma_up."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = _derivative(x, sigma, denoise(x, sigma))
+        down, up = ancestral_step(sigma, sigma_next)
+        if down == 0:
+            x = _f32(x + d * np.float32(down - sigma))
+        else:
+            x = _f32(_dpm2_step(denoise, x, sigma, down, d) + noise() * np.float32(up))
+        x = _notify(callback, i, x)
+    return x
+
+
+def lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
+    """The integral over [sigmas[i], sigmas[i + 1]] of the Lagrange basis polynomial of node
+    sigmas[i - j] over nodes sigmas[i], ..., sigmas[i - order + 1]. k-diffusion integrates it with
+    scipy's quad, which is exact for these cubics at most; numpy's polynomial integral is too."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    basis = np.polynomial.Polynomial([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            basis = basis * np.polynomial.Polynomial([-node, 1.0]) / (nodes[j] - node)
+    integral = basis.integ()
+    return float(integral(float(sigmas[i + 1])) - integral(float(sigmas[i])))
+
+
+def sample_lms(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None, order: int = 4) -> np.ndarray:
+    """Linear multistep: the slopes of the last `order` steps, integrated as a polynomial in sigma."""
+    x = _f32(x)
+    slopes: list[np.ndarray] = []
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigmas[i])
+        slopes = [*slopes, _derivative(x, sigma, denoise(x, sigma))][-order:]
+        current = min(i + 1, order)
+        coefficients = [lms_coefficient(current, sigmas, i, j) for j in range(current)]
+        x = _f32(x + sum(np.float32(c) * d for c, d in zip(coefficients, reversed(slopes), strict=False)))
+        x = _notify(callback, i, x)
+    return x
+
+
+def _exp_step(x: np.ndarray, sigma: float, sigma_next: float, denoised: np.ndarray) -> np.ndarray:
+    """DPM-Solver++'s first-order update in t = -log(sigma): ``(s'/s) x - expm1(-h) D``."""
+    h = math.log(sigma) - math.log(sigma_next)
+    return _f32(np.float32(sigma_next / sigma) * x - np.float32(math.expm1(-h)) * denoised)
+
+
+def sample_dpmpp_2s_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+    """DPM-Solver++(2S) steps (midpoint r = 1/2) down to sigma_down, then noise times sigma_up."""
+    x = _f32(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        down, up = ancestral_step(sigma, sigma_next)
+        if down == 0:
+            x = _f32(x + _derivative(x, sigma, denoised) * np.float32(down - sigma))
+        else:
+            sigma_mid = _log_midpoint(sigma, down)
+            x_2 = _exp_step(x, sigma, sigma_mid, denoised)
+            x = _exp_step(x, sigma, down, denoise(x_2, sigma_mid))
+        if sigma_next > 0:
+            x = _f32(x + noise() * np.float32(up))
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_dpmpp_2m(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
+    """DPM-Solver++(2M): the first step and the step into 0 first order, the others blend the last
+    two predictions (k-diffusion's ``denoised_d``; no lower-order final steps, unlike diffusers)."""
+    x = _f32(x)
+    old_denoised: np.ndarray | None = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = _f32(denoise(x, sigma))
+        if sigma_next == 0:
+            x = denoised  # the h -> infinity limit of the update
+        elif old_denoised is None:
+            x = _exp_step(x, sigma, sigma_next, denoised)
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            half_inv_r = h / (2.0 * (math.log(float(sigmas[i - 1])) - math.log(sigma)))  # 1 / (2r)
+            blended = np.float32(1.0 + half_inv_r) * denoised - np.float32(half_inv_r) * old_denoised
+            x = _exp_step(x, sigma, sigma_next, blended)
+        old_denoised = denoised
+        x = _notify(callback, i, x)
+    return x
+
+
+def dpm_fast_grid(sigma_min: float, sigma_max: float, calls: int) -> tuple[np.ndarray, list[int]]:
+    """DPM fast's levels and the order of each step: ``calls`` model calls spread over
+    floor(calls / 3) + 1 steps evenly spaced in t = -log(sigma), third order but the last one or two."""
+    steps = calls // 3 + 1
+    t = np.linspace(-math.log(sigma_max), -math.log(sigma_min), steps + 1)
+    orders = [3] * (steps - 2) + [2, 1] if calls % 3 == 0 else [3] * (steps - 1) + [calls % 3]
+    return np.exp(-t), orders
+
+
+def _dpm_solver_step(denoise: SigmaDenoiser, x, t: float, t_next: float, order: int) -> np.ndarray:
+    """DPM-Solver-1/2/3 from t to t_next in eps form (k-diffusion ``DPMSolver.dpm_solver_*_step``,
+    r1 = 1/2 for order 2, r1 = 1/3 and r2 = 2/3 for order 3)."""
+
+    def eps_at(sample: np.ndarray, time: float) -> np.ndarray:
+        sigma = math.exp(-time)
+        return (sample - denoise(sample, sigma)) / np.float32(sigma)
+
+    h = t_next - t
+    sigma_next = math.exp(-t_next)
+    eps = eps_at(x, t)
+    first = x - np.float32(sigma_next * math.expm1(h)) * eps
+    if order == 1:
+        return _f32(first)
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    s1 = t + r1 * h
+    u1 = _f32(x - np.float32(math.exp(-s1) * math.expm1(r1 * h)) * eps)
+    eps_r1 = eps_at(u1, s1)
+    if order == 2:
+        return _f32(first - np.float32(sigma_next / (2 * r1) * math.expm1(h)) * (eps_r1 - eps))
+    r2 = 2.0 / 3.0
+    s2 = t + r2 * h
+    u2 = x - np.float32(math.exp(-s2) * math.expm1(r2 * h)) * eps
+    u2 = _f32(u2 - np.float32(math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - eps))
+    eps_r2 = eps_at(u2, s2)
+    return _f32(first - np.float32(sigma_next / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - eps))
+
+
+def sample_dpm_fast(
+    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, *, orders: list[int], eta: float = 1.0
+) -> np.ndarray:
+    """DPM-Solver-Fast over the levels and orders of `dpm_fast_grid`. A1111 runs it with eta 1
+    (``eta_ancestral``): each step aims at the ancestral sigma_down (not below the grid's end), then
+    adds noise for the rest; the noise is drawn on every step, the last included."""
+    x = _f32(x)
+    t_end = -math.log(float(sigmas[-1]))
+    for i, order in enumerate(orders):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if eta:
+            down, _ = ancestral_step(sigma, sigma_next, eta)
+            t_target = min(t_end, -math.log(down))
+            up = math.sqrt(max(sigma_next**2 - math.exp(-t_target) ** 2, 0.0))
+        else:
+            t_target, up = -math.log(sigma_next), 0.0
+        x = _dpm_solver_step(denoise, x, -math.log(sigma), t_target, order)
+        x = _f32(x + np.float32(up) * noise())
+        x = _notify(callback, i, x)
+    return x
+
+
+K_SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
+    "euler_a": sample_euler_ancestral,
+    "euler": sample_euler,
+    "lms": sample_lms,
+    "heun": sample_heun,
+    "dpm2": sample_dpm_2,
+    "dpm2_a": sample_dpm_2_ancestral,
+    "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpm_fast": sample_dpm_fast,
+}
+
+
+def sample(
+    name: str,
+    denoise: Callable[[np.ndarray, float, float], np.ndarray],
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+) -> np.ndarray:
+    """Run k-diffusion sampler `name` over a k-diffusion `schedule` (one with ``log_sigmas``).
+
+    `denoise(x, sigma, timestep)` is the model; each level the sampler asks for gets its timestep
+    from ``sigma_to_t``, as k-diffusion's ``CompVisDenoiser`` does. DPM fast runs its own grid
+    between the schedule's first and next-to-last levels with one model call per step of it, as
+    A1111 passes it ``sigma_max``, ``sigma_min`` and ``n``.
+    """
+    if name not in K_SAMPLERS:
+        raise ValueError(f"unknown k-diffusion sampler {name!r}; choose one of {', '.join(K_SAMPLERS)}")
+    if schedule.log_sigmas is None:
+        raise ValueError("a k-diffusion sampler needs a k-diffusion schedule (one with log_sigmas)")
+    log_table = schedule.log_sigmas
+
+    def at_sigma(x_in: np.ndarray, sigma: float) -> np.ndarray:
+        return denoise(x_in, sigma, float(sigma_to_t(np.array([sigma]), log_table)[0]))
+
+    sigmas = schedule.sigmas
+    if name == "dpm_fast":
+        levels, orders = dpm_fast_grid(float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1)
+        return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders)
+    return K_SAMPLERS[name](at_sigma, x, sigmas, noise, callback)

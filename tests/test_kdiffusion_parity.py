@@ -1,0 +1,151 @@
+"""The runtime's k-diffusion samplers against k-diffusion itself, driven as A1111 drives it.
+
+Reference: the tiny model's diffusers UNet and VAE, k-diffusion's CompVisDenoiser over LDM's
+``alphas_cumprod``, A1111's CFG on the denoised images, A1111's schedule for the sampler
+(KDiffusionSampler.get_sigmas: "Automatic" per sampler, discard_next_to_last_sigma), the initial
+noise ``torch.randn`` from the image's seeded CPU generator times ``sigmas[0]``, and the samplers'
+later noise from the same generator (A1111's TorchHijack). Ours: `Pipeline` on the fp32 export.
+Tolerance: 1/255 on pixels (the issue's bar at fp32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import diffusers_reference as reference  # noqa: E402
+import kdiffusion_reference as kd  # noqa: E402
+from runtime import Pipeline  # noqa: E402
+
+PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "masterpiece, best quality, 1girl", "lowres", 114514, 5, 7.0, 64
+
+# A1111 1.10 samplers_k_diffusion: function, "Automatic" schedule type, discard_next_to_last_sigma.
+A1111 = {
+    "euler_a": ("sample_euler_ancestral", None, False),
+    "euler": ("sample_euler", None, False),
+    "lms": ("sample_lms", None, False),
+    "heun": ("sample_heun", None, False),
+    "dpm2": ("sample_dpm_2", "karras", True),
+    "dpm2_a": ("sample_dpm_2_ancestral", "karras", True),
+    "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", "karras", False),
+    "dpmpp_2m": ("sample_dpmpp_2m", "karras", False),
+    "dpm_fast": ("sample_dpm_fast", None, False),
+}
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_source):
+    return reference.load(tiny_source["diffusers"])
+
+
+@pytest.fixture(scope="module")
+def runtime_fp32(tiny_fp32):
+    return Pipeline.from_pretrained(tiny_fp32, provider="cpu")
+
+
+def a1111_sigmas(denoiser, sampler: str, schedule: str, steps: int) -> torch.Tensor:
+    """KDiffusionSampler.get_sigmas with A1111's default options."""
+    _, automatic, discard = A1111[sampler]
+    kind = automatic if schedule == "automatic" else schedule
+    n = steps + 1 if discard else steps
+    low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    sigmas = denoiser.get_sigmas(n) if kind is None else getattr(kd.sampling, f"get_sigmas_{kind}")(n, low, high)
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS) -> np.ndarray:
+    denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
+    cond = reference.clip_skip_embeddings(pipe, PROMPT)
+    uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
+    model = kd.cfg_model(denoiser, cond, uncond, CFG)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+    sigmas = a1111_sigmas(denoiser, sampler, schedule, steps)
+    function = getattr(kd.sampling, A1111[sampler][0])
+    x = noise * sigmas[0]
+    with torch.no_grad():
+        if sampler == "dpm_fast":  # A1111: the model's sigma range, n = steps, eta_ancestral = 1
+            low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+            latents = function(model, x, low, high, steps, disable=True, eta=1.0)
+        else:
+            latents = function(model, x, sigmas, disable=True)
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS) -> np.ndarray:
+    out = pipe(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler=sampler, schedule=schedule,
+        num_inference_steps=steps, guidance_scale=CFG, output_type="np",
+    )  # fmt: skip
+    return np.stack(out.images)
+
+
+@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
+@pytest.mark.parametrize("sampler", sorted(A1111))
+def test_sampler_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, schedule):
+    expected = kdiffusion_image(diffusers_pipe, raw_config, sampler, schedule, monkeypatch)
+    got = ours(runtime_fp32, sampler, schedule)
+    assert expected.std() > 0.02  # a real image, not a flat one
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def init_image() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    return Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8) % 255)
+
+
+def kdiffusion_img2img(pipe, raw_config, sampler: str, strength: float, monkeypatch, steps: int) -> np.ndarray:
+    """A1111's sample_img2img: t_enc = int(min(strength, 0.999) * steps), the sampler runs
+    sigmas[steps - t_enc - 1:] from x0 + noise * that first level. The init latent is drawn from
+    the VAE's distribution with the image's generator before the noise, as the runtime (and
+    diffusers) draw it."""
+    denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
+    model = kd.cfg_model(
+        denoiser, reference.clip_skip_embeddings(pipe, PROMPT), reference.clip_skip_embeddings(pipe, NEGATIVE), CFG
+    )
+    pixels = torch.from_numpy(np.asarray(init_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels).latent_dist
+        x0 = (dist.mean + dist.std * torch.randn(shape, generator=generator)) * pipe.vae.config.scaling_factor
+        noise = torch.randn(shape, generator=generator)
+        monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+        sigmas = a1111_sigmas(denoiser, sampler, "automatic", steps)
+        t_enc = int(min(strength, 0.999) * steps)
+        schedule = sigmas[steps - t_enc - 1 :]
+        latents = getattr(kd.sampling, A1111[sampler][0])(model, x0 + noise * schedule[0], schedule, disable=True)
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6, 0.75])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+def test_img2img_a1111_rule_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, strength):
+    steps = 6
+    expected = kdiffusion_img2img(diffusers_pipe, raw_config, sampler, strength, monkeypatch, steps)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, sampler=sampler, schedule="automatic", num_inference_steps=steps,
+        guidance_scale=CFG, output_type="np", image=init_image(), strength=strength, step_rule="a1111",
+    )  # fmt: skip
+    assert np.abs(out.images[0] - expected[0]).max() * 255 <= 1.0
+    assert "Strength rule" not in out.infotexts[0]  # A1111's own rule: A1111's infotext
+
+
+def test_img2img_step_rules(runtime_fp32):
+    """A1111 runs t_enc + 1 levels (one noisier start than diffusers' int(steps * strength));
+    img2img_fix_steps runs exactly `steps` over int(steps / strength) levels."""
+    prepare = runtime_fp32.prepare
+    common = {"prompt": PROMPT, "image": init_image(), "strength": 0.6, "num_inference_steps": 10, "sampler": "euler"}
+    a1111 = prepare(**common, schedule="automatic", step_rule="a1111").schedule
+    diffusers = prepare(**common, schedule="automatic").schedule
+    fixed = prepare(**common, schedule="automatic", step_rule="a1111", img2img_fix_steps=True).schedule
+    assert (a1111.steps, diffusers.steps, fixed.steps) == (7, 6, 10)
+    assert a1111.sigmas[1] == diffusers.sigmas[0]
+    assert prepare(**common, schedule="automatic").init.infotext["Strength rule"] == "diffusers"
