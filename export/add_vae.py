@@ -16,8 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from export.exporter import ExportError, ExportOptions, GraphReport, finish_graph, graph_entry, plan_graph, write_json
+from export.exporter import (
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    finish_graph,
+    graph_entry,
+    plan_graph,
+    validates_working_size,
+    write_json,
+)
 from export.vae import load_vae
+from export.validate import available_provider
 from runtime.graphs import model_folder as layout
 from runtime.graphs.vaes import VAES_DIR, check_vae_name
 
@@ -63,9 +73,12 @@ def add_vae(options: AddVaeOptions) -> list[GraphReport]:
     with_encoder = "vae_encoder" in manifest.graphs  # a decoder-only VAE fits an export without one
     separate = load_vae(options.source, _template(folder), options.allow_pickle, with_encoder)
     pipe = SimpleNamespace(vae=separate.vae)
-    specs = [graphs.vae_decoder_spec(pipe)]
+    working = None
+    if validates_working_size(target, available_provider(target)):
+        working = manifest.default_size // manifest.vae_scale_factor
+    specs = [graphs.vae_decoder_spec(pipe, working)]
     if with_encoder:
-        specs.append(graphs.vae_encoder_spec(pipe))
+        specs.append(graphs.vae_encoder_spec(pipe, working))
     staging = folder / VAES_DIR / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -77,8 +90,8 @@ def add_vae(options: AddVaeOptions) -> list[GraphReport]:
             report = GraphReport(spec.name, manifest.precision)
             job = plan_graph(spec, staging, export_options, report)
             graphs.export_fp32(spec, job.fp32_path)
-            files, result, note = finish_graph(job, manifest.precision)
-            entry = graph_entry(staging, spec.name, files, result, note, target)
+            files, result, note, disabled = finish_graph(job, manifest.precision)
+            entry = graph_entry(staging, spec.name, files, result, note, target, disabled)
             entry["path"] = str(Path(VAES_DIR) / name / entry["path"])
             recorded[spec.name] = entry
             reports.append(report)

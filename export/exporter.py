@@ -29,7 +29,14 @@ import torch
 from export.choices import PRECISIONS, TARGETS
 from export.sources import LoadedSource, load_source
 from export.vae import load_vae, with_vae_weights
-from export.validate import ValidationResult, available_provider, validate_graph
+from export.validate import (
+    FUSION_FALLBACKS,
+    ValidationResult,
+    available_provider,
+    fallback_attributes,
+    next_fallback,
+    validate_graph,
+)
 from runtime.errors import UserError
 from runtime.graphs import model_folder as layout
 from runtime.text.tokenizer import ClipTokenizer, load_tokenizer_files
@@ -121,7 +128,13 @@ def describe_values(values) -> list[dict[str, Any]]:
 
 
 def graph_entry(
-    folder: Path, name: str, files: list[str], result: ValidationResult, note: str, target: str = "cpu"
+    folder: Path,
+    name: str,
+    files: list[str],
+    result: ValidationResult,
+    note: str,
+    target: str = "cpu",
+    disabled: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     graph_file = folder / layout.graph_path(name, target)
     if target == layout.OPENVINO_TARGET:
@@ -145,6 +158,8 @@ def graph_entry(
             "relative_error": result.relative_error,
             "tolerance": result.tolerance,
             "provider": result.provider,
+            "working_size_relative_error": result.working_relative_error,
+            "disabled_fusions": list(disabled),
             "note": note,
         },
     }
@@ -171,7 +186,17 @@ def write_tokenizer(source: LoadedSource, folder: Path) -> ClipTokenizer:
     return tokenizer
 
 
-def build_specs(source: LoadedSource, options: ExportOptions, tokenizer: ClipTokenizer) -> list[graphs.GraphSpec]:
+def validates_working_size(target: str, provider: str) -> bool:
+    """Graphs are validated at the runtime's working size too where they run on their target's
+    provider: the CUDA graphs on a GPU, where ORT picks kernels by size (flash attention from 513
+    tokens up, 4096 at 512 px). Elsewhere the trace sizes stand for every size (same kernels)."""
+    return target == "cuda" and provider == "CUDAExecutionProvider"
+
+
+def build_specs(
+    source: LoadedSource, options: ExportOptions, tokenizer: ClipTokenizer, working: int | None = None
+) -> list[graphs.GraphSpec]:
+    """`working`: a latent size (the UNet's sample_size, 64 for SD1.x's 512 px) to validate at too."""
     pipe = source.pipe
     prompt_ids = torch.tensor([tokenizer.encode_padded(p) for p in TOKENIZER_CHECK_PROMPTS], dtype=torch.int64)
     try:
@@ -180,9 +205,9 @@ def build_specs(source: LoadedSource, options: ExportOptions, tokenizer: ClipTok
         raise ExportError(f"--clip-skip {options.clip_skip}: {error}") from None
     # Realistic UNet conditioning: the text encoder's own output for real prompts.
     context = torch.from_numpy(specs[0].cases[0].reference)
-    specs += [graphs.unet_spec(pipe, context), graphs.vae_decoder_spec(pipe)]
+    specs += [graphs.unet_spec(pipe, context, working), graphs.vae_decoder_spec(pipe, working)]
     if options.vae_encoder:
-        specs.append(graphs.vae_encoder_spec(pipe))
+        specs.append(graphs.vae_encoder_spec(pipe, working))
     return specs
 
 
@@ -196,13 +221,17 @@ class _GraphJob:
     twin_path: Path | None  # where the CPU-runnable twin of a CUDA graph is validated, if needed
     report: GraphReport
     lora_weights: dict[bytes, lora_map.Weight] | None = None  # fingerprints of the LoRA-targetable weights
+    working: bool = False  # validate the spec's working-size cases too
 
-    def build(self, precision: str) -> tuple[list[str], ValidationResult]:
-        """Optimize at `precision`, save, and validate (the twin when the target's provider is missing)."""
+    def build(self, precision: str, disabled: tuple[str, ...] = ()) -> tuple[list[str], ValidationResult]:
+        """Optimize at `precision` without the `disabled` fusions, save, and validate (the twin when
+        the target's provider is missing)."""
         if self.target == layout.OPENVINO_TARGET:
             return self.build_openvino(precision)
         model = _timed(
-            self.report, "optimize", lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision)
+            self.report,
+            "optimize",
+            lambda: graphs.optimize(self.fp32_path, self.spec, self.target, precision, disabled=disabled),
         )
         files = graphs.save_graph(model, self.final_path)
         if self.lora_weights is not None:
@@ -213,10 +242,38 @@ class _GraphJob:
         checked = self.final_path
         if self.twin_path is not None:
             checked = self.twin_path
-            twin = graphs.optimize(self.fp32_path, self.spec, "cpu", precision, fp16_compute=True)
+            twin = graphs.optimize(self.fp32_path, self.spec, "cpu", precision, fp16_compute=True, disabled=disabled)
             graphs.save_graph(twin, checked)
-        result = _timed(self.report, "validate", lambda: validate_graph(checked, self.spec, precision, self.provider))
+        result = _timed(
+            self.report, "validate", lambda: validate_graph(checked, self.spec, precision, self.provider, self.working)
+        )
         return files, result
+
+    def enabled_fusions(self, precision: str) -> list[str]:
+        """The FUSION_FALLBACKS attributes on in the graph that is validated (a twin has the CPU target's)."""
+        if self.target == layout.OPENVINO_TARGET:
+            return []
+        target = "cpu" if self.twin_path is not None else self.target
+        options = graphs.fusion_options(self.spec.optimizer_type, target, precision)
+        return [name for _, names in FUSION_FALLBACKS for name in names if getattr(options, name, False)]
+
+    def build_with_fallbacks(
+        self, precision: str, notes: list[str]
+    ) -> tuple[list[str], ValidationResult, tuple[str, ...]]:
+        """build(); while the graph misses its tolerance (finite but inaccurate), rebuild it without
+        the next FUSION_FALLBACKS fusion. Returns the files, the last result and the fusions off."""
+        disabled: tuple[str, ...] = ()
+        files, result = self.build(precision, disabled)
+        while (step := next_fallback(result, disabled, self.enabled_fusions(precision))) is not None:
+            log.warning(
+                "%s (%s): relative error %.3g misses the tolerance; rebuilding it without the %s fusion",
+                self.spec.name, precision, result.relative_error, step,
+            )  # fmt: skip
+            notes.append(f"{precision}: {step} fusion off (relative error {result.relative_error:.3g} with it)")
+            disabled += fallback_attributes(step)
+            shutil.rmtree(self.final_path.parent)
+            files, result = self.build(precision, disabled)
+        return files, result, disabled
 
     def build_openvino(self, precision: str) -> tuple[list[str], ValidationResult]:
         """The plain exported graph as IR (no onnxruntime fusions: OpenVINO fuses at compile time);
@@ -237,6 +294,7 @@ def plan_graph(spec: graphs.GraphSpec, staging: Path, options: ExportOptions, re
     # from the same weights and precision with the CPU-runnable fusions only.
     twin = options.target == "cuda" and provider != "CUDAExecutionProvider"
     return _GraphJob(
+        working=bool(spec.working_cases),
         spec=spec,
         fp32_path=work / "fp32" / "model.onnx",
         final_path=staging / layout.graph_path(spec.name, options.target),
@@ -247,14 +305,16 @@ def plan_graph(spec: graphs.GraphSpec, staging: Path, options: ExportOptions, re
     )
 
 
-def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationResult, str]:
-    """Optimize, save and validate one exported graph. fp16 graphs that overflow or miss the
-    tolerance are kept in fp32 (recorded in the manifest) rather than shipped wrong."""
+def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationResult, str, tuple[str, ...]]:
+    """Optimize, save and validate one exported graph. A graph that misses the tolerance is rebuilt
+    without the fusions that pick its kernels (FUSION_FALLBACKS), then fp16 graphs that overflow or
+    still miss it are kept in fp32; the manifest records both rather than a wrong graph shipping.
+    Returns the files, the result, the note and the fusions turned off."""
     spec, report = job.spec, job.report
     notes = (
         ["validated on a CPU-runnable twin (same weights and precision, no CUDA-only fusions)"] if job.twin_path else []
     )
-    files, result = job.build(precision)
+    files, result, disabled = job.build_with_fallbacks(precision, notes)
     if precision == "fp16" and not result.passed:
         problem = "overflows" if not result.finite else "is not accurate enough"
         log.warning(
@@ -263,7 +323,7 @@ def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationR
         notes.append(f"kept fp32: fp16 relative error {result.relative_error:.3g}")
         shutil.rmtree(job.final_path.parent)
         precision = "fp32"
-        files, result = job.build(precision)
+        files, result, disabled = job.build_with_fallbacks(precision, notes)
     if not result.passed:
         raise ExportError(
             f"graph {spec.name} failed validation against torch: relative error {result.relative_error:.3g} "
@@ -271,7 +331,7 @@ def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationR
         )
     note = "; ".join(notes)
     report.precision, report.validation, report.note = precision, result, note
-    return files, result, note
+    return files, result, note, disabled
 
 
 @dataclass(frozen=True)
@@ -376,7 +436,11 @@ def export_torch_graphs(
     """The torch stage: validation references and fp32 ONNX files for every graph. Then the torch
     weights are released: the ONNX stage (optimizer, float16 conversion, validation sessions) holds
     copies of the full-size UNet of its own, and the two stages together would not fit in 24 GB."""
-    specs = build_specs(source, options, tokenizer)
+    working = None
+    if validates_working_size(options.target, available_provider(options.target)):
+        working = int(source.pipe.unet.config.sample_size)
+        log.info("validating at the working size too: %dx%d latents", working, working)
+    specs = build_specs(source, options, tokenizer, working)
     lora_modules = {"text_encoder": source.pipe.text_encoder, "unet": source.pipe.unet}
     jobs = []
     for spec in specs:
@@ -429,8 +493,8 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
         for index, job in enumerate(jobs):
             if progress:
                 progress(job.spec.name, index, len(jobs))
-            files, result, note = finish_graph(job, options.precision)
-            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note, options.target)
+            files, result, note, disabled = finish_graph(job, options.precision)
+            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note, options.target, disabled)
             release_memory()
             log.info("%s done in %.1f s", job.spec.name, sum(job.report.seconds.values()))
         shutil.rmtree(staging / "_work")

@@ -51,6 +51,9 @@ GPU_ONLY_FUSIONS = (
     "enable_packed_qkv",
     "enable_packed_kv",
 )
+# Turned off for fp32 CUDA graphs, as onnxruntime's SD recipe does (optimize_pipeline.py packs Q/K/V
+# for float16 only): the packed forms exist to feed the fp16 flash / memory-efficient kernels.
+FP16_ONLY_FUSIONS = ("enable_packed_qkv", "enable_packed_kv")
 # Graphs with more weight than this keep it in one external file beside model.onnx: protobuf cannot
 # hold 2 GB, and onnxruntime maps an external file into memory instead of parsing a copy out of the
 # protobuf (the full-size fp16-weight UNet loads in 0.1 s instead of 2.9 s).
@@ -75,6 +78,9 @@ class GraphSpec:
     keep_fp32_io: list[str] = field(default_factory=list)
     input_defaults: dict[str, np.ndarray] = field(default_factory=dict)  # inputs a caller may omit
     cases: list[ValidationCase] = field(default_factory=list)
+    # At the size the runtime uses (512 px: 64x64 latents), where ORT picks other kernels than at the
+    # small trace sizes (flash attention from 513 tokens up); validated where the target's provider runs.
+    working_cases: list[ValidationCase] = field(default_factory=list)
 
 
 def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
@@ -111,9 +117,11 @@ def text_encoder_spec(pipe, clip_skip: int, prompt_ids: torch.Tensor) -> GraphSp
     )
 
 
-def unet_spec(pipe, context: torch.Tensor) -> GraphSpec:
+def unet_spec(pipe, context: torch.Tensor, working: int | None = None) -> GraphSpec:
     """Traced on a latent size that is not a multiple of 8 so that diffusers takes its general
-    upsampling path (sizes read from the skip connections): the graph then serves every size."""
+    upsampling path (sizes read from the skip connections): the graph then serves every size.
+    `working` (a latent size) adds cases at that size, batch 2 (CFG), with the text of one and of
+    two 75-token chunks (77 and 154 tokens)."""
     module = UNetForOnnx(pipe.unet).eval()
     channels = pipe.unet.config.in_channels
     batch = context.shape[0]
@@ -129,6 +137,11 @@ def unet_spec(pipe, context: torch.Tensor) -> GraphSpec:
     ):
         inputs = {UNET_SAMPLE: sample.numpy(), UNET_TIMESTEP: timestep.numpy(), UNET_CONTEXT: ctx.numpy()}
         cases.append(ValidationCase(inputs, _run(module, sample, timestep, ctx)))
+    working_cases = []
+    for ctx in () if working is None else (context, torch.cat([context, context.flip(0)], dim=1)):
+        sample, timestep = torch.randn(batch, channels, working, working), torch.tensor([961.5] * batch)
+        inputs = {UNET_SAMPLE: sample.numpy(), UNET_TIMESTEP: timestep.numpy(), UNET_CONTEXT: ctx.numpy()}
+        working_cases.append(ValidationCase(inputs, _run(module, sample, timestep, ctx)))
     return GraphSpec(
         name="unet",
         module=module,
@@ -144,17 +157,20 @@ def unet_spec(pipe, context: torch.Tensor) -> GraphSpec:
         # timesteps such as 961.5 are not representable in float16; diffusers keeps them float32.
         keep_fp32_io=[UNET_TIMESTEP],
         cases=cases,
+        working_cases=working_cases,
     )
 
 
-def vae_decoder_spec(pipe) -> GraphSpec:
+def vae_decoder_spec(pipe, working: int | None = None) -> GraphSpec:
     module = VaeDecoder(pipe.vae).eval()
     channels = pipe.vae.config.latent_channels
     scale = pipe.vae.config.scaling_factor
-    cases = [
-        ValidationCase({VAE_DECODER_INPUT: latent.numpy()}, _run(module, latent))
-        for latent in (torch.randn(1, channels, 8, 8) / scale, torch.randn(2, channels, 6, 10) / scale)
-    ]
+
+    def case(*shape: int) -> ValidationCase:
+        latent = torch.randn(*shape) / scale
+        return ValidationCase({VAE_DECODER_INPUT: latent.numpy()}, _run(module, latent))
+
+    cases = [case(1, channels, 8, 8), case(2, channels, 6, 10)]
     return GraphSpec(
         name="vae_decoder",
         module=module,
@@ -166,15 +182,20 @@ def vae_decoder_spec(pipe) -> GraphSpec:
         },
         optimizer_type="vae",
         cases=cases,
+        working_cases=[] if working is None else [case(1, channels, working, working)],
     )
 
 
-def vae_encoder_spec(pipe) -> GraphSpec:
+def vae_encoder_spec(pipe, working: int | None = None) -> GraphSpec:
+    """`working` is a latent size: the image is that many times the VAE's scale factor."""
     module = VaeEncoder(pipe.vae).eval()
-    cases = [
-        ValidationCase({VAE_ENCODER_INPUT: image.numpy()}, _run(module, image))
-        for image in (torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 48, 80) * 2 - 1)
-    ]
+
+    def case(*shape: int) -> ValidationCase:
+        image = torch.rand(*shape) * 2 - 1
+        return ValidationCase({VAE_ENCODER_INPUT: image.numpy()}, _run(module, image))
+
+    cases = [case(1, 3, 64, 64), case(1, 3, 48, 80)]
+    pixels = None if working is None else working * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return GraphSpec(
         name="vae_encoder",
         module=module,
@@ -186,6 +207,7 @@ def vae_encoder_spec(pipe) -> GraphSpec:
         },
         optimizer_type="vae",
         cases=cases,
+        working_cases=[] if pixels is None else [case(1, 3, pixels, pixels)],
     )
 
 
@@ -210,18 +232,29 @@ def export_fp32(spec: GraphSpec, path: Path) -> None:
         )
 
 
-def fusion_options(optimizer_type: str, target: str):
+def fusion_options(optimizer_type: str, target: str, precision: str = "fp16", disabled: tuple[str, ...] = ()):
+    """onnxruntime's fusions for the target; `disabled` names FusionOptions attributes turned off
+    after a validation failure (export.validate.FUSION_FALLBACKS)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(optimizer_type)
+    off = [*disabled]
     if target == "cpu":
-        for name in GPU_ONLY_FUSIONS:
-            setattr(options, name, False)
+        off += GPU_ONLY_FUSIONS
+    elif precision == "fp32":
+        off += FP16_ONLY_FUSIONS
+    for name in off:
+        setattr(options, name, False)
     return options
 
 
 def optimize(
-    fp32_path: Path, spec: GraphSpec, target: str, precision: str, fp16_compute: bool | None = None
+    fp32_path: Path,
+    spec: GraphSpec,
+    target: str,
+    precision: str,
+    fp16_compute: bool | None = None,
+    disabled: tuple[str, ...] = (),
 ) -> onnx.ModelProto:
     """ONNX Runtime's transformers optimizer, then fp16. `target` picks the fusions ("cpu" keeps
     only ops the CPU provider has kernels for, "cuda" adds GroupNorm, BiasSplitGelu, packed
@@ -234,7 +267,7 @@ def optimize(
       take half the memory at 10-15% of the fp32 graph's speed.
 
     `fp16_compute` overrides the second choice: the CPU-runnable twin of a CUDA graph computes in
-    fp16 like the graph it stands in for.
+    fp16 like the graph it stands in for. `disabled`: fusions turned off (see fusion_options).
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -250,7 +283,7 @@ def optimize(
             num_heads=0,  # deduced from the graph
             hidden_size=0,
             opt_level=0,  # our own fusions only: ORT's runtime-level optimizations run at session load
-            optimization_options=fusion_options(spec.optimizer_type, target),
+            optimization_options=fusion_options(spec.optimizer_type, target, precision, disabled),
             use_gpu=target == "cuda",
         )
         log.debug("%s fused operators: %s", spec.name, model.get_fused_operator_statistics())

@@ -8,14 +8,14 @@ hidden states whose outliers reach tens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from export.graphs import GraphSpec
+from export.graphs import GraphSpec, ValidationCase
 from runtime.graphs.model_folder import ONNX_DTYPES
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 # fp32 graphs differ from torch by float rounding only (measured ~1e-6 on the tiny model and
 # ~1e-5 on the full-size UNet); fp16 graphs round every activation to 11 bits.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+# What a graph that misses its tolerance is rebuilt without, in this order, before an fp16 graph
+# falls back to fp32: (name recorded in the manifest, onnxruntime FusionOptions attributes). Packed
+# Q/K/V and K/V are what send attention to the flash and memory-efficient kernels; without any
+# attention fusion the graph keeps plain MatMul/Softmax, which no kernel choice changes.
+FUSION_FALLBACKS = (
+    ("packed_qkv", ("enable_packed_qkv", "enable_packed_kv")),
+    ("attention", ("enable_attention",)),
+)
 
 
 @dataclass
@@ -34,6 +42,7 @@ class ValidationResult:
     tolerance: float
     finite: bool
     provider: str
+    working_relative_error: float | None = None  # the cases at the runtime's working size; None: not run
 
     @property
     def passed(self) -> bool:
@@ -46,7 +55,26 @@ def available_provider(target: str) -> str:
     return "CPUExecutionProvider"
 
 
-def validate_graph(path: Path, spec: GraphSpec, precision: str, provider: str) -> ValidationResult:
+def next_fallback(result: ValidationResult, disabled: tuple[str, ...], enabled: Iterable[str]) -> str | None:
+    """The next FUSION_FALLBACKS step for a graph that failed validation: the first one whose
+    fusions are on in this build (`enabled`: FusionOptions attributes on for the target and
+    precision) and not yet turned off. None when the graph passed, overflowed (non-finite: a
+    matter for the precision fallback) or nothing is left to try."""
+    if result.passed or not result.finite:
+        return None
+    on = set(enabled) - set(disabled)
+    return next((name for name, attributes in FUSION_FALLBACKS if on & set(attributes)), None)
+
+
+def fallback_attributes(name: str) -> tuple[str, ...]:
+    return dict(FUSION_FALLBACKS)[name]
+
+
+def validate_graph(
+    path: Path, spec: GraphSpec, precision: str, provider: str, working: bool = False
+) -> ValidationResult:
+    """`working` adds the spec's working-size cases (run where the target's provider is, so the
+    kernels ORT picks at that size are the ones measured)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=[provider])
@@ -57,7 +85,21 @@ def validate_graph(path: Path, spec: GraphSpec, precision: str, provider: str) -
         feed = {name: value.astype(input_types[name]) for name, value in inputs.items()}
         return session.run(None, feed)[0].astype(np.float32)
 
-    return compare_cases(spec, precision, run, provider, TOLERANCE)
+    return compare_cases(spec, precision, run, provider, TOLERANCE, spec.working_cases if working else [])
+
+
+def measure(
+    cases: list[ValidationCase], run: Callable[[dict[str, np.ndarray]], np.ndarray]
+) -> tuple[float, float, bool]:
+    """(worst absolute error, worst relative error, all finite) of `run` against torch on `cases`."""
+    worst_abs, worst_rel, finite = 0.0, 0.0, True
+    for case in cases:
+        output = run(case.inputs)
+        finite = finite and bool(np.isfinite(output).all())
+        error = float(np.abs(output - case.reference).max())
+        scale = max(1.0, float(np.abs(case.reference).max()))
+        worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, error / scale)
+    return worst_abs, worst_rel, finite
 
 
 def compare_cases(
@@ -66,22 +108,28 @@ def compare_cases(
     run: Callable[[dict[str, np.ndarray]], np.ndarray],
     provider: str,
     tolerances: dict[str, float],
+    working: list[ValidationCase] | None = None,
 ) -> ValidationResult:
-    """Run every validation case through `run` and measure the worst error against torch."""
-    worst_abs, worst_rel, finite = 0.0, 0.0, True
-    for case in spec.cases:
-        output = run(case.inputs)
-        finite = finite and bool(np.isfinite(output).all())
-        error = float(np.abs(output - case.reference).max())
-        scale = max(1.0, float(np.abs(case.reference).max()))
-        worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, error / scale)
-    result = ValidationResult(spec.name, precision, worst_abs, worst_rel, tolerances[precision], finite, provider)
+    """Run every validation case (and the `working` ones) through `run`; the worst error against torch."""
+    worst_abs, worst_rel, finite = measure(spec.cases, run)
+    working_rel = None
+    if working:
+        working_abs, working_rel, working_finite = measure(working, run)
+        worst_abs, worst_rel, finite = (
+            max(worst_abs, working_abs),
+            max(worst_rel, working_rel),
+            finite and working_finite,
+        )
+    result = ValidationResult(
+        spec.name, precision, worst_abs, worst_rel, tolerances[precision], finite, provider, working_rel
+    )
     log.info(
-        "%s (%s) vs torch: max abs error %.3g, relative %.3g (tolerance %.0e)%s",
+        "%s (%s) vs torch: max abs error %.3g, relative %.3g%s (tolerance %.0e)%s",
         spec.name,
         precision,
         worst_abs,
         worst_rel,
+        "" if working_rel is None else f", at working size {working_rel:.3g}",
         result.tolerance,
         "" if finite else ", NON-FINITE output",
     )

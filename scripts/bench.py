@@ -157,13 +157,16 @@ def build_source(arch: str) -> Path:
 
 
 def export_model(arch: str, source: Path, precision: str, target: str) -> Path:
-    """`python -m export` of the source (staged and moved into place by the exporter)."""
-    folder = source.parent / f"onnx-{precision}-{target}-{export_key(arch, precision, target)}"
+    """`python -m export` of the source (staged and moved into place by the exporter). CUDA exports
+    keep the VAE encoder: scripts/cuda_parity.py runs img2img on the GPU from the same export."""
+    encoder = target == "cuda"
+    key = export_key(arch, precision, target)
+    folder = source.parent / f"onnx-{precision}-{target}-{key}{'-enc' if encoder else ''}"
     if (folder / "manifest.json").is_file():
         return folder
     argv = [
         "--model", str(source), "--output", str(folder), "--precision", precision, "--target", target,
-        "--no-vae-encoder", "--overwrite",
+        *([] if encoder else ["--no-vae-encoder"]), "--overwrite",
     ]  # fmt: skip
     run_checked([sys.executable, "-m", "export", *argv])
     return folder

@@ -515,3 +515,66 @@ def test_optimizer_reads_external_weights_only_where_needed(tiny_source, tmp_pat
     assert [node.SerializeToString() for node in models[0].graph.node] == [
         node.SerializeToString() for node in models[1].graph.node
     ]
+
+
+def test_fusion_fallbacks_follow_the_measurement():
+    """The fallback decision on fake measurements: a CUDA fp16 UNet that misses its tolerance loses
+    packed Q/K/V first, then attention fusion, then nothing is left (fp32 comes next); a passing or
+    overflowing graph keeps its fusions. fp32 CUDA graphs never pack Q/K/V (onnxruntime's SD recipe)."""
+    from dataclasses import replace
+
+    from export import graphs
+    from export.validate import ValidationResult, fallback_attributes, next_fallback
+
+    def enabled(target: str, precision: str) -> list[str]:
+        options = graphs.fusion_options("unet", target, precision)
+        names = ("enable_packed_qkv", "enable_packed_kv", "enable_attention")
+        return [name for name in names if getattr(options, name)]
+
+    missed = ValidationResult("unet", "fp16", 0.5, 0.05, 3e-2, True, "CUDAExecutionProvider", 0.05)
+    fusions = enabled("cuda", "fp16")
+    assert fusions == ["enable_packed_qkv", "enable_packed_kv", "enable_attention"]
+    assert next_fallback(missed, (), fusions) == "packed_qkv"
+    assert next_fallback(missed, fallback_attributes("packed_qkv"), fusions) == "attention"
+    assert next_fallback(missed, ("enable_packed_qkv", "enable_packed_kv", "enable_attention"), fusions) is None
+    assert next_fallback(replace(missed, relative_error=0.01), (), fusions) is None
+    assert next_fallback(replace(missed, finite=False), (), fusions) is None
+    assert enabled("cuda", "fp32") == enabled("cpu", "fp16") == ["enable_attention"]
+    assert next_fallback(replace(missed, precision="fp32"), (), enabled("cuda", "fp32")) == "attention"
+
+
+def test_working_size_validation_turns_off_a_fusion_that_misses_it(tiny_source, tmp_path, monkeypatch):
+    """The working-size path on the CPU provider (on a GPU it runs for CUDA-target graphs): the UNet
+    and VAE graphs are validated at the UNet's sample_size too, and a fused-attention UNet made to
+    miss the tolerance there (a fake measurement standing for a bad kernel) is rebuilt without
+    attention fusion, validated again and recorded as such in the manifest."""
+    import dataclasses
+
+    import onnx
+
+    from export import exporter
+
+    real = exporter.validate_graph
+    fused = {"Attention", "MultiHeadAttention"}
+
+    def measured(path, spec, precision, provider, working=False):
+        result = real(path, spec, precision, provider, working)
+        ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+        if spec.name == "unet" and ops & fused:
+            return dataclasses.replace(result, relative_error=1.0, working_relative_error=1.0)
+        return result
+
+    monkeypatch.setattr(exporter, "validates_working_size", lambda target, provider: True)
+    monkeypatch.setattr(exporter, "validate_graph", measured)
+    out = tmp_path / "out"
+    run_export(ExportOptions(model=str(tiny_source["diffusers"]), output=out, precision="fp32"))
+    graphs = read_manifest(out).raw["graphs"]
+    unet = graphs["unet"]["validation"]
+    assert unet["disabled_fusions"] == ["enable_attention"] and "attention fusion off" in unet["note"]
+    assert unet["working_size_relative_error"] <= unet["relative_error"] <= 1e-4
+    ops = {node.op_type for node in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node}
+    assert not ops & fused
+    for name in ("vae_decoder", "vae_encoder"):
+        validation = graphs[name]["validation"]
+        assert validation["disabled_fusions"] == [] and validation["working_size_relative_error"] <= 1e-4
+    assert graphs["text_encoder"]["validation"]["working_size_relative_error"] is None  # 77 tokens is its only size

@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import shutil
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,13 +23,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import InvalidRequestError, ModelFolderError, OutOfMemoryError
+from .io_binding import Binding, BindingPool, make_binding, run_bound
 from .model_folder import (
     METADATA_PREFIX,
     ONNX_DTYPES,
     OPENVINO_TARGET,
     TEXT_INPUT,
     UNET_CONTEXT,
-    UNET_OUTPUT,
     UNET_SAMPLE,
     UNET_TIMESTEP,
     VAE_DECODER_INPUT,
@@ -377,19 +376,13 @@ class GraphSession:
 
 
 UNetStep = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample, timestep) -> noise prediction
-MAX_BINDINGS = 2  # a step runs at most two UNet calls (A1111's separate cond and uncond calls)
-
-
-@dataclass
-class _Binding:
-    binding: ort.IOBinding
-    values: dict[str, ort.OrtValue]  # the device buffers bound to the inputs and the output
 
 
 class UNetSession(GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
     output buffer is preallocated on the device (IO binding), so each step moves only the small
-    latent tensor; with CUDA graphs on, all buffers keep fixed addresses so ORT replays the step."""
+    latent tensor; with CUDA graphs on, each distinct shape keeps fixed buffers and its own captured
+    graph (io_binding.py: how copies are ordered with ORT's stream, and the graph limit)."""
 
     use_cuda_graph = True
 
@@ -398,7 +391,7 @@ class UNetSession(GraphSession):
     ) -> None:
         super().__init__(info, provider, config, overrides)
         self.cuda_graph = config.cuda_graph and provider == CUDA
-        self._bindings: OrderedDict[tuple, _Binding] = OrderedDict()  # by (context, sample) shapes
+        self._bindings = BindingPool(self.cuda_graph)
 
     def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> UNetStep:
         """The step function for this conditioning and latent shape. A step that needs two calls
@@ -407,46 +400,28 @@ class UNetSession(GraphSession):
         context = self.feed({UNET_CONTEXT: context})[UNET_CONTEXT]
         if self.provider != CUDA:
             return partial(self._run, context)
-        shapes = (context.shape, sample_shape)
-        if self.cuda_graph and self._bindings and shapes not in self._bindings:
-            raise InvalidRequestError(
-                "size", "CUDA graphs are on and this session was captured for another size, batch or prompt length "
-                "(prompt and negative prompt of different 75-token chunk counts need two shapes unless pad_conds "
-                "is on); use one shape per pipeline",
-            )  # fmt: skip
+        shapes = (context.shape, tuple(sample_shape))
         bound = self._bindings.get(shapes)
         if bound is None:
-            bound = self._bindings[shapes] = self._bind(context, sample_shape)
-            while len(self._bindings) > MAX_BINDINGS:
-                self._bindings.popitem(last=False)
+            bound = self._bind(context, shapes[1])
+            self._bindings.add(shapes, bound)
         else:
-            self._bindings.move_to_end(shapes)
-            bound.values[UNET_CONTEXT].update_inplace(context)
+            bound.values[UNET_CONTEXT].update_inplace(context)  # ordered by the step's synchronize_inputs
         return partial(self._run_bound, bound)
 
-    def _bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> _Binding:
-        batch = sample_shape[0]
+    def _bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> Binding:
         arrays = {
             UNET_CONTEXT: context,
             UNET_SAMPLE: np.zeros(sample_shape, dtype=self.input_types[UNET_SAMPLE]),
-            UNET_TIMESTEP: np.zeros((batch,), dtype=self.input_types[UNET_TIMESTEP]),
+            UNET_TIMESTEP: np.zeros((sample_shape[0],), dtype=self.input_types[UNET_TIMESTEP]),
         }
-        binding = self.session.io_binding()
-        values = {}
-        for name, array in arrays.items():
-            values[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
-            binding.bind_ortvalue_input(name, values[name])
-        output_dtype = self.input_types[UNET_SAMPLE]
-        values[UNET_OUTPUT] = ort.OrtValue.ortvalue_from_shape_and_type(
-            sample_shape, output_dtype, "cuda", self.device_id
-        )
-        binding.bind_ortvalue_output(UNET_OUTPUT, values[UNET_OUTPUT])
-        return _Binding(binding, values)
+        output = (sample_shape, self.input_types[UNET_SAMPLE])
+        return make_binding(self.session, arrays, output, ("cuda", self.device_id), self._bindings.next_graph_id())
 
     def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
+        self._bindings.release()  # the next bind() of those shapes allocates anew
         if self.cuda_graph:
-            return  # the captured graph owns its buffers for the session's lifetime
-        self._bindings.clear()  # the next bind() allocates anew
+            return  # the captured graphs own their buffers (and ORT's arena) for the session's lifetime
         super().release_memory(inputs, device_id)
 
     def _run(self, context: np.ndarray, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
@@ -455,13 +430,9 @@ class UNetSession(GraphSession):
         with self.memory_errors():
             return self.session.run(None, feed)[0].astype(np.float32, copy=False)
 
-    def _run_bound(self, bound: _Binding, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def _run_bound(self, bound: Binding, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
-        bound.values[UNET_SAMPLE].update_inplace(inputs[UNET_SAMPLE])
-        bound.values[UNET_TIMESTEP].update_inplace(inputs[UNET_TIMESTEP])
-        with self.memory_errors():
-            self.session.run_with_iobinding(bound.binding)
-        return bound.values[UNET_OUTPUT].numpy().astype(np.float32, copy=False)
+        return run_bound(self.session, bound, inputs, self.memory_errors)
 
 
 @dataclass
