@@ -146,7 +146,9 @@ def sampler(name: str, field: str = "sampler") -> SamplerInfo:
     info = _SAMPLER_TABLE.get(_key(name)) if isinstance(name, str) else None
     if info is None and isinstance(name, str) and _key(name) in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
         raise InvalidRequestError(
-            field, f"{name!r} is not supported by this server; choose one of {_choices(s.name for s in SAMPLERS)}"
+            field,
+            f"{name!r} is an A1111 sampler this runtime does not have yet; "
+            f"choose one of {_choices(s.name for s in SAMPLERS)}",
         )
     if info is None:
         raise InvalidRequestError(

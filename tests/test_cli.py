@@ -106,7 +106,7 @@ BAD_ARGUMENTS = {
     "height too small": (["--height", "56"], "height: must be a multiple of 8 and at least 64"),
     "zero steps": (["--steps", "0"], "steps: must be at least 1"),
     "negative cfg": (["--cfg-scale", "-1"], "cfg_scale: must not be negative"),
-    "unknown sampler": (["--sampler", "plms"], "unknown sampler 'plms'"),
+    "unknown sampler": (["--sampler", "warp"], "unknown sampler 'warp'"),
     "unknown schedule": (["--schedule", "weird"], "unknown schedule"),
     "unknown rng": (["--rng", "gpu"], "unknown rng 'gpu'"),
     "seed out of range": (["--seed", str(2**40)], "seed: must be -1"),

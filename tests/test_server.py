@@ -299,9 +299,9 @@ BAD_BODIES = [
     ({"batch_size": 2, "n_iter": 3}, 422, "n_iter"),  # over --max-images
     ({"cfg_scale": -1}, 422, "cfg_scale"),
     ({"cfg_scale": "high"}, 422, "cfg_scale"),
-    ({"sampler_name": "LMS"}, 422, "sampler_name"),
+    ({"sampler_name": "Warp 9"}, 422, "sampler_name"),
+    ({"sampler_name": "PLMS"}, 422, "sampler_name"),  # an A1111 sampler the runtime does not have
     ({"sampler_name": 3}, 422, "sampler_name"),
-    ({"scheduler": "Exponential"}, 422, "scheduler"),
     ({"scheduler": "Sideways"}, 422, "scheduler"),
     ({"seed": -2}, 422, "seed"),
     ({"seed": 2**32}, 422, "seed"),
