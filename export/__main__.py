@@ -68,6 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae NAME / sd_vae; stored under vaes/<name>/",
     )
     parser.add_argument("--vae-name", help="with --add-vae: the name to select it by (default: its file name)")
+    parser.add_argument(
+        "--add-upscaler",
+        action="append",
+        metavar="FILE",
+        help="add this image upscaler (.pth/.safetensors: ESRGAN, Real-ESRGAN, SRVGGNetCompact, what spandrel "
+        "loads; pickles need --allow-pickle) to the existing export in --output, for hires fix and Extras; "
+        "repeatable; stored under upscalers/<name>/",
+    )
+    parser.add_argument(
+        "--upscaler-name",
+        help="with one --add-upscaler: the name to select it by (default: A1111's name for the file, else its stem)",
+    )
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -108,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.add_vae is not None:
         return add_vae_main(args)
+    if args.add_upscaler:
+        return add_upscaler_main(args)
+    if args.upscaler_name is not None:
+        print("error: --upscaler-name goes with --add-upscaler", file=sys.stderr)
+        return 2
     if args.vae_name is not None:
         print("error: --vae-name goes with --add-vae", file=sys.stderr)
         return 2
@@ -157,6 +174,25 @@ def add_vae_main(args: argparse.Namespace) -> int:
         log.info("%s: relative error %.2e (tolerance %.0e)", report.name, report.validation.relative_error,
                  report.validation.tolerance)  # fmt: skip
     print(f"added VAE {options.name or Path(args.add_vae.rstrip('/')).name} to {args.output}")
+    return 0
+
+
+def add_upscaler_main(args: argparse.Namespace) -> int:
+    from export.add_upscaler import AddUpscalerOptions, add_upscalers
+    from runtime.errors import UserError
+
+    if args.output is None:
+        print("error: --add-upscaler needs --output, the existing export folder", file=sys.stderr)
+        return 2
+    options = AddUpscalerOptions(args.add_upscaler, args.output, args.upscaler_name, args.overwrite, args.allow_pickle)
+    try:
+        reports = add_upscalers(options)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(f"added upscaler {report.name} to {args.output} ({report.precision}, relative error "
+              f"{report.validation.relative_error:.2e}, tolerance {report.validation.tolerance:.0e})")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`python -m runtime`: generate images from an exported model folder.
+"""`python -m runtime`: generate images from an exported model folder (`python -m runtime upscale ...`:
+upscale image files, runtime.upscale_cli).
 
 Bad input gets one line on stderr and exit code 2, and no file is written.
 """
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hires.add_argument("--hires-scale", type=float, help="turn hires fix on and upscale by this factor")
     hires.add_argument("--hires-resize", help="turn hires fix on with a target size WxH instead of a factor")
     hires.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0: as --steps)")
-    hires.add_argument("--hires-upscaler", default="Latent", help="Latent (...), Lanczos, Nearest or None")
+    hires.add_argument(
+        "--hires-upscaler", default="Latent", help="Latent (...), Lanczos, Nearest, None or an added model upscaler"
+    )
     hires.add_argument("--hires-prompt", default="")
     hires.add_argument("--hires-negative-prompt", default="")
     hires.add_argument("--hires-sampler", help="second-pass sampler (default: --sampler)")
@@ -193,6 +196,11 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["upscale"]:
+        from .upscale_cli import main as upscale_main
+
+        return upscale_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:

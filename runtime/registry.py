@@ -101,16 +101,20 @@ RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 
 @dataclass(frozen=True)
 class UpscalerInfo:
-    """A hires-fix upscaler. Latent ones resize the latents as torch.nn.functional.interpolate
+    """A hires-fix / extras upscaler. Latent ones resize the latents as torch.nn.functional.interpolate
     with `mode` and `antialias` (A1111's `shared.latent_upscale_modes`); image ones decode, resize
-    the pixels with PIL and encode again."""
+    the pixels and encode again: with a PIL filter, or (mode "model") with an exported model upscaler
+    (runtime.graphs.upscalers) of that name."""
 
     name: str
     latent: bool
-    mode: str  # interpolate mode, or PIL filter name for image upscalers
+    mode: str  # interpolate mode, PIL filter name, or MODEL
     antialias: bool = False
+    aliases: tuple[str, ...] = ()  # a model upscaler's file stem
+    scale: int | None = None  # a model upscaler's own factor
 
 
+MODEL = "model"
 UPSCALERS = (
     UpscalerInfo("Latent", True, "bilinear"),
     UpscalerInfo("Latent (antialiased)", True, "bilinear", antialias=True),
@@ -124,6 +128,21 @@ UPSCALERS = (
 )
 # The issue's spelling and A1111 1.x's spelling of the same mode.
 _EXTRA_UPSCALER_NAMES = {"Latent (antialiased bicubic)": "Latent (bicubic antialiased)"}
+# The files A1111 downloads for its Real-ESRGAN entries (modules/realesrgan_model.py) -> the names it
+# lists them by. `--add-upscaler` names such a file so; any other file by its stem, as A1111 lists
+# ESRGAN files ("4x-UltraSharp", "ESRGAN_4x"). Either name selects the upscaler.
+A1111_UPSCALER_FILES = {
+    "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
+    "RealESRGAN_x4plus": "R-ESRGAN 4x+",
+    "RealESRGAN_x2plus": "R-ESRGAN 2x+",
+    "realesr-animevideov3": "R-ESRGAN AnimeVideo",
+    "realesr-general-x4v3": "R-ESRGAN General 4xV3",
+    "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
+}
+
+
+def model_upscaler(name: str, file_stem: str, scale: int) -> UpscalerInfo:
+    return UpscalerInfo(name, False, MODEL, aliases=(file_stem,) if file_stem != name else (), scale=scale)
 
 
 def _table(items: tuple, names) -> dict:
@@ -169,12 +188,18 @@ def rng(name: str, field: str = "rng") -> str:
     return name.lower()
 
 
-def upscaler(name: str, field: str = "hr_upscaler") -> UpscalerInfo:
-    info = _UPSCALER_TABLE.get(_key(name)) if isinstance(name, str) else None
+def builtin_upscaler(name: str) -> UpscalerInfo | None:
+    return _UPSCALER_TABLE.get(_key(name)) if isinstance(name, str) else None
+
+
+def upscaler(name: str, field: str = "hr_upscaler", models: tuple[UpscalerInfo, ...] = ()) -> UpscalerInfo:
+    """A built-in upscaler, or one of the export's model upscalers (`models`) by name or file stem."""
+    info = builtin_upscaler(name)
+    if info is None and isinstance(name, str):
+        info = next((m for m in models if _key(name) in {_key(n) for n in (m.name, *m.aliases)}), None)
     if info is None:
-        raise InvalidRequestError(
-            field, f"unknown upscaler {name!r}; choose one of {_choices(u.name for u in UPSCALERS)}"
-        )
+        names = [u.name for u in (*UPSCALERS, *models)]
+        raise InvalidRequestError(field, f"unknown upscaler {name!r}; choose one of {_choices(names)}")
     return info
 
 

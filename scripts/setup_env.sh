@@ -14,3 +14,5 @@ fi
 # declared requirements (torchvision, clip, wandb...) are never used by that code and would replace
 # the CPU torch, hence --no-deps; what the code does need is in the test extra.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1"
+# --add-upscaler's loader, without the torchvision it declares and never needs here (pyproject.toml).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "spandrel>=0.4,<0.5"

@@ -218,9 +218,11 @@ def read_manifest(folder: str | Path) -> Manifest:
             raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
     _check_fields(raw, folder / MANIFEST_FILE)
     manifest = Manifest(folder=folder, raw=raw, graphs=graphs)
+    from .upscalers import upscaler_models  # the added upscalers' section, checked the same way
     from .vaes import vae_choices  # the added VAEs' section: types, names, files inside the folder
 
     vae_choices(manifest)
+    upscaler_models(manifest)
     return manifest
 
 
@@ -245,10 +247,12 @@ def sha256_of_file(path: Path) -> str:
 def verify_files(manifest: Manifest) -> None:
     """Check every graph file against the sha256 the exporter wrote: weights changed on disk
     (bit rot, a bad copy) otherwise give black or noisy images without any error."""
+    from .upscalers import upscaler_models
     from .vaes import vae_choices
 
     added = [choice for choice in vae_choices(manifest).values() if choice.name is not None]
     extra = [info for choice in added for info in (choice.decoder, choice.encoder) if info is not None]
+    extra += [model.graph for model in upscaler_models(manifest).values()]
     for info in [*manifest.graphs.values(), *extra]:
         for name, expected in info.files.items():
             path = info.path.parent / name

@@ -15,6 +15,7 @@ from ..sampling.schedules import Schedule
 from .img2img import plan_denoise
 from .inputs import check_strength, check_whole_number
 from .metadata import infotext_number
+from .model_upscale import check_upscale
 from .upscale import target_size
 
 MAX_SCALE = 8.0
@@ -55,13 +56,15 @@ def plan_hires(
     hr_negative_prompt: str = "",
     hr_sampler_name: str | None = None,
     step_rule: str = "diffusers",
+    max_pixels: int | None = None,
+    upscalers: tuple[UpscalerInfo, ...] = (),
 ) -> HiresPlan:
     """Check the hires fields and lay out the second pass (A1111's calculate_target_resolution)."""
     if isinstance(hr_scale, bool) or not isinstance(hr_scale, int | float) or not 1.0 <= hr_scale <= MAX_SCALE:
         raise InvalidRequestError("hr_scale", f"must be a number in [1, {MAX_SCALE:g}], not {hr_scale!r}")
     resize_x = check_whole_number(hr_resize_x, "hr_resize_x")
     resize_y = check_whole_number(hr_resize_y, "hr_resize_y")
-    upscaler = registry.upscaler(hr_upscaler)
+    upscaler = registry.upscaler(hr_upscaler, "hr_upscaler", upscalers)
     second_steps = check_whole_number(hr_second_pass_steps, "hr_second_pass_steps")
     strength = check_strength(denoising_strength, "denoising_strength")
     sampler = registry.sampler(hr_sampler_name, "hr_sampler_name").key if hr_sampler_name else first_sampler
@@ -72,6 +75,9 @@ def plan_hires(
     latent_w, latent_h = to_x // factor - truncate_x, to_y // factor - truncate_y
     if latent_w < 1 or latent_h < 1 or to_x < width or to_y < height:
         raise InvalidRequestError("hr_resize_x", f"hires size {to_x}x{to_y} is smaller than the first pass")
+    if upscaler.mode == registry.MODEL:
+        scale = max(to_x / width, to_y / height)
+        check_upscale(width, height, scale, upscaler, max_pixels, "hr_upscaler")
     # A1111 passes the hires pass its step count, so it always takes the img2img_fix_steps rule.
     schedule = plan_denoise(partial(make_schedule, sampler), second_steps or steps, strength, step_rule, True)
     # A1111's init() order: sampler, prompts, then the size, steps and upscaler.

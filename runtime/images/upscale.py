@@ -6,6 +6,8 @@ Each resize is separable: a (out, in) weight matrix per axis, applied to the las
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image
 
@@ -97,13 +99,20 @@ def upscale_latents(latents: np.ndarray, size: tuple[int, int], info: UpscalerIn
 _PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 
 
-def upscale_image(pixels: np.ndarray, size: tuple[int, int], info: UpscalerInfo) -> np.ndarray:
+ImageResize = Callable[[Image.Image, int, int], Image.Image]  # (image, width, height) -> resized
+
+
+def upscale_image(
+    pixels: np.ndarray, size: tuple[int, int], info: UpscalerInfo, model: ImageResize | None = None
+) -> np.ndarray:
     """A1111's image upscalers on an (H, W, 3) float image in [0, 1], through 8 bits as A1111
     does: "Lanczos" and "Nearest" resize with that PIL filter; "None" leaves the upscaling to
-    resize_image's final LANCZOS resize."""
+    resize_image's final LANCZOS resize; a model upscaler is `model` (resize_image with it)."""
     image = Image.fromarray((pixels * 255).astype(np.uint8))  # A1111 truncates, it does not round
-    resample = _PIL_FILTERS.get(info.mode, Image.Resampling.LANCZOS)
-    resized = image.resize((size[1], size[0]), resample=resample)
+    if model is not None:
+        resized = model(image, size[1], size[0])
+    else:
+        resized = image.resize((size[1], size[0]), resample=_PIL_FILTERS.get(info.mode, Image.Resampling.LANCZOS))
     return np.asarray(resized, dtype=np.float32) / np.float32(255.0)
 
 

@@ -16,12 +16,14 @@ from .. import registry
 from ..errors import InvalidRequestError
 from ..graphs.lora import LoraLibrary, LoraResolver
 from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_scheduler_config, text_vocab_size
+from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
 from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
+from ..registry import UpscalerInfo
 from ..sampling.schedules import make_schedule
 from ..text.conditioning import PromptChunks, empty_chunks, prompt_to_chunks
 from ..text.embeddings import EmbeddingLibrary, EmbeddingMatcher
@@ -78,6 +80,7 @@ def prepare(
     pad_conds: bool = False,
     step_rule: str = "diffusers",
     img2img_fix_steps: bool = False,
+    upscalers: tuple[UpscalerInfo, ...] = (),
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -108,7 +111,8 @@ def prepare(
 
     `<lora:...>` tags are taken out of the prompt (runtime.text.extra_networks) before its editing
     schedule is planned, as A1111 does; `embeddings` (the pipeline's EmbeddingMatcher) places
-    textual-inversion embeddings named in any prompt."""
+    textual-inversion embeddings named in any prompt. `upscalers` are the export's model upscalers
+    hr_upscaler may name (Planner passes them)."""
     unknown = set(init_options) - set(INIT_OPTIONS)
     if unknown:
         raise TypeError(f"prepare() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -178,6 +182,7 @@ def prepare(
         hires = plan_hires(
             width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
             sampler, prompt, negative_prompt, steps, **(hires_options or {}), step_rule=step_rule,
+            max_pixels=max_pixels, upscalers=upscalers,
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
         hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(
@@ -315,6 +320,7 @@ class Planner:
         self.vae = resolve_vae(manifest, vae)  # requests that name no VAE use this one
         self.loras = loras
         self.embeddings = EmbeddingLibrary(embeddings_dir, tokenizer, manifest.text_width, text_vocab_size(manifest))
+        self.upscalers = tuple(model.info for model in upscaler_models(manifest).values())
 
     @classmethod
     def from_folder(
@@ -335,7 +341,14 @@ class Planner:
         embeddings' vectors travel in the Prepared (a few KB each), to whichever Pipeline runs it."""
         matcher = self.embeddings.matcher()
         parameters.setdefault("vae", self.vae)
-        prepared = prepare(self.manifest, self.scheduler_config, self.tokenizer, embeddings=matcher, **parameters)
+        prepared = prepare(
+            self.manifest,
+            self.scheduler_config,
+            self.tokenizer,
+            embeddings=matcher,
+            upscalers=self.upscalers,
+            **parameters,
+        )
         self.loras.resolve(list(prepared.loras))
         # The manifest lists the graph's inputs, and loading a session checks the graph against it.
         text_inputs = self.manifest.graphs["text_encoder"].inputs

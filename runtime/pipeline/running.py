@@ -32,12 +32,14 @@ from ..graphs.model_folder import (
     verify_files,
 )
 from ..graphs.sessions import GraphSession, SessionConfig, Sessions, load_sessions
+from ..graphs.upscalers import UpscalerSessions
 from ..graphs.vaes import resolve_vae, vae_choices, vae_label
 from ..images.hires import HiresPlan
 from ..images.img2img import apply_overlay, blend, encode_sample, fill_latents
 from ..images.metadata import format_infotext, infotext_number
+from ..images.model_upscale import resize_with_model
 from ..images.tiling import TileSizes, tiled, use_tiling
-from ..images.upscale import truncate, upscale_image, upscale_latents
+from ..images.upscale import ImageResize, truncate, upscale_image, upscale_latents
 from ..limits import LORA_CACHE_MB
 from ..sampling import ksamplers, samplers
 from ..sampling.rng import NoiseGenerator, make_generator
@@ -85,6 +87,7 @@ class Pipeline(Planner):
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
+        self.upscaler_sessions = UpscalerSessions(manifest, sessions.provider, sessions.config)
         self.tile_sizes = TileSizes.from_folder(manifest.folder, manifest.default_size, manifest.vae_scale_factor)
 
     @classmethod
@@ -186,6 +189,11 @@ class Pipeline(Planner):
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
         return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+
+    def model_resize(self, name: str) -> ImageResize:
+        """A1111's resize_image with the model upscaler `name` (hires fix: decode, this, encode)."""
+        run, model = self.upscaler_sessions.runner(name), self.upscaler_sessions.models[name]
+        return partial(resize_with_model, run, model)
 
     def with_vae(self, sessions: Sessions, name: str | None) -> Sessions:
         """`sessions` decoding (and encoding) with VAE `name`; its sessions load once and stay cached
@@ -335,7 +343,8 @@ class Pipeline(Planner):
             upscaled = upscale_latents(latents, size, plan.upscaler)
         else:
             decoded = self.decode(latents, tiling)
-            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler) for image in decoded]
+            model = self.model_resize(plan.upscaler.name) if plan.upscaler.mode == registry.MODEL else None
+            pixels = [upscale_image(image, plan.upscale_to, plan.upscaler, model) for image in decoded]
             moments = [self.encode_pixels((image * 2 - 1).transpose(2, 0, 1)[None], tiling) for image in pixels]
             upscaled = np.concatenate([np.split(m, 2, axis=1)[0] for m in moments])
             upscaled = upscaled * np.float32(self.manifest.vae_scaling_factor)

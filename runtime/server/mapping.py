@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidRequestError
+from ..images.model_upscale import check_upscale
 from ..pipeline import MAX_GENERATOR_SEED, MAX_SEED, Prepared
 from ..registry import (
+    MODEL,
     RNG_SOURCES,
     SamplerInfo,
     SchedulerInfo,
@@ -247,6 +249,10 @@ def _check_sizes(prepared: Prepared, limits: Limits) -> None:
             "hr_scale", f"the hires size {hires.width}x{hires.height} is over this server's limit of "
             f"{limits.max_pixels} pixels per image",
         )  # fmt: skip
+    if hires is not None and hires.upscaler.mode == MODEL:
+        request = prepared.request
+        scale = max(hires.upscale_to[1] / request.width, hires.upscale_to[0] / request.height)
+        check_upscale(request.width, request.height, scale, hires.upscaler, limits.max_pixels, "hr_upscaler")
     init = prepared.init
     if init is not None and init.overlay is not None:
         width, height = init.overlay.original.size

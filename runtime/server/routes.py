@@ -8,10 +8,15 @@ task board; everything a request means is decided here and in `mapping`, once, f
 from __future__ import annotations
 
 import asyncio
+import base64
+import html
+import io
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 import anyio
@@ -21,15 +26,25 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import InvalidRequestError
+from ..graphs.upscalers import UpscalerModel, upscaler_models
 from ..graphs.vaes import vae_choices, vae_label
+from ..images.extras import ExtrasOptions, run_extras
+from ..images.extras import check_options as check_extras
+from ..images.extras import infotext as extras_infotext
+from ..images.inputs import load_image
 from ..images.metadata import parse_infotext, read_infotext
-from ..registry import SAMPLERS, SCHEDULERS, UPSCALERS
+from ..registry import A1111_UPSCALER_FILES, SAMPLERS, SCHEDULERS, UPSCALERS
 from .config import ServerConfig
 from .jobs import JobResult
 from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title
 from .schemas import (
     EmbeddingsResponse,
     ErrorResponse,
+    ExtrasBatchImagesRequest,
+    ExtrasBatchImagesResponse,
+    ExtrasFields,
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
     GenerationFields,
     HealthResponse,
     Img2ImgRequest,
@@ -40,6 +55,7 @@ from .schemas import (
     PngInfoRequest,
     PngInfoResponse,
     ProgressResponse,
+    RealesrganItem,
     SamplerItem,
     SchedulerItem,
     SDModelItem,
@@ -284,9 +300,92 @@ async def schedulers() -> Any:
 
 
 @router.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], tags=["sdapi"])
-async def upscalers() -> Any:
-    """The image upscalers (hr_upscaler); A1111 lists the latent modes separately."""
-    return [UpscalerItem(name=u.name, scale=4 if u.name != "None" else None) for u in UPSCALERS if not u.latent]
+async def upscalers(ctx: Context) -> Any:
+    """The image upscalers (hr_upscaler, upscaler_1/2): the filters, then the export's model upscalers
+    (`model_path`: the graph relative to the model folder). A1111 lists the latent modes separately."""
+    builtin = [UpscalerItem(name=u.name, scale=4 if u.name != "None" else None) for u in UPSCALERS if not u.latent]
+    models = upscaler_models(ctx.model.manifest).values()
+    return builtin + [
+        UpscalerItem(name=m.name, model_name=Path(m.file).stem, model_path=_relative(ctx, m), scale=m.scale)
+        for m in models
+    ]
+
+
+@router.get("/sdapi/v1/realesrgan-models", response_model=list[RealesrganItem], tags=["sdapi"])
+async def realesrgan_models(ctx: Context) -> Any:
+    """The exported upscalers made from A1111's Real-ESRGAN files (RealESRGAN_x4plus_anime_6B.pth...)."""
+    models = upscaler_models(ctx.model.manifest).values()
+    return [RealesrganItem(name=m.name, path=_relative(ctx, m), scale=m.scale)
+            for m in models if Path(m.file).stem in A1111_UPSCALER_FILES]  # fmt: skip
+
+
+def _relative(ctx: ServerContext, model: UpscalerModel) -> str:
+    return model.graph.path.relative_to(ctx.model.manifest.folder).as_posix()
+
+
+@router.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse, responses=_ERRORS,
+             tags=["sdapi"])  # fmt: skip
+async def extra_single_image(body: ExtrasSingleImageRequest, ctx: Context) -> Any:
+    """A1111's Extras upscaling of one image (face restoration is not supported)."""
+    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, [("image", body.image)])
+    return ExtrasSingleImageResponse(html_info=info, image=images[0])
+
+
+@router.post("/sdapi/v1/extra-batch-images", response_model=ExtrasBatchImagesResponse, responses=_ERRORS,
+             tags=["sdapi"])  # fmt: skip
+async def extra_batch_images(body: ExtrasBatchImagesRequest, ctx: Context) -> Any:
+    """A1111's Extras upscaling of several images, each the same way."""
+    if len(body.imageList) > ctx.config.limits.max_images:
+        raise InvalidRequestError("imageList", f"{len(body.imageList)} images is over this server's limit of "
+                                  f"{ctx.config.limits.max_images}")  # fmt: skip
+    named = [(f"imageList.{index}.data", item.data) for index, item in enumerate(body.imageList)]
+    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, named)
+    return ExtrasBatchImagesResponse(html_info=info, images=images)
+
+
+def _run_extras(ctx: ServerContext, body: ExtrasFields, images: list[tuple[str, str]]) -> tuple[list[str], str]:
+    """Every image checked (base64, pixel limit), then each upscaled; A1111's html_info of the last."""
+    sessions = getattr(ctx.model, "upscaler_sessions", None)
+    if sessions is None:
+        raise InvalidRequestError("upscaler_1", "this front has no upscaler sessions (a cluster's ingress); "
+                                  "Extras run on a one-box server")  # fmt: skip
+    options = ExtrasOptions(
+        body.resize_mode, body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h,
+        body.upscaling_crop, body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility,
+    )  # fmt: skip
+    check_extras(options, sessions)
+    limit = ctx.config.limits.max_pixels
+    loaded = []
+    for field, text in images:
+        image = load_image(decode_base64(field, text), field)
+        if image.width * image.height > limit:
+            raise InvalidRequestError(field, f"{image.width}x{image.height} is over this server's limit of "
+                                      f"{limit} pixels per image")  # fmt: skip
+        loaded.append((field, image))
+    answers, info = [], {}
+    for field, image in loaded:
+        with _extras_field(field):
+            result, info = run_extras(image, options, sessions, limit)
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        answers.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return answers, plaintext_to_html(extras_infotext(info))
+
+
+@contextmanager
+def _extras_field(field: str) -> Iterator[None]:
+    """A size error about one image of a batch names that image."""
+    try:
+        yield
+    except InvalidRequestError as error:
+        if error.field in ("upscaler_1", "upscaler_2", "upscaling_resize_w"):
+            raise InvalidRequestError(error.field, f"{field}: {error.message}") from None
+        raise
+
+
+def plaintext_to_html(text: str) -> str:
+    """A1111's ui_common.plaintext_to_html: escaped lines joined by <br>, in a paragraph."""
+    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
 @router.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem], tags=["sdapi"])

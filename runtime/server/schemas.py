@@ -144,6 +144,64 @@ class UpscalerItem(BaseModel):
     scale: float | None = None
 
 
+class RealesrganItem(BaseModel):
+    """A1111's /sdapi/v1/realesrgan-models entry; `path` is the graph relative to the model folder."""
+
+    name: str
+    path: str | None = None
+    scale: int | None = None
+
+
+class ExtrasFields(BaseModel):
+    """A1111's ExtrasBaseRequest: the upscaling fields; face restoration only at its defaults."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    resize_mode: Literal[0, 1] = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, ge=0, le=0, description="Face restoration is not supported: 0 only")
+    codeformer_visibility: float = Field(0.0, ge=0, le=0, description="Face restoration is not supported: 0 only")
+    codeformer_weight: float = Field(0.0, allow_inf_nan=False)
+    upscaling_resize: float = Field(2.0, allow_inf_nan=False, description="Scale factor, 1 to 8")
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = Field(True, description="resize_mode 1: centre the result on a canvas of that size")
+    upscaler_1: str = Field("None", description="GET /sdapi/v1/upscalers: a model upscaler, Lanczos, Nearest, None")
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    upscale_first: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def omit_nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class ExtrasSingleImageRequest(ExtrasFields):
+    image: str = Field(description="Base64 image (a data: URL prefix is accepted)")
+
+
+class ExtrasImageItem(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    data: str = Field(description="Base64 image (a data: URL prefix is accepted)")
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasFields):
+    imageList: list[ExtrasImageItem] = Field(description="The images, each upscaled the same way")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field(description="A1111's postprocessing infotext as HTML")
+    image: str | None = Field(None, description="Base64 PNG")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
 class LatentUpscaleModeItem(BaseModel):
     name: str
 
