@@ -9,6 +9,7 @@ image of that folder alone, compared pixel for pixel (the same code on the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -78,14 +79,14 @@ def _image(answer: httpx.Response) -> np.ndarray:
     return decode_png(answer.json()["images"][0])[0]
 
 
-def test_sd_models_lists_both_as_a1111(server: Server, tiny_fp16: Path) -> None:
+def test_sd_models_lists_both_as_a1111(server: Server, tiny_source: dict[str, Path]) -> None:
     with server.client() as client:
         models = _models(client)
     assert set(models) == {"tiny-a", "nested/tiny-b"}
-    manifest = json.loads((tiny_fp16 / "manifest.json").read_text())
     first = models["tiny-a"]
-    # The source checkpoint's hashes, recorded at export: A1111's sha256 of the file and its first 10 digits.
-    assert first["sha256"] == manifest["model_sha256"] and first["hash"] == manifest["model_sha256"][:10]
+    # The source checkpoint's hashes, recorded at export, as A1111 computes them: the file's sha256, its first 10.
+    sha256 = hashlib.sha256(tiny_source["single_file"].read_bytes()).hexdigest()
+    assert first["sha256"] == sha256 and first["hash"] == sha256[:10]
     assert first["title"] == f"tiny [{first['hash']}]" and first["model_name"] == "tiny"
     assert set(first) == {"title", "model_name", "hash", "sha256", "filename", "config"}
 
