@@ -398,6 +398,7 @@ def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, en
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_name": source.name,
         "model_hash": source.model_hash,
+        "model_sha256": source.model_sha256,
         "source": {"kind": source.kind, "model": options.model, "architecture": source.arch},
         "precision": options.precision,
         "target": options.target,
@@ -473,7 +474,8 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
     with with_vae_weights(options.model, options.vae, options.allow_pickle) as model:
         source = load_source(model, options.allow_pickle, options.config, options.ema, options.vae_encoder)
     if model != options.model:  # a checkpoint given the --vae weights: A1111 hashes the user's file
-        source.model_hash = layout.sha256_of_file(Path(options.model))[:10]
+        source.model_sha256 = layout.sha256_of_file(Path(options.model))
+        source.model_hash = source.model_sha256[:10]
     vae_info = None
     if options.vae is not None:
         separate = load_vae(options.vae, source.pipe.vae, options.allow_pickle, options.vae_encoder)

@@ -40,6 +40,7 @@ class LoadedSource:
     scheduler_config: dict[str, Any]  # as shipped, not re-serialised (see _read_scheduler_config)
     tokenizer_dir: Path
     arch: str | None  # shipped architecture a single file was matched to
+    model_sha256: str | None = None  # the whole sha256 A1111 lists (/sdapi/v1/sd-models `sha256`)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -299,7 +300,7 @@ def _from_single_file(weights: Path, config: Path, tokenizer_folder: Path, where
 def load_single_file(
     path: Path, allow_pickle: bool, config: Path | None, ema: bool = False, vae_encoder: bool = True
 ) -> LoadedSource:
-    model_hash = sha256_of_file(path)[:10]
+    model_sha256 = sha256_of_file(path)
     try:
         weights = read_checkpoint(path, allow_pickle, ema)
     except CheckpointError as error:
@@ -327,10 +328,11 @@ def load_single_file(
         pipe=pipe,
         kind="single_file",
         name=path.stem,
-        model_hash=model_hash,
+        model_hash=model_sha256[:10],
         scheduler_config=_read_scheduler_config(config),
         tokenizer_dir=tokenizer_folder,
         arch=arch,
+        model_sha256=model_sha256,
     )
 
 

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A1111's 'Pad prompt/negative prompt': prompt and negative prompt of different 75-token chunk counts "
         "share one UNet call (faster, another image; off as in the web UI)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-prompt-comments", dest="prompt_comments", action="store_false",
+        help="keep '#' in prompts as text (default, as A1111 1.8+: '#' hides the rest of its line)",
+    )  # fmt: skip
     image = parser.add_argument_group("img2img and inpainting")
     image.add_argument("--init-image", type=Path, help="img2img: start from this image")
     image.add_argument("--strength", type=float, help="img2img denoising strength in [0, 1] (default 0.75)")
@@ -130,7 +134,7 @@ def prepare_from_args(args: argparse.Namespace, planner: Planner) -> Prepared:
         guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
         eta_noise_seed_delta=args.eta_noise_seed_delta, pad_conds=args.pad_conds, vae_tiling=args.vae_tiling,
-        max_pixels=args.max_pixels, **mode_options(args),
+        max_pixels=args.max_pixels, prompt_comments=args.prompt_comments, **mode_options(args),
     )  # fmt: skip
 
 

@@ -200,8 +200,8 @@ def test_recipe_request_matches_the_library(main: Server, tiny_fp32: Path) -> No
 
     pipe = Pipeline.from_pretrained(tiny_fp32, provider="cpu", threads=1)
     expected = pipe(
-        RECIPE["prompt"], RECIPE["negative_prompt"], 28, 11.0, 64, 64, 114514, 2,
-        sampler="euler_a", schedule="a1111", rng="nv",
+        RECIPE["prompt"], RECIPE["negative_prompt"], num_inference_steps=28, guidance_scale=11.0, width=64, height=64,
+        seed=114514, num_images_per_prompt=2, sampler="euler_a", schedule="a1111", rng="nv",
     )  # fmt: skip
     assert expected.seeds == [114514, 114515]
     for data, image, infotext in zip(body["images"], expected.images, expected.infotexts, strict=True):
@@ -653,7 +653,13 @@ def test_fuzzed_requests_never_get_a_5xx(tight: Server, txt2img_bodies: st.Searc
 
 
 class _FlakyPipe:
-    """Fails the jobs whose prompt says so, succeeds otherwise."""
+    """Fails the jobs whose prompt says so, succeeds otherwise; the worker's only checkpoint."""
+
+    def provider(self) -> str:
+        return "CPUExecutionProvider"
+
+    def pipeline(self, _title: str | None) -> _FlakyPipe:
+        return self
 
     def run(self, prepared: Prepared, output_type: str = "np", callback=None, cancel_event=None) -> PipelineOutput:
         request = prepared.request

@@ -212,10 +212,18 @@ def test_memory_is_given_back_after_a_large_request(hostile: Server) -> None:
 def test_a_bug_is_one_logged_traceback_and_a_json_500(caplog: pytest.LogCaptureFixture) -> None:
     from fastapi.testclient import TestClient
 
-    from runtime.server.app import create_app
+    from runtime.server.app import build_app
     from runtime.server.config import ServerConfig
+    from runtime.server.tasks import TaskBoard
 
-    app = create_app(None, ServerConfig(model="unused"))  # type: ignore[arg-type]
+    class Idle:  # no model, no jobs: only the app's own error handling is under test
+        board = TaskBoard()
+
+        async def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+    app = build_app(None, ServerConfig(model="unused"), Idle())  # type: ignore[arg-type]
 
     @app.get("/boom")
     async def boom() -> None:

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..graphs.model_folder import read_manifest
 from ..pipeline import Planner
 from ..server.app import build_app
+from ..server.models import ModelSet, single
 from .backend import GENERATOR, ServeBackend
 from .generator import INGRESS, Generator
 from .model_check import fingerprint
@@ -43,7 +44,9 @@ class Ingress:
         self.backend = ServeBackend(generator, settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.model, self.settings.server, self.backend)
+        return build_app(
+            ModelSet(single(self.model.manifest), lambda _: self.model), self.settings.server, self.backend
+        )
 
     def interrupt_requested(self, task_id: str) -> bool:
         """Asked by the replica running `task_id` while it runs (not an HTTP route)."""

@@ -155,6 +155,7 @@ _OPTIONAL_CHECKS: dict[str, tuple[Any, str]] = {
     "default_image_size": (_positive_int, "a whole number >= 1"),
     "model_name": (lambda value: isinstance(value, str), "a string"),
     "model_hash": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "model_sha256": (lambda value: value is None or isinstance(value, str), "a string or null"),
 }
 
 

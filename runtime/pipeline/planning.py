@@ -25,6 +25,7 @@ from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
 from ..registry import UpscalerInfo
 from ..sampling.schedules import make_schedule
+from ..text.comments import strip_comments
 from ..text.conditioning import PromptChunks, empty_chunks, prompt_to_chunks
 from ..text.embeddings import EmbeddingLibrary, EmbeddingMatcher
 from ..text.extra_networks import parse_prompt
@@ -81,6 +82,7 @@ def prepare(
     step_rule: str = "diffusers",
     img2img_fix_steps: bool = False,
     upscalers: tuple[UpscalerInfo, ...] = (),
+    prompt_comments: bool = True,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -106,6 +108,10 @@ def prepare(
     option that runs exactly `steps` steps over a longer schedule). The infotext says "Strength
     rule: diffusers" where the rule changes the image.
 
+    `prompt_comments` is A1111's "Enable comments" (on there by default): `#` hides the rest of its
+    line in the prompts, negative prompts and hires prompts (runtime.text.comments), before LoRA
+    tags, embeddings and token counts are read; the infotext carries the prompts without them.
+
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
 
@@ -127,6 +133,11 @@ def prepare(
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
             raise InvalidRequestError(name, f"must be a string, not {type(text).__name__}")
+    if not isinstance(prompt_comments, bool):
+        raise InvalidRequestError("prompt_comments", f"must be true or false, not {prompt_comments!r}")
+    if prompt_comments:
+        prompt, negative_prompt = strip_comments(prompt), strip_comments(negative_prompt)
+        hires_options = _without_comments(hires_options)
     text_prompt, loras = parse_prompt(prompt)
     steps = require_int("steps", num_inference_steps)
     if steps < 1:
@@ -212,6 +223,15 @@ def positional_parameters(args: tuple[Any, ...], keywords: dict[str, Any]) -> di
     if twice:
         raise TypeError(f"got multiple values for {', '.join(sorted(twice))}")
     return {**named, **keywords}
+
+
+def _without_comments(hires_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The hires prompts without comments (plan_hires refuses what is not a string)."""
+    if not hires_options:
+        return hires_options
+    stripped = {name: strip_comments(hires_options[name]) for name in ("hr_prompt", "hr_negative_prompt")
+                if isinstance(hires_options.get(name), str)}  # fmt: skip
+    return {**hires_options, **stripped}
 
 
 def _hires_conditioning(

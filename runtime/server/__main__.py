@@ -1,4 +1,4 @@
-"""`python -m runtime.server --model DIR`: load the model once, then serve the API with uvicorn.
+"""`python -m runtime.server --model DIR` (or `--model-dir DIR`): load the model, then serve the API with uvicorn.
 
 Bad arguments or a bad model folder get one line on stderr and exit code 2, before the port opens.
 """
@@ -13,8 +13,17 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..options import Parser, add_addon_options, add_session_options, load_options, positive, positive_number
+from ..options import (
+    Parser,
+    add_addon_options,
+    add_session_options,
+    load_options,
+    non_negative,
+    positive,
+    positive_number,
+)
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, Traffic, parse_credentials
+from .models import ModelSet, PipelinePool, pipeline_loader, planner_maker, scan_folder
 
 log = logging.getLogger("runtime.server")
 AUTH_ENV = "ACERTAIN_API_AUTH"
@@ -61,7 +70,17 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m runtime.server", description="A1111-compatible txt2img API, no torch.")
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="folder written by `python -m export`")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="folder written by `python -m export`")
+    which.add_argument(
+        "--model-dir", type=Path, help="serve every exported folder in DIR (GET /sdapi/v1/sd-models; switch with "
+        "POST /sdapi/v1/options sd_model_checkpoint, or per request with override_settings)",
+    )  # fmt: skip
+    add(
+        "--models-cache-mb", type=non_negative, default=0,
+        help="MiB of memory for loaded checkpoints kept besides the current one, charged what loading each took "
+        "(default 0: one checkpoint in memory, as A1111's default)",
+    )  # fmt: skip
     add_session_options(parser)
     # uvicorn's sockets: only this server has them (a cluster's belong to Serve's proxy).
     add("--header-timeout", type=positive_number, default=TRAFFIC.header_timeout, help="seconds (%(default)s)")
@@ -79,12 +98,14 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_active_requests=args.max_active_requests, allowed_hosts=args.allowed_hosts,
     )  # fmt: skip
     return ServerConfig(
-        model=str(args.model), host=args.host, port=args.port, provider=getattr(args, "provider", "auto"),
+        model=str(args.model) if getattr(args, "model", None) else "", host=args.host, port=args.port,
+        provider=getattr(args, "provider", "auto"),
         threads=getattr(args, "threads", None), device=getattr(args, "device", "CPU"),
         inference_precision=getattr(args, "inference_precision", "auto"), queue_size=args.queue_size,
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
         lora_dir=args.lora_dir, lora_cache_mb=args.lora_cache_mb, embeddings_dir=args.embeddings_dir,
-        vae=getattr(args, "vae", None),
+        vae=getattr(args, "vae", None), model_dir=str(args.model_dir) if getattr(args, "model_dir", None) else None,
+        models_cache_mb=getattr(args, "models_cache_mb", 0),
     )  # fmt: skip
 
 
@@ -97,22 +118,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def load_models(config: ServerConfig) -> ModelSet:
+    """The checkpoints to serve, the current one (--model, or the first of --model-dir by title)
+    loaded before the port opens, as A1111 loads its checkpoint at start."""
+    if config.model_dir is None:
+        from ..pipeline import Pipeline
+
+        return ModelSet.around(Pipeline.from_pretrained(config.model, **load_options(config)), config)
+    folder = Path(config.model_dir)
+    pool = PipelinePool(pipeline_loader(config), config.models_cache_mb * 2**20)
+    models = ModelSet(scan_folder(folder), planner_maker(config), pool, folder)
+    models.reload()
+    log.info("serving %d checkpoints from %s", len(models.checkpoints()), folder)
+    return models
+
+
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
-    from ..pipeline import Pipeline
     from .app import create_app
     from .protocol import protocol_with_timeout
 
-    pipe = Pipeline.from_pretrained(config.model, **load_options(config))
-    log.info("loaded %s on %s", pipe.manifest.model_name, pipe.provider)
+    models = load_models(config)
+    log.info("loaded %s on %s", models.current, models.provider())
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)
     # No limit_concurrency: uvicorn counts open connections against it, so idle sockets would lock
     # everyone out with its plain-text 503. The job queue bounds generations (429), the guard bounds
     # requests in progress (JSON 503), and the protocol closes connections that send no request.
     uvicorn.run(
-        create_app(pipe, config), host=config.host, port=config.port, log_config=None,
+        create_app(None, config, models), host=config.host, port=config.port, log_config=None,
         http=protocol_with_timeout(config.traffic.header_timeout), timeout_keep_alive=config.traffic.keep_alive,
         timeout_graceful_shutdown=10,
     )  # fmt: skip

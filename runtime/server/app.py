@@ -24,10 +24,12 @@ from .body_limit import BodyLimitMiddleware
 from .config import ServerConfig
 from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
-from .mapping import PlanModel
+from .models import ModelSet
+from .more_routes import router as more_router
 from .responses import error_response
 from .routes import Backend, ServerContext, router
 from .schemas import ErrorResponse
+from .settings import OptionError, Settings
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -89,6 +91,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
         return _validation_answer(error)
 
+    @app.exception_handler(OptionError)
+    async def bad_option(_request: Request, error: OptionError) -> JSONResponse:
+        # A1111 names the exception its opts.set raised (RuntimeError, KeyError); the status is ours.
+        return error_response(422, error.kind, f"{error.field}: {error.message}", error.field)
+
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(_request: Request, error: InvalidRequestError) -> JSONResponse:
         return error_response(422, "InvalidRequest", f"{error.field}: {error.message}", error.field)
@@ -136,12 +143,31 @@ class InternalErrorMiddleware:
                 await error_response(500, "InternalError", "server error; see the server log")(scope, receive, send)
 
 
-def create_app(pipe: Pipeline, config: ServerConfig) -> FastAPI:
-    """The one-box app: one loaded pipeline, run by a worker thread between startup and shutdown."""
-    return build_app(pipe, config, Worker(pipe, config.queue_size))
+class TrailingSlashMiddleware:
+    """`/sdapi/v1/options/` is `/sdapi/v1/options`: A1111's clients (openOutpaint) call some paths
+    with a trailing slash, and a redirect would make some of them send a POST as a GET."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
 
 
-def build_app(model: PlanModel, config: ServerConfig, backend: Backend) -> FastAPI:
+def create_app(pipe: Pipeline | None, config: ServerConfig, models: ModelSet | None = None) -> FastAPI:
+    """The one-box app: a worker thread runs the jobs on the checkpoints' pipelines between startup
+    and shutdown; `pipe` alone serves that one loaded pipeline."""
+    if models is None:
+        if pipe is None:
+            raise ValueError("create_app needs a loaded pipeline or a ModelSet")
+        models = ModelSet.around(pipe, config)
+    return build_app(models, config, Worker(models, config.queue_size))
+
+
+def build_app(models: ModelSet, config: ServerConfig, backend: Backend) -> FastAPI:
     """The API in front of any backend; the cluster's ingress builds it around Serve replicas."""
 
     @asynccontextmanager
@@ -158,9 +184,10 @@ def build_app(model: PlanModel, config: ServerConfig, backend: Backend) -> FastA
         description="AUTOMATIC1111-compatible txt2img API on ONNX Runtime (no torch). See docs/server.md.",
         lifespan=lifespan,
     )
-    app.state.context = ServerContext(model, config, backend)
+    app.state.context = ServerContext(models, config, backend, Settings())
     _install_error_handlers(app)
     app.include_router(router, responses=COMMON_ERRORS)
+    app.include_router(more_router, responses=COMMON_ERRORS)
     # The last middleware added runs first: the guard (Host, Origin, Content-Type, room), auth,
     # the body limit, then the app; a bug anywhere inside is one logged 500.
     app.add_middleware(InternalErrorMiddleware)
@@ -169,4 +196,5 @@ def build_app(model: PlanModel, config: ServerConfig, backend: Backend) -> FastA
     if config.credentials:
         app.add_middleware(BasicAuthMiddleware, credentials=config.credentials)
     app.add_middleware(RequestGuardMiddleware, bound_host=config.host, traffic=traffic)
+    app.add_middleware(TrailingSlashMiddleware)
     return app

@@ -46,7 +46,7 @@ class Traffic:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str
+    model: str  # --model; "" with --model-dir
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     provider: str = "auto"
@@ -61,6 +61,8 @@ class ServerConfig:
     lora_cache_mb: int = LORA_CACHE_MB  # LoRA-patched sessions kept (runtime.graphs.lora.LoraSessions)
     embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
     vae: str | None = None  # the exported VAE requests use by default (runtime.graphs.vaes)
+    model_dir: str | None = None  # --model-dir: every export folder in it (runtime.server.models)
+    models_cache_mb: int = 0  # loaded checkpoints kept besides the current one (A1111 keeps one)
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

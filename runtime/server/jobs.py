@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import NonFiniteError, OutOfMemoryError, UserError
 from .images import png_base64
@@ -31,6 +31,17 @@ from .tasks import JobProgress, ProgressUpdate, TaskBoard
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
+
+
+class Pipelines(Protocol):
+    """The loaded pipelines the worker runs jobs on (runtime.server.models.ModelSet)."""
+
+    def pipeline(self, title: str | None) -> Pipeline:
+        """The pipeline of checkpoint `title` (None: the current one), loaded if need be."""
+        ...
+
+    def provider(self) -> str: ...
+
 
 log = logging.getLogger(__name__)
 # Jobs with at least this many pixels per batch give their memory back when they end (about 0.1 s
@@ -182,18 +193,19 @@ class Job:
     """One txt2img request on its way through the one-box queue. The future lives on the event loop."""
 
     task_id: str
-    plan: Plan
+    plan: Plan | None  # None: an action (loading a checkpoint...) run between jobs
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     cancel: threading.Event = field(default_factory=threading.Event)  # interrupt, or the client left
     abandoned: bool = False
+    action: Callable[[], Any] | None = None
 
     @classmethod
-    def create(cls, task_id: str, plan: Plan) -> Job:
+    def create(cls, task_id: str, plan: Plan | None, action: Callable[[], Any] | None = None) -> Job:
         loop = asyncio.get_running_loop()
-        return cls(task_id, plan, loop, loop.create_future())
+        return cls(task_id, plan, loop, loop.create_future(), action=action)
 
-    def settle(self, outcome: JobResult | BaseException) -> None:
+    def settle(self, outcome: Any) -> None:
         """Hand the outcome to the waiting request, from any thread."""
 
         def deliver() -> None:
@@ -213,8 +225,8 @@ class Job:
 class Worker:
     """The one-box backend: a bounded FIFO and the thread that runs its jobs, one at a time."""
 
-    def __init__(self, pipe: Pipeline, queue_size: int, board: TaskBoard | None = None) -> None:
-        self._pipe = pipe
+    def __init__(self, pipelines: Pipelines, queue_size: int, board: TaskBoard | None = None) -> None:
+        self._pipelines = pipelines
         self.capacity = queue_size
         self.board = board or TaskBoard()
         self._waiting: deque[Job] = deque()
@@ -263,10 +275,22 @@ class Worker:
             self.abandon(job)
             raise
 
+    async def call(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on the worker thread once the jobs queued before it have run (A1111 loads
+        checkpoints under its queue lock too); its exception raises here. Never refused for a full
+        queue: it is what a client waits for before sending jobs."""
+        job = Job.create("action", None, action)
+        self.submit(job)
+        return await job.future
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if not self.alive:
                 raise Unavailable("the generation worker is not running")
+            if job.plan is None:
+                self._waiting.append(job)
+                self._cond.notify()
+                return
             if len(self._waiting) >= self.capacity:
                 self.board.reject()
                 raise QueueFull(self._retry.seconds())
@@ -290,7 +314,7 @@ class Worker:
         step and answers what it has. Returns how many jobs were interrupted."""
         with self._cond:
             job = self._current
-            if job is None or task_id not in (None, job.task_id):
+            if job is None or job.plan is None or task_id not in (None, job.task_id):
                 return 0
             job.cancel.set()
             progress = self.board.progress_of(job.task_id)
@@ -303,7 +327,7 @@ class Worker:
         with self._cond:
             running, waiting = int(self._current is not None), len(self._waiting)
         queue = {"running": running, "waiting": waiting, "capacity": self.capacity}
-        return {"ok": self.alive, "provider": self._pipe.provider, "queue": queue}
+        return {"ok": self.alive, "provider": self._pipelines.provider(), "queue": queue}
 
     # -- the worker thread ----------------------------------------------------------------------
 
@@ -328,16 +352,30 @@ class Worker:
                     self._current = None
         log.info("generation worker stopped")
 
+    def _act(self, job: Job, action: Callable[[], Any]) -> None:
+        try:
+            outcome = action()
+        except Exception as error:
+            outcome = failure_for(error, job.task_id)
+        job.settle(outcome)
+
     def _serve(self, job: Job) -> None:
+        if job.action is not None or job.plan is None:
+            self._act(job, job.action or (lambda: None))
+            return
+        plan = job.plan
         started = time.monotonic()
         progress: JobProgress = self.board.start(job.task_id)
+        pipe = None
         try:
+            pipe = self._pipelines.pipeline(plan.model)
             outcome: JobResult | BaseException = run_plan(
-                self._pipe, job.plan, progress.update, job.cancel, lambda: job.abandoned
+                pipe, plan, progress.update, job.cancel, lambda: job.abandoned
             )
         except Exception as error:
             outcome = failure_for(error, job.task_id)
-        release_if_large(self._pipe, job.plan, job.task_id)
+        if pipe is not None:
+            release_if_large(pipe, plan, job.task_id)
         seconds = time.monotonic() - started
         self._retry.record(seconds)
         self.board.finish(job.task_id, outcome_name(outcome, job.abandoned))

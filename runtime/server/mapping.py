@@ -10,6 +10,8 @@ Mapping decisions (docs/server.md has the table):
   A1111 1.9 "DPM++ 2M" defaults to Karras. "Uniform" is the plain one, "Karras" Karras. DDIM is a
   timestep sampler in A1111 and ignores the scheduler: it always gets A1111's uniform timesteps.
   "Diffusers" (not an A1111 name) selects the diffusers scheduler's own discretization.
+- override_settings: a request's own settings; what it leaves out comes from the server's
+  (POST /options, runtime.server.settings). sd_model_checkpoint is resolved by the routes.
 - override_settings.randn_source: "GPU" (A1111's default) and "NV" -> "nv" (A1111's NV source
   reproduces torch's CUDA randn), "CPU" -> "cpu".
 - ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111: the
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidRequestError
+from ..graphs.vaes import DEFAULT_NAMES as DEFAULT_VAE_NAMES
 from ..images.model_upscale import check_upscale
 from ..pipeline import MAX_GENERATOR_SEED, MAX_SEED, Prepared
 from ..registry import (
@@ -43,6 +46,7 @@ from ..registry import (
 from ..registry import sampler_and_scheduler as find_sampler
 from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
+from .settings import Defaults, check_clip_skip
 
 if TYPE_CHECKING:
     from ..graphs.lora import LoraResolver
@@ -88,6 +92,7 @@ class Plan:
     seed: int
     all_seeds: list[int]
     send_images: bool
+    model: str | None = None  # the checkpoint's title (one box: the pipeline the worker runs it on)
 
     @property
     def steps(self) -> int:
@@ -107,11 +112,6 @@ class Plan:
         return {key: value for key, value in fields.items() if value is not None and key != "Denoising strength"}
 
 
-def model_title(manifest: Manifest) -> str:
-    """A1111 titles checkpoints "name [shorthash]"."""
-    return f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
-
-
 def _check_defaults_only(body: GenerationFields) -> None:
     """Refuse features that would silently change the image if they were ignored."""
     unsupported = {
@@ -129,24 +129,16 @@ def _check_defaults_only(body: GenerationFields) -> None:
             raise InvalidRequestError(name, message)
 
 
-def _check_overrides(body: GenerationFields, manifest: Manifest) -> tuple[str, int]:
-    """(library rng, ENSD) from override_settings; clip skip and model must match the export."""
+def _check_overrides(body: GenerationFields, manifest: Manifest, defaults: Defaults) -> tuple[str, int]:
+    """(library rng, ENSD) from override_settings, else the server's settings; the clip skip must
+    be the export's."""
     settings = body.override_settings
     clip_skip = settings.CLIP_stop_at_last_layers
-    if clip_skip is not None and clip_skip != manifest.clip_skip:
-        raise InvalidRequestError(
-            "override_settings.CLIP_stop_at_last_layers",
-            f"this model was exported with clip skip {manifest.clip_skip}, which is built into its text encoder; "
-            f"it cannot be {clip_skip} per request (re-export with `python -m export --clip-skip {clip_skip}`)",
-        )
-    checkpoint = settings.sd_model_checkpoint
-    names = {model_title(manifest), manifest.model_name, manifest.model_hash, manifest.folder.name}
-    if checkpoint is not None and checkpoint not in names:
-        raise InvalidRequestError(
-            "override_settings.sd_model_checkpoint",
-            f"model {checkpoint!r} is not loaded; this server serves {model_title(manifest)!r} only",
-        )
-    return RNG_SOURCES[settings.randn_source or "GPU"], settings.eta_noise_seed_delta or 0
+    if clip_skip is not None:
+        check_clip_skip(clip_skip, manifest.clip_skip, "override_settings.CLIP_stop_at_last_layers")
+    rng = RNG_SOURCES[settings.randn_source or defaults.randn_source]
+    ensd = settings.eta_noise_seed_delta if settings.eta_noise_seed_delta is not None else defaults.eta_noise_seed_delta
+    return rng, ensd
 
 
 def _check_eta(body: GenerationFields, sampler: SamplerInfo) -> None:
@@ -260,24 +252,43 @@ def _check_sizes(prepared: Prepared, limits: Limits) -> None:
             raise InvalidRequestError("init_images", f"{width}x{height} is over 4x this server's pixel limit")
 
 
+def _setting(body: GenerationFields, defaults: Defaults, name: str) -> Any:
+    """A setting for this request: its override_settings value, else the server's."""
+    value = getattr(body.override_settings, name)
+    return getattr(defaults, name) if value is None else value
+
+
 def _prepare_batch(
-    pipe: PlanModel, body: GenerationFields, sampler: SamplerInfo, schedule: str, rng: str, ensd: int, first_seed: int
+    pipe: PlanModel,
+    body: GenerationFields,
+    defaults: Defaults,
+    sampler: SamplerInfo,
+    schedule: str,
+    rng: str,
+    ensd: int,
+    first_seed: int,
 ) -> Prepared:
+    vae = _setting(body, defaults, "sd_vae")
     return pipe.prepare(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
         eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
-        **({"vae": body.override_settings.sd_vae} if body.override_settings.sd_vae is not None else {}),
-        pad_conds=bool(body.override_settings.pad_cond_uncond),
-        step_rule="a1111", img2img_fix_steps=bool(body.override_settings.img2img_fix_steps),
+        **({"vae": vae} if vae not in DEFAULT_VAE_NAMES else {}),  # "Automatic": the server's --vae
+        pad_conds=_setting(body, defaults, "pad_cond_uncond"),
+        prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
+        step_rule="a1111", img2img_fix_steps=_setting(body, defaults, "img2img_fix_steps"),
     )  # fmt: skip
 
 
-def build_plan(pipe: PlanModel, body: GenerationFields, limits: Limits) -> Plan:
-    """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field."""
+def build_plan(
+    pipe: PlanModel, body: GenerationFields, limits: Limits, defaults: Defaults | None = None, model: str | None = None
+) -> Plan:
+    """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field.
+    `defaults`: the server's settings (POST /options); `model`: the checkpoint's title, for the worker."""
+    defaults = defaults or Defaults()
     _check_defaults_only(body)
-    rng, ensd = _check_overrides(body, pipe.manifest)
+    rng, ensd = _check_overrides(body, pipe.manifest, defaults)
     sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler)
     _check_eta(body, sampler)
     _check_limits(body, limits)
@@ -289,8 +300,8 @@ def build_plan(pipe: PlanModel, body: GenerationFields, limits: Limits) -> Plan:
         raise InvalidRequestError(_FIELD_NAMES["eta_noise_seed_delta"], f"seed + ENSD must stay below 2**64, "
                                   f"so at most {most}")  # fmt: skip
     with _api_field_names():
-        first = _prepare_batch(pipe, body, sampler, schedule, rng, ensd, seed)
+        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed)
         _check_prompt_length(first, limits)
         _check_sizes(first, limits)
     batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))
-    return Plan(batches, sampler, scheduler, seed, list(range(seed, seed + total)), body.send_images)
+    return Plan(batches, sampler, scheduler, seed, list(range(seed, seed + total)), body.send_images, model)

@@ -13,7 +13,7 @@ import html
 import io
 import json
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,8 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import InvalidRequestError
-from ..graphs.upscalers import UpscalerModel, upscaler_models
+from ..graphs.model_folder import Manifest
+from ..graphs.upscalers import UpscalerModel, UpscalerSessions, upscaler_models
 from ..graphs.vaes import vae_choices, vae_label
 from ..images.extras import ExtrasOptions, run_extras
 from ..images.extras import check_options as check_extras
@@ -36,7 +37,8 @@ from ..images.metadata import parse_infotext, read_infotext
 from ..registry import A1111_UPSCALER_FILES, SAMPLERS, SCHEDULERS, UPSCALERS
 from .config import ServerConfig
 from .jobs import JobResult
-from .mapping import Plan, PlanModel, build_plan, decode_base64, model_title
+from .mapping import Plan, build_plan, decode_base64
+from .models import Checkpoint, ModelSet
 from .schemas import (
     EmbeddingsResponse,
     ErrorResponse,
@@ -64,6 +66,7 @@ from .schemas import (
     Txt2ImgResponse,
     UpscalerItem,
 )
+from .settings import DERIVED, OptionError, Settings
 from .tasks import TaskBoard, new_task_id
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,10 @@ class Backend(Protocol):
 
     def interrupt(self, task_id: str | None) -> int: ...
 
+    async def call(self, action: Callable[[], Any]) -> Any:
+        """Run `action` between jobs (loading a checkpoint); its exception raises here."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """{"ok", "provider", "queue"} and, for a cluster, "replicas"."""
         ...
@@ -107,9 +114,10 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class ServerContext:
-    model: PlanModel  # the loaded Pipeline (one box) or a Planner without sessions (cluster ingress)
+    models: ModelSet  # the checkpoints, the current one, their planners (and, one box, pipelines)
     config: ServerConfig
     backend: Backend
+    settings: Settings  # A1111's settings (POST /sdapi/v1/options), in memory
 
 
 def context(request: Request) -> ServerContext:
@@ -132,12 +140,18 @@ async def img2img(body: Img2ImgRequest, request: Request, ctx: Context) -> Any:
 
 
 async def _generate(body: GenerationFields, request: Request, ctx: Context) -> Any:
+    checkpoint = ctx.models.checkpoint(body.override_settings.sd_model_checkpoint)
+    defaults = ctx.settings.defaults
     # Parsing prompts and decoding init images cost ms: keep them off the event loop that serves /progress.
-    plan = await anyio.to_thread.run_sync(build_plan, ctx.model, body, ctx.config.limits)
+    plan = await anyio.to_thread.run_sync(
+        build_plan, ctx.models.planner(checkpoint), body, ctx.config.limits, defaults, checkpoint.title
+    )
     result = await _unless_disconnected(ctx.backend.generate(body.force_task_id or new_task_id(), plan), request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    info = _info(ctx.model, body, plan, result)
+    if not body.override_settings_restore_afterwards:
+        await _set_options(body.override_settings.model_dump(exclude_none=True), ctx)
+    info = _info(checkpoint, body, plan, result)
     parameters = body.model_dump()
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         parameters.update(init_images=None, mask=None)  # A1111 does not echo the images back
@@ -160,11 +174,11 @@ async def _unless_disconnected(work: Coroutine[Any, Any, JobResult], request: Re
         task.cancel()  # our own cancellation (shutdown): no-op when the task is done
 
 
-def _info(model: PlanModel, body: GenerationFields, plan: Plan, result: JobResult) -> dict[str, Any]:
+def _info(checkpoint: Checkpoint, body: GenerationFields, plan: Plan, result: JobResult) -> dict[str, Any]:
     """A1111's Processed.js() fields, plus `scheduler`, `interrupted` and, from a cluster, the
     `replica` and `node` that made the images (never in the PNG text: the same seed gives the same
     PNG wherever it ran)."""
-    manifest, count = model.manifest, len(plan.all_seeds)
+    manifest, count = checkpoint.manifest, len(plan.all_seeds)
     return {
         "prompt": body.prompt,
         "all_prompts": [body.prompt] * count,
@@ -226,25 +240,38 @@ async def interrupt(ctx: Context, id_task: str | None = None) -> dict:
 
 @router.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
 async def sd_models(ctx: Context) -> Any:
-    manifest = ctx.model.manifest
-    return [
-        SDModelItem(
-            title=model_title(manifest),
-            model_name=manifest.model_name,
-            hash=manifest.model_hash,
-            sha256=None,
-            filename=manifest.folder.name,  # never the absolute path: it tells a caller about the box
-            config=None,
-        )
-    ]
+    """Every checkpoint, as A1111 lists them; `filename` is relative to --model-dir."""
+    return [checkpoint.listing() for checkpoint in ctx.models.checkpoints()]
+
+
+@router.post("/sdapi/v1/refresh-checkpoints", tags=["sdapi"])
+async def refresh_checkpoints(ctx: Context) -> None:
+    """List --model-dir again (A1111 answers null)."""
+    await anyio.to_thread.run_sync(ctx.models.refresh)
+
+
+@router.post("/sdapi/v1/unload-checkpoint", tags=["sdapi"])
+async def unload_checkpoint(ctx: Context) -> dict:
+    """Free every loaded checkpoint's memory once the jobs before this call ran; the next job (or
+    /reload-checkpoint) loads the current one again, as in A1111."""
+    await ctx.backend.call(ctx.models.unload)
+    return {}
+
+
+@router.post("/sdapi/v1/reload-checkpoint", tags=["sdapi"])
+async def reload_checkpoint(ctx: Context) -> dict:
+    """Load the current checkpoint again if it was unloaded (A1111's; the body is ignored)."""
+    await ctx.backend.call(ctx.models.reload)
+    return {}
 
 
 @router.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], tags=["sdapi"])
 async def sd_vae(ctx: Context) -> Any:
     """The exported VAEs override_settings.sd_vae can name (A1111's shape; "Automatic" is implied).
     `filename` is the decoder graph relative to the model folder, never an absolute path."""
-    choices = vae_choices(ctx.model.manifest)
-    own = vae_label(ctx.model.manifest, None)[0]
+    manifest = ctx.models.checkpoint().manifest
+    choices = vae_choices(manifest)
+    own = vae_label(manifest, None)[0]
     return [
         SDVaeItem(model_name=name if name is not None else own, filename=choice.filename)
         for name, choice in choices.items()
@@ -255,28 +282,28 @@ async def sd_vae(ctx: Context) -> Any:
 @router.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["sdapi"])
 async def loras(ctx: Context) -> Any:
     """The LoRAs in --lora-dir, by the names <lora:name:weight> takes (A1111's shape)."""
-    return ctx.model.loras.library.entries()
+    return ctx.models.planner().loras.library.entries()
 
 
 @router.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
 async def refresh_loras(ctx: Context) -> dict:
     """Rescan --lora-dir for the listing. A cluster's replicas need no refresh: a LoRA library
     lists its folder again when a request names a LoRA it does not know (as A1111 does)."""
-    await anyio.to_thread.run_sync(ctx.model.loras.library.refresh)
+    await anyio.to_thread.run_sync(ctx.models.planner().loras.library.refresh)
     return {}
 
 
 @router.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"])
 async def embeddings(ctx: Context) -> Any:
     """A1111's {loaded: {name: info}, skipped: {name: info}}; skipped entries add a `reason`."""
-    return ctx.model.embeddings.listing()
+    return ctx.models.planner().embeddings.listing()
 
 
 @router.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
 async def refresh_embeddings(ctx: Context) -> dict:
     """Rescan --embeddings-dir. Prompts are matched where requests are checked (a cluster's
     ingress), and the vectors travel with the job: a cluster's replicas never read the folder."""
-    await anyio.to_thread.run_sync(ctx.model.embeddings.refresh)
+    await anyio.to_thread.run_sync(ctx.models.planner().embeddings.refresh)
     return {}
 
 
@@ -304,30 +331,31 @@ async def upscalers(ctx: Context) -> Any:
     """The image upscalers (hr_upscaler, upscaler_1/2): the filters, then the export's model upscalers
     (`model_path`: the graph relative to the model folder). A1111 lists the latent modes separately."""
     builtin = [UpscalerItem(name=u.name, scale=4 if u.name != "None" else None) for u in UPSCALERS if not u.latent]
-    models = upscaler_models(ctx.model.manifest).values()
+    manifest = ctx.models.checkpoint().manifest
     return builtin + [
-        UpscalerItem(name=m.name, model_name=Path(m.file).stem, model_path=_relative(ctx, m), scale=m.scale)
-        for m in models
+        UpscalerItem(name=m.name, model_name=Path(m.file).stem, model_path=_relative(manifest, m), scale=m.scale)
+        for m in upscaler_models(manifest).values()
     ]
 
 
 @router.get("/sdapi/v1/realesrgan-models", response_model=list[RealesrganItem], tags=["sdapi"])
 async def realesrgan_models(ctx: Context) -> Any:
     """The exported upscalers made from A1111's Real-ESRGAN files (RealESRGAN_x4plus_anime_6B.pth...)."""
-    models = upscaler_models(ctx.model.manifest).values()
-    return [RealesrganItem(name=m.name, path=_relative(ctx, m), scale=m.scale)
-            for m in models if Path(m.file).stem in A1111_UPSCALER_FILES]  # fmt: skip
+    manifest = ctx.models.checkpoint().manifest
+    return [RealesrganItem(name=m.name, path=_relative(manifest, m), scale=m.scale)
+            for m in upscaler_models(manifest).values() if Path(m.file).stem in A1111_UPSCALER_FILES]  # fmt: skip
 
 
-def _relative(ctx: ServerContext, model: UpscalerModel) -> str:
-    return model.graph.path.relative_to(ctx.model.manifest.folder).as_posix()
+def _relative(manifest: Manifest, model: UpscalerModel) -> str:
+    return model.graph.path.relative_to(manifest.folder).as_posix()
 
 
 @router.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse, responses=_ERRORS,
              tags=["sdapi"])  # fmt: skip
 async def extra_single_image(body: ExtrasSingleImageRequest, ctx: Context) -> Any:
     """A1111's Extras upscaling of one image (face restoration is not supported)."""
-    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, [("image", body.image)])
+    sessions = await _upscaler_sessions(ctx)
+    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, [("image", body.image)], sessions)
     return ExtrasSingleImageResponse(html_info=info, image=images[0])
 
 
@@ -339,16 +367,26 @@ async def extra_batch_images(body: ExtrasBatchImagesRequest, ctx: Context) -> An
         raise InvalidRequestError("imageList", f"{len(body.imageList)} images is over this server's limit of "
                                   f"{ctx.config.limits.max_images}")  # fmt: skip
     named = [(f"imageList.{index}.data", item.data) for index, item in enumerate(body.imageList)]
-    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, named)
+    sessions = await _upscaler_sessions(ctx)
+    images, info = await anyio.to_thread.run_sync(_run_extras, ctx, body, named, sessions)
     return ExtrasBatchImagesResponse(html_info=info, images=images)
 
 
-def _run_extras(ctx: ServerContext, body: ExtrasFields, images: list[tuple[str, str]]) -> tuple[list[str], str]:
+async def _upscaler_sessions(ctx: ServerContext) -> UpscalerSessions:
+    """The current checkpoint's upscalers, its pipeline loaded on the worker thread if it is not (after
+    the jobs queued before, as A1111 runs Extras under its queue lock). A cluster's ingress loads no
+    pipeline: Extras run on a one-box server."""
+    if ctx.models.pool is None:
+        raise InvalidRequestError("upscaler_1", "Extras run on a one-box server; this cluster's ingress holds no "
+                                  "upscaler sessions")  # fmt: skip
+    pipe = await ctx.backend.call(lambda: ctx.models.pipeline(None))
+    return pipe.upscaler_sessions
+
+
+def _run_extras(
+    ctx: ServerContext, body: ExtrasFields, images: list[tuple[str, str]], sessions: UpscalerSessions
+) -> tuple[list[str], str]:
     """Every image checked (base64, pixel limit), then each upscaled; A1111's html_info of the last."""
-    sessions = getattr(ctx.model, "upscaler_sessions", None)
-    if sessions is None:
-        raise InvalidRequestError("upscaler_1", "this front has no upscaler sessions (a cluster's ingress); "
-                                  "Extras run on a one-box server")  # fmt: skip
     options = ExtrasOptions(
         body.resize_mode, body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h,
         body.upscaling_crop, body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility,
@@ -407,29 +445,41 @@ async def png_info(body: PngInfoRequest) -> Any:
 
 @router.get("/sdapi/v1/options", response_model=dict[str, Any], tags=["sdapi"])
 async def options(ctx: Context) -> Any:
-    """The A1111 settings this server has, read-only: per-request changes go in override_settings."""
-    manifest = ctx.model.manifest
-    return {
-        "sd_model_checkpoint": model_title(manifest),
-        "sd_checkpoint_hash": manifest.model_hash,
-        "CLIP_stop_at_last_layers": manifest.clip_skip,
-        "randn_source": "GPU",
-        "eta_noise_seed_delta": 0,
-        "eta_ancestral": 1.0,
-        "eta_ddim": 0.0,
-        "emphasis": "Original",
-        "comma_padding_backtrack": 20,
-        "samples_format": "png",
-        "sd_vae": "Automatic",
-        "pad_cond_uncond": False,
-    }
+    """A1111's settings: those this runtime acts on, the current checkpoint's, and A1111's others
+    (kept and echoed, unused). See runtime.server.settings."""
+    return {**ctx.settings.snapshot(), **_derived(ctx.models.checkpoint())}
+
+
+@router.post("/sdapi/v1/options", responses=_ERRORS, tags=["sdapi"])
+async def set_options(ctx: Context, body: dict[str, Any] | None = None) -> None:
+    """A1111's POST /options: any part of the GET dict, unchanged values no-ops. A new
+    sd_model_checkpoint answers once that checkpoint is loaded (after the jobs queued before)."""
+    await _set_options(body or {}, ctx)
+
+
+def _derived(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The settings that follow the checkpoint (DERIVED)."""
+    values = (checkpoint.title, checkpoint.sha256, checkpoint.manifest.clip_skip)
+    return dict(zip(DERIVED, values, strict=True))
+
+
+async def _set_options(changes: dict[str, Any], ctx: ServerContext) -> None:
+    name = changes.get("sd_model_checkpoint")
+    target = ctx.models.checkpoint() if name is None else ctx.models.find(name) if isinstance(name, str) else None
+    if target is None:
+        raise OptionError("sd_model_checkpoint", f"model {name!r} not found")
+    accepted = ctx.settings.check(changes, _derived(ctx.models.checkpoint()), target.manifest)
+    if target.title != ctx.models.current:
+        await ctx.backend.call(lambda: ctx.models.switch(target.title))
+        log.info("current checkpoint: %s", target.title)
+    ctx.settings.apply(accepted)
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["server"])
 async def health(ctx: Context) -> Any:
     state = await anyio.to_thread.run_sync(ctx.backend.health)  # a cluster asks Serve's controller
     body = HealthResponse(
-        status="ok" if state["ok"] else "unavailable", model=model_title(ctx.model.manifest),
+        status="ok" if state["ok"] else "unavailable", model=ctx.models.current,
         provider=state["provider"], queue=state["queue"], jobs=ctx.backend.board.job_counts(),
         replicas=state.get("replicas"),
     )  # fmt: skip

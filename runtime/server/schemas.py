@@ -41,7 +41,9 @@ class OverrideSettings(BaseModel):
         None, description='Noise source. "GPU" (default) and "NV" give the same noise: torch CUDA randn.'
     )
     eta_noise_seed_delta: int | None = Field(None, ge=0, description="ENSD; only ancestral samplers use it.")
-    sd_model_checkpoint: str | None = Field(None, description="If given, must name the loaded model.")
+    sd_model_checkpoint: str | None = Field(
+        None, description="A checkpoint of GET /sdapi/v1/sd-models (title, name or hash) for this request only"
+    )
     sd_vae: str | None = Field(
         None, description='An exported VAE by name (GET /sdapi/v1/sd-vae); "Automatic"/"None": the model\'s own.'
     )
@@ -51,6 +53,7 @@ class OverrideSettings(BaseModel):
     img2img_fix_steps: bool | None = Field(
         None, description="img2img runs exactly `steps` steps over a longer schedule (A1111: off)."
     )
+    enable_prompt_comments: bool | None = Field(None, description="'#' hides the rest of its line (A1111: on).")
 
     @model_validator(mode="before")
     @classmethod
@@ -76,7 +79,9 @@ class GenerationFields(BaseModel):
     sampler_index: str = Field("Euler", description="A1111's legacy name for sampler_name")
     scheduler: str = Field("Automatic", description='"Automatic", "Uniform", "Karras" or "Diffusers"')
     override_settings: OverrideSettings = Field(default_factory=OverrideSettings)
-    override_settings_restore_afterwards: bool = True
+    override_settings_restore_afterwards: bool = Field(
+        True, description="false: override_settings become the server's settings after this request, as in A1111"
+    )
     send_images: bool = True
     force_task_id: str | None = Field(
         None, max_length=200, description="A1111's task id for POST /internal/progress (default: a new one)"

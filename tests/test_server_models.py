@@ -1,0 +1,197 @@
+"""Several checkpoints behind one server (`--model-dir`) and A1111's settings, driven the way the
+popular clients drive them: webuiapi 0.9.17 itself, Open WebUI's and SillyTavern's request shapes
+(their sources: open_webui/routers/images.py, src/endpoints/stable-diffusion.js).
+
+Two exports of the tiny model with different weights (seeds 0 and 1) sit in one folder; a real
+server process serves it with the torch stack unimportable. "That model's image" is the library's
+image of that folder alone, compared pixel for pixel (the same code on the same provider).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+from test_server import CLEAN_ENV, LAUNCHER, REPO, Server, _free_port, _wait_healthy, decode_png  # noqa: E402
+
+from runtime import Pipeline  # noqa: E402
+
+JOB = {"prompt": "1girl, cat ears", "negative_prompt": "lowres", "steps": 3, "width": 64, "height": 64,
+       "seed": 77, "sampler_name": "Euler", "cfg_scale": 7}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_fp16: Path, tmp_path_factory) -> Path:
+    from export.exporter import ExportOptions, run_export
+    from export.random_model import build_and_save
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_fp16, folder / "tiny-a")
+    other = build_and_save("tiny", tmp_path_factory.mktemp("tiny-seed1"), seed=1)["single_file"]
+    run_export(ExportOptions(model=str(other), output=folder / "nested" / "tiny-b", precision="fp16"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-c", LAUNCHER, "--model-dir", str(model_dir), "--port", str(port),
+               "--provider", "cpu", "--threads", "1"]  # fmt: skip
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=CLEAN_ENV, stdout=sink, stderr=subprocess.STDOUT)
+    started = Server(f"http://127.0.0.1:{port}", process, log)
+    _wait_healthy(started, None)
+    yield started
+    process.terminate()
+    process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: Path) -> dict[str, np.ndarray]:
+    """JOB's image from each folder alone, by the library (A1111's Euler, Automatic schedule, NV noise)."""
+    images = {}
+    for name in ("tiny-a", "nested/tiny-b"):
+        pipe = Pipeline.from_pretrained(model_dir / name, provider="cpu", threads=1)
+        out = pipe(JOB["prompt"], JOB["negative_prompt"], num_inference_steps=3, guidance_scale=7.0, width=64,
+                   height=64, seed=77, sampler="euler", schedule="a1111", rng="nv")  # fmt: skip
+        images[name] = np.asarray(out.images[0])
+    assert np.abs(images["tiny-a"].astype(int) - images["nested/tiny-b"]).max() > 8  # the two models differ
+    return images
+
+
+def _models(client: httpx.Client) -> dict[str, dict]:
+    return {item["filename"]: item for item in client.get("/sdapi/v1/sd-models").json()}
+
+
+def _image(answer: httpx.Response) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    return decode_png(answer.json()["images"][0])[0]
+
+
+def test_sd_models_lists_both_as_a1111(server: Server, tiny_source: dict[str, Path]) -> None:
+    with server.client() as client:
+        models = _models(client)
+    assert set(models) == {"tiny-a", "nested/tiny-b"}
+    first = models["tiny-a"]
+    # The source checkpoint's hashes, recorded at export, as A1111 computes them: the file's sha256, its first 10.
+    sha256 = hashlib.sha256(tiny_source["single_file"].read_bytes()).hexdigest()
+    assert first["sha256"] == sha256 and first["hash"] == sha256[:10]
+    assert first["title"] == f"tiny [{first['hash']}]" and first["model_name"] == "tiny"
+    assert set(first) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+
+
+def test_webuiapi_switches_the_model(server: Server, expected: dict[str, np.ndarray]) -> None:
+    webuiapi = pytest.importorskip("webuiapi")
+    host, port = server.url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+    assert api.util_get_model_names() == sorted(titles.values())
+    for name in ("nested/tiny-b", "tiny-a"):
+        api.util_set_model(titles[name])
+        api.util_wait_for_ready(check_interval=0.2)
+        assert api.get_options()["sd_model_checkpoint"] == titles[name]
+        result = api.txt2img(
+            **{key: value for key, value in JOB.items() if key != "sampler_name"}, sampler_name="Euler"
+        )
+        np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected[name])
+        assert result.info["sd_model_hash"] == titles[name][-11:-1]
+
+
+def test_open_webui_round_trip_and_sillytavern_override(server: Server, expected: dict[str, np.ndarray]) -> None:
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+        options = client.get("/sdapi/v1/options").json()
+        options["sd_model_checkpoint"] = titles["nested/tiny-b"]  # Open WebUI: the whole dict, one key changed
+        assert client.post("/sdapi/v1/options", json=options).status_code == 200
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=JOB)), expected["nested/tiny-b"])
+        # SillyTavern: override_settings for one request; the default stays.
+        override = {"sd_model_checkpoint": titles["tiny-a"], "CLIP_stop_at_last_layers": 2, "sd_vae": "Automatic"}
+        body = {**JOB, "override_settings": override, "override_settings_restore_afterwards": True}
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=body)), expected["tiny-a"])
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["nested/tiny-b"]
+        # restore_afterwards false: the override becomes the setting, as in A1111.
+        body["override_settings_restore_afterwards"] = False
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=body)), expected["tiny-a"])
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["tiny-a"]
+
+
+def test_options_refuse_as_a1111_and_apply_the_keys_acted_on(server: Server, expected: dict) -> None:
+    with server.client() as client:
+        current = "tiny-a"
+        assert client.post(
+            "/sdapi/v1/options", json={"sd_model_checkpoint": _models(client)[current]["title"]}
+        ).is_success
+        unknown = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope.safetensors"})
+        assert unknown.status_code == 422 and unknown.json()["error"] == "RuntimeError"
+        assert "model 'nope.safetensors' not found" in unknown.json()["detail"]
+        bad_key = client.post("/sdapi/v1/options", json={"not_a_setting": 1})
+        assert bad_key.status_code == 422 and bad_key.json()["error"] == "KeyError"
+        assert client.post("/sdapi/v1/options", json={"not_a_setting": None}).status_code == 200  # A1111: no-op
+        clip = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+        assert clip.status_code == 422 and "python -m export --clip-skip 1" in clip.json()["detail"]
+        # A known A1111 setting this runtime does not use is kept and echoed; trailing slashes work.
+        assert client.post("/sdapi/v1/options/", json={"eta_ddim": 0.5, "samples_format": "jpg"}).status_code == 200
+        assert client.get("/sdapi/v1/options/").json()["samples_format"] == "jpg"
+        # Settings acted on become every request's default: ENSD only reaches ancestral samplers (A1111).
+        ancestral = {**JOB, "sampler_name": "Euler a"}
+        before = _image(client.post("/sdapi/v1/txt2img", json=ancestral))
+        assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
+        after = client.post("/sdapi/v1/txt2img", json=ancestral)
+        assert "ENSD: 31337" in json.loads(after.json()["info"])["infotexts"][0]
+        assert np.abs(_image(after).astype(int) - before).max() > 0
+        assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0}).status_code == 200
+        # enable_prompt_comments off: '#' is prompt text again.
+        commented = {**JOB, "prompt": JOB["prompt"] + " # hidden"}
+        with_comments = _image(client.post("/sdapi/v1/txt2img", json=commented))
+        assert client.post("/sdapi/v1/options", json={"enable_prompt_comments": False}).status_code == 200
+        without = _image(client.post("/sdapi/v1/txt2img", json=commented))
+        assert client.post("/sdapi/v1/options", json={"enable_prompt_comments": True}).status_code == 200
+    np.testing.assert_array_equal(with_comments, expected[current])
+    assert np.abs(without.astype(int) - expected[current]).max() > 0
+
+
+def test_unload_reload_and_refresh_answer_as_a1111(server: Server, model_dir: Path) -> None:
+    with server.client() as client:
+        # ooba posts a JSON string body "" to both.
+        unload = client.post("/sdapi/v1/unload-checkpoint", content=b'""', headers={"content-type": "application/json"})
+        assert unload.status_code == 200 and unload.json() == {}
+        reload = client.post("/sdapi/v1/reload-checkpoint", content=b'""', headers={"content-type": "application/json"})
+        assert reload.status_code == 200 and reload.json() == {}
+        shutil.copytree(model_dir / "tiny-a", model_dir / "tiny-copy")  # same weights, same title: listed once
+        (model_dir / "tiny-copy" / "manifest.json").unlink()
+        refresh = client.post("/sdapi/v1/refresh-checkpoints")
+        assert refresh.status_code == 200 and refresh.json() is None
+        assert set(_models(client)) == {"tiny-a", "nested/tiny-b"}
+        assert _image(client.post("/sdapi/v1/txt2img", json=JOB)).shape == (64, 64, 3)
+
+
+def test_the_rest_of_the_api_answers_a1111_shapes(server: Server) -> None:
+    with server.client() as client:
+        memory = client.get("/sdapi/v1/memory").json()
+        ram = memory["ram"]
+        assert (
+            ram["used"] > 0 and ram["free"] + ram["used"] == ram["total"] and memory["cuda"] == {"error": "unavailable"}
+        )
+        assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+        assert client.get("/sdapi/v1/script-info").json() == []
+        assert client.get("/sdapi/v1/face-restorers").json() == []
+        assert client.get("/sdapi/v1/hypernetworks").json() == []
+        flags = client.get("/sdapi/v1/cmd-flags").json()
+        assert flags["api"] is True and flags["ckpt_dir"] is True and flags["api_auth"] is None
+        skip = client.post("/sdapi/v1/skip")
+        assert skip.status_code == 200 and skip.json() is None
+        interrogate = client.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
+        assert interrogate.status_code == 501 and interrogate.json()["error"] == "NotImplemented"
+        assert client.get("/sdapi/v1/sd-models/").json() == client.get("/sdapi/v1/sd-models").json()
