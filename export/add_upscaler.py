@@ -302,8 +302,8 @@ def _export_one(
     except Exception as error:  # an architecture the TorchScript exporter cannot trace
         raise UpscalerError(f"{upscaler.source.name} ({upscaler.descriptor.architecture.name}) could not be "
                             f"exported to ONNX: {_first_line(error)}") from None  # fmt: skip
-    files, result, note = finish_graph(job, precision)
-    entry = graph_entry(staging, name, files, result, note, target)
+    files, result, note, disabled = finish_graph(job, precision)
+    entry = graph_entry(staging, name, files, result, note, target, disabled)
     entry["path"] = str(Path(UPSCALERS_DIR) / entry["path"])
     shutil.rmtree(staging / "_work")
     reports.append(report)
