@@ -172,3 +172,16 @@ def test_img2img_step_rules(runtime_fp32):
     assert (a1111.steps, diffusers.steps, fixed.steps) == (7, 6, 10)
     assert a1111.sigmas[1] == diffusers.sigmas[0]
     assert prepare(**common, schedule="automatic").init.infotext["Strength rule"] == "diffusers"
+
+
+def test_sde_batch_images_equal_single_runs(runtime_fp32):
+    """A1111's per-image Brownian trees (create_noise_sampler with the batch's seeds): image i of a
+    batch is the single image of seed + i, for either noise source."""
+    common = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": 4, "schedule": "automatic"}
+    for rng in ("cpu", "nv"):
+        batch = runtime_fp32(
+            **common, sampler="dpmpp_2m_sde", seed=SEED, num_images_per_prompt=2, rng=rng, output_type="np"
+        ).images
+        second = runtime_fp32(**common, sampler="dpmpp_2m_sde", seed=SEED + 1, rng=rng, output_type="np").images[0]
+        assert np.abs(batch[1] - second).max() * 255 <= 1.0
+        assert np.abs(batch[0] - batch[1]).max() * 255 > 10  # the trees differ per seed
