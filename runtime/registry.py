@@ -22,13 +22,26 @@ class SamplerInfo:
     eta: float | None = None  # the only eta the library's sampler implements, if it takes one
     ancestral: bool = False  # draws noise while sampling (ENSD applies): A1111's "uses_ensd"
 
+    @property
+    def brownian(self) -> bool:
+        """Draws its noise from A1111's Brownian tree, seeded with the image seeds (no ENSD)."""
+        return bool(self.options.get("brownian_noise"))
+
 
 # A1111 1.10's samplers_k_diffusion / samplers_timesteps entries this runtime implements, in its
 # order. "Automatic" per sampler (options["scheduler"]) lives in runtime.sampling.schedules.AUTOMATIC.
 SAMPLERS = (
     SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), {"scheduler": "karras"}),
+    SamplerInfo("DPM++ SDE", "dpmpp_sde", ("k_dpmpp_sde",),
+                {"scheduler": "karras", "second_order": True, "brownian_noise": True}, 1.0),
+    SamplerInfo("DPM++ 2M SDE", "dpmpp_2m_sde", ("k_dpmpp_2m_sde",),
+                {"scheduler": "exponential", "brownian_noise": True}, 1.0),
+    SamplerInfo("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", ("k_dpmpp_2m_sde_heun",),
+                {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}, 1.0),
     SamplerInfo("DPM++ 2S a", "dpmpp_2s_a", ("k_dpmpp_2s_a",),
                 {"scheduler": "karras", "uses_ensd": True, "second_order": True}, 1.0, True),
+    SamplerInfo("DPM++ 3M SDE", "dpmpp_3m_sde", ("k_dpmpp_3m_sde",),
+                {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True}, 1.0),
     SamplerInfo("Euler a", "euler_a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, 1.0, True),
     SamplerInfo("Euler", "euler", ("k_euler",), {}),
     SamplerInfo("LMS", "lms", ("k_lms",), {}),
@@ -43,10 +56,7 @@ SAMPLERS = (
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
 # A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = (
-    "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM adaptive", "Restart",
-    "DDIM CFG++", "PLMS", "UniPC", "LCM",
-)  # fmt: skip
+UNSUPPORTED_SAMPLERS = ("DPM adaptive", "Restart", "DDIM CFG++", "PLMS", "UniPC", "LCM")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,16 @@ A1111 = {
     "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", "karras", False),
     "dpmpp_2m": ("sample_dpmpp_2m", "karras", False),
     "dpm_fast": ("sample_dpm_fast", None, False),
+    "dpmpp_sde": ("sample_dpmpp_sde", "karras", False),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "exponential", False),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", "exponential", False),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", "exponential", True),
 }
+# A1111's extra arguments: solver_type from the sampler's options; the SDE samplers' noise_sampler
+# (create_noise_sampler: a BrownianTreeNoiseSampler over the whole schedule, seeded with the image
+# seeds, on the sampling device: the CPU here).
+SOLVER_TYPE = {"dpmpp_2m_sde_heun": "heun"}
+BROWNIAN = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +66,16 @@ def a1111_sigmas(denoiser, sampler: str, schedule: str, steps: int) -> torch.Ten
     return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
 
 
+def a1111_extra(sampler: str, x: torch.Tensor, sigmas: torch.Tensor) -> dict:
+    """The keyword arguments A1111's KDiffusionSampler adds for `sampler` (eta_ancestral = 1)."""
+    extra = {"solver_type": SOLVER_TYPE[sampler]} if sampler in SOLVER_TYPE else {}
+    if sampler in BROWNIAN:
+        low, high = sigmas[sigmas > 0].min(), sigmas.max()
+        extra["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, low, high, seed=[SEED])
+        extra["eta"] = 1.0
+    return extra
+
+
 def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS) -> np.ndarray:
     denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
     cond = reference.clip_skip_embeddings(pipe, PROMPT)
@@ -73,7 +92,7 @@ def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch,
             low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
             latents = function(model, x, low, high, steps, disable=True, eta=1.0)
         else:
-            latents = function(model, x, sigmas, disable=True)
+            latents = function(model, x, sigmas, disable=True, **a1111_extra(sampler, x, sigmas))
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -86,6 +105,7 @@ def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS) -> np.
     return np.stack(out.images)
 
 
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde clamps the rounded tree ends
 @pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
 @pytest.mark.parametrize("sampler", sorted(A1111))
 def test_sampler_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, schedule):
@@ -120,13 +140,16 @@ def kdiffusion_img2img(pipe, raw_config, sampler: str, strength: float, monkeypa
         sigmas = a1111_sigmas(denoiser, sampler, "automatic", steps)
         t_enc = int(min(strength, 0.999) * steps)
         schedule = sigmas[steps - t_enc - 1 :]
-        latents = getattr(kd.sampling, A1111[sampler][0])(model, x0 + noise * schedule[0], schedule, disable=True)
+        function = getattr(kd.sampling, A1111[sampler][0])
+        # The Brownian tree spans the whole schedule, not the slice (A1111's sample_img2img).
+        latents = function(model, x0 + noise * schedule[0], schedule, disable=True, **a1111_extra(sampler, x0, sigmas))
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
 @pytest.mark.parametrize("strength", [0.3, 0.6, 0.75])
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_img2img_a1111_rule_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, strength):
     steps = 6
     expected = kdiffusion_img2img(diffusers_pipe, raw_config, sampler, strength, monkeypatch, steps)
@@ -149,3 +172,16 @@ def test_img2img_step_rules(runtime_fp32):
     assert (a1111.steps, diffusers.steps, fixed.steps) == (7, 6, 10)
     assert a1111.sigmas[1] == diffusers.sigmas[0]
     assert prepare(**common, schedule="automatic").init.infotext["Strength rule"] == "diffusers"
+
+
+def test_sde_batch_images_equal_single_runs(runtime_fp32):
+    """A1111's per-image Brownian trees (create_noise_sampler with the batch's seeds): image i of a
+    batch is the single image of seed + i, for either noise source."""
+    common = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": 4, "schedule": "automatic"}
+    for rng in ("cpu", "nv"):
+        batch = runtime_fp32(
+            **common, sampler="dpmpp_2m_sde", seed=SEED, num_images_per_prompt=2, rng=rng, output_type="np"
+        ).images
+        second = runtime_fp32(**common, sampler="dpmpp_2m_sde", seed=SEED + 1, rng=rng, output_type="np").images[0]
+        assert np.abs(batch[1] - second).max() * 255 <= 1.0
+        assert np.abs(batch[0] - batch[1]).max() * 255 > 10  # the trees differ per seed

@@ -227,9 +227,11 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
         schema = client.get("/openapi.json").json()
     assert models[0]["model_name"] == "tiny-diffusers" and {"title", "hash", "filename"} <= set(models[0])
     assert [s["name"] for s in samplers] == [
-        "DPM++ 2M", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DDIM",
+        "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DDIM",
     ]  # fmt: skip
-    assert "k_euler_a" in samplers[2]["aliases"] and samplers[0]["options"] == {"scheduler": "karras"}
+    assert "k_euler_a" in samplers[6]["aliases"] and samplers[0]["options"] == {"scheduler": "karras"}
+    assert samplers[3]["options"] == {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}
     assert [s["label"] for s in schedulers][:12] == [
         "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
         "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
@@ -253,6 +255,11 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "DDIM", None),  # A1111's DDIM ignores it
         ({"sampler_name": "DPM2 a"}, "DPM2 a", "Karras"),
         ({"sampler_name": "Heun", "scheduler": "beta"}, "Heun", "Beta"),
+        ({"sampler_name": "DPM++ 2M SDE", "scheduler": "karras"}, "DPM++ 2M SDE", "Karras"),
+        ({"sampler_name": "DPM++ 2M SDE"}, "DPM++ 2M SDE", "Exponential"),  # A1111 1.10's Automatic
+        ({"sampler_name": "DPM++ SDE Karras"}, "DPM++ SDE", "Karras"),
+        ({"sampler_name": "k_dpmpp_2m_sde_heun"}, "DPM++ 2M SDE Heun", "Exponential"),
+        ({"sampler_name": "DPM++ 3M SDE", "scheduler": "Uniform"}, "DPM++ 3M SDE", None),
         ({}, "Euler", None),  # A1111's default sampler
         ({"sampler_name": None, "seed": None, "prompt": None}, "Euler", None),  # null = omitted
     ],
@@ -300,7 +307,7 @@ BAD_BODIES = [
     ({"cfg_scale": -1}, 422, "cfg_scale"),
     ({"cfg_scale": "high"}, 422, "cfg_scale"),
     ({"sampler_name": "Warp 9"}, 422, "sampler_name"),
-    ({"sampler_name": "PLMS"}, 422, "sampler_name"),  # an A1111 sampler the runtime does not have
+    ({"sampler_name": "LCM"}, 422, "sampler_name"),  # an A1111 sampler not implemented here
     ({"sampler_name": 3}, 422, "sampler_name"),
     ({"scheduler": "Sideways"}, 422, "scheduler"),
     ({"seed": -2}, 422, "seed"),
@@ -312,6 +319,7 @@ BAD_BODIES = [
     ({"enable_hr": True, "hr_scale": 4}, 422, "hr_scale"),  # 256x256 hires output: over the pixel limit
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
+    ({"eta": 0.5, "sampler_name": "DPM++ 2M SDE"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
     ({"prompt": "[cat:" + "word " * 3000 + ":0.5]"}, 422, "prompt"),  # the edited-in text is over it
     ({"negative_prompt": "[a|" + "word " * 3000 + "]"}, 422, "negative_prompt"),
@@ -721,8 +729,9 @@ def test_mapping_rules() -> None:
     with pytest.raises(InvalidRequestError) as error:
         resolve("DPM++ 2M", "Karras Exponential")
     assert error.value.field == "scheduler" and "'Beta'" in error.value.message
+    assert resolve("DPM++ 2M SDE Karras") == ("dpmpp_2m_sde", "karras")
     with pytest.raises(InvalidRequestError) as error:
-        resolve("DPM++ 2M SDE Karras")
+        resolve("Restart Karras")
     assert (
         error.value.field == "sampler_name"
         and "not supported" in error.value.message

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..sampling.brownian import BrownianNoise
 from ..sampling.rng import NoiseGenerator
 from ..text.conditioning import unet_contexts
 from .request import CondPiece
@@ -15,6 +16,7 @@ from .request import CondPiece
 if TYPE_CHECKING:
     from ..graphs.openvino_sessions import OpenVINOUNet
     from ..graphs.sessions import UNetSession
+    from ..sampling.schedules import Schedule
 
 Denoiser = Callable[[np.ndarray, float, float], np.ndarray]
 """(x, sigma, timestep) -> the predicted clean x (VE space) at noise level sigma."""
@@ -88,3 +90,13 @@ def per_image_noise(generators: list[NoiseGenerator], shape: tuple[int, ...]) ->
         return np.concatenate([generator.randn(shape) for generator in generators])
 
     return draw
+
+
+def brownian_noise(seeds: list[int], rng: str, shape: tuple[int, ...], schedule: Schedule) -> BrownianNoise:
+    """The SDE samplers' noise as A1111's create_noise_sampler makes it: one Brownian tree per image
+    seed (no ENSD) over the whole schedule's level range, also when img2img runs only its tail.
+    A1111 draws the tree on the sampling device: "cpu" is A1111 on a CPU, bit for bit; "nv" draws
+    each interval as a fresh CUDA generator would (the NV imitation), as on an NVIDIA GPU."""
+    if schedule.sigma_range is None:
+        raise ValueError("the SDE samplers need a k-diffusion schedule (one with a sigma range)")
+    return BrownianNoise(*schedule.sigma_range, seeds, shape, rng)

@@ -47,7 +47,7 @@ from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
-from .denoising import Denoiser, make_denoiser, per_image_noise
+from .denoising import Denoiser, brownian_noise, make_denoiser, per_image_noise
 from .planning import Planner, positional_parameters
 from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
 
@@ -324,7 +324,10 @@ class Pipeline(Planner):
             return latents
 
         try:
-            noise = per_image_noise(generators, shape)
+            if registry.sampler(pass_.sampler).brownian:
+                noise = brownian_noise(request.seeds, request.rng, shape[1:], schedule)
+            else:
+                noise = per_image_noise(generators, shape)
             x = run_sampler(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")

@@ -5,13 +5,16 @@ x and a decreasing list of noise levels; unlike `runtime.sampling.samplers` (dif
 the model may be asked at levels between two of them (Heun, DPM2, DPM++ 2S a, DPM fast).
 `noise()` draws fresh standard-normal noise from the per-image generators, as A1111's TorchHijack
 makes k-diffusion's ``torch.randn_like`` do; a sampler draws exactly where k-diffusion does.
-A1111's defaults apply: eta 1 for the ancestral samplers (``eta_ancestral``), s_noise 1, no churn.
+A1111's defaults apply: eta 1 for the ancestral and SDE samplers (``eta_ancestral``), s_noise 1,
+no churn. The SDE samplers (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) take their noise between two
+levels from A1111's Brownian tree (`runtime.sampling.brownian`) instead.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,10 +24,11 @@ from .a1111_schedules import sigma_to_t
 if TYPE_CHECKING:
     from .schedules import Schedule
 
-__all__ = ["K_SAMPLERS", "ancestral_step", "dpm_fast_grid", "lms_coefficient", "sample"]
+__all__ = ["BROWNIAN_SAMPLERS", "K_SAMPLERS", "ancestral_step", "dpm_fast_grid", "lms_coefficient", "sample"]
 
 SigmaDenoiser = Callable[[np.ndarray, float], np.ndarray]
 NoiseSource = Callable[[], np.ndarray]
+BrownianSource = Callable[[float, float], np.ndarray]  # noise between two levels (runtime.sampling.brownian)
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
 
 
@@ -209,6 +213,112 @@ def sample_dpmpp_2m(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None
     return x
 
 
+def _f32_log(value: float) -> np.float32:
+    """float32 log as torch's scalar path computes it (the correctly rounded libm logf)."""
+    return np.float32(math.log(float(value)))
+
+
+def _f32_exp(value: float) -> np.float32:
+    return np.float32(math.exp(float(value)))
+
+
+def sample_dpmpp_sde(
+    denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0, r: float = 0.5
+) -> np.ndarray:
+    """DPM-Solver++ (stochastic): a first-order ancestral step to the point a fraction r along the
+    step in t = -log(sigma), then the whole step from the blend of both predictions; two model
+    calls a step, Euler into 0. Its levels are k-diffusion's float32 ``exp(-(-log sigma))``
+    round trips, which the Brownian noise is queried at, so they are kept in float32 here."""
+    x = _f32(x)
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = _f32(denoise(x, sigma))
+        if sigma_next == 0:
+            x = _f32(x + _derivative(x, sigma, denoised) * np.float32(sigma_next - sigma))
+        else:
+            t, t_next = -_f32_log(sigma), -_f32_log(sigma_next)
+            s = t + (t_next - t) * np.float32(r)
+            level, level_s, level_next = _f32_exp(-t), _f32_exp(-s), _f32_exp(-t_next)
+            down, up = ancestral_step(float(level), float(level_s), eta)
+            x_2 = _exp_step(x, float(level), down, denoised)
+            x_2 = _f32(x_2 + noise(level, level_s) * np.float32(up))
+            denoised_2 = _f32(denoise(x_2, float(level_s)))
+            down, up = ancestral_step(float(level), float(level_next), eta)
+            blended = np.float32(1 - fac) * denoised + np.float32(fac) * denoised_2
+            x = _exp_step(x, float(level), down, blended)
+            x = _f32(x + noise(level, level_next) * np.float32(up))
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_dpmpp_2m_sde(
+    denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0, solver_type="midpoint"
+) -> np.ndarray:
+    """DPM-Solver++(2M) SDE: the data-prediction SDE step with a second-order correction from the
+    last prediction ("midpoint" or "heun" form), plus Brownian noise; the step into 0 returns the
+    prediction."""
+    x = _f32(x)
+    old_denoised: np.ndarray | None = None
+    h_last = 0.0
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = _f32(denoise(x, sigma))
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            decay = -math.expm1(-h - eta_h)
+            x = np.float32(sigma_next / sigma * math.exp(-eta_h)) * x + np.float32(decay) * denoised
+            if old_denoised is not None:
+                weight = (decay / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * decay
+                x = x + np.float32(weight * h / h_last) * (denoised - old_denoised)
+            if eta:
+                scale = sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
+                x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
+            x = _f32(x)
+            h_last = h
+        old_denoised = denoised
+        x = _notify(callback, i, x)
+    return x
+
+
+def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0):
+    """DPM-Solver++(3M) SDE: the SDE step corrected by the first and second differences of the last
+    three predictions (one and two after the first steps), plus Brownian noise."""
+    x = _f32(x)
+    history: list[tuple[np.ndarray, float]] = []  # (prediction, its step in t), newest first
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = _f32(denoise(x, sigma))
+        h = math.log(sigma) - math.log(sigma_next) if sigma_next > 0 else 0.0
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h_eta = h * (eta + 1)
+            x = np.float32(math.exp(-h_eta)) * x + np.float32(-math.expm1(-h_eta)) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if len(history) >= 2:
+                (denoised_1, h_1), (denoised_2, h_2) = history[:2]
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / np.float32(r0)
+                d1_1 = (denoised_1 - denoised_2) / np.float32(r1)
+                d1 = d1_0 + (d1_0 - d1_1) * np.float32(r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / np.float32(r0 + r1)
+                x = x + np.float32(phi_2) * d1 - np.float32(phi_2 / h_eta - 0.5) * d2
+            elif history:
+                denoised_1, h_1 = history[0]
+                x = x + np.float32(phi_2) * ((denoised - denoised_1) / np.float32(h_1 / h))
+            if eta:
+                scale = sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
+                x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
+            x = _f32(x)
+        history = [(denoised, h), *history[:1]]
+        x = _notify(callback, i, x)
+    return x
+
+
 def dpm_fast_grid(sigma_min: float, sigma_max: float, calls: int) -> tuple[np.ndarray, list[int]]:
     """DPM fast's levels and the order of each step: ``calls`` model calls spread over
     floor(calls / 3) + 1 steps evenly spaced in t = -log(sigma), third order but the last one or two."""
@@ -278,7 +388,13 @@ K_SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpm_fast": sample_dpm_fast,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
+# The SDE samplers: their noise is a BrownianSource (A1111's Brownian tree), the others' a NoiseSource.
+BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 
 
 def sample(
@@ -286,11 +402,13 @@ def sample(
     denoise: Callable[[np.ndarray, float, float], np.ndarray],
     x: np.ndarray,
     schedule: Schedule,
-    noise: NoiseSource | None = None,
+    noise: NoiseSource | BrownianSource | None = None,
     callback: StepCallback | None = None,
 ) -> np.ndarray:
     """Run k-diffusion sampler `name` over a k-diffusion `schedule` (one with ``log_sigmas``).
 
+    `noise` is a BrownianSource for the SDE samplers (`BROWNIAN_SAMPLERS`), a NoiseSource for the
+    others that draw noise.
     `denoise(x, sigma, timestep)` is the model; each level the sampler asks for gets its timestep
     from ``sigma_to_t``, as k-diffusion's ``CompVisDenoiser`` does. DPM fast runs its own grid
     between the schedule's first and next-to-last levels with one model call per step of it, as

@@ -51,16 +51,22 @@ __all__ = [
 
 # The samplers diffusers has a scheduler for: the only ones schedule "model" serves.
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
-SAMPLERS = (*DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast")
+SAMPLERS = (
+    *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
+)  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
 SCHEDULES = ("model", "a1111", "automatic", *A1111_SCHEDULES)
 
 # A1111 1.10's "Automatic" per sampler (the `scheduler` option of samplers_k_diffusion; none
 # means CompVisDenoiser.get_sigmas, i.e. "uniform"). DDIM is a timestep sampler and takes none.
-AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras", "dpm2_a": "karras"}
+AUTOMATIC = {
+    "dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_sde": "karras",
+    "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential",
+}  # fmt: skip
 # Samplers that A1111 gives one step more and then drops the next-to-last level.
-DISCARD_PENULTIMATE = ("dpm2", "dpm2_a")
+DISCARD_PENULTIMATE = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 
 KARRAS_RHO = 7.0  # the paper's value, k-diffusion's and A1111's default
 
@@ -138,7 +144,8 @@ class Schedule:
 
     `log_sigmas` marks a k-diffusion schedule (A1111's schedule types): the model may be asked at
     any level, its timestep found by ``sigma_to_t`` over this table (``CompVisDenoiser``), and
-    `runtime.sampling.ksamplers.sample` runs it.
+    `runtime.sampling.ksamplers.sample` runs it. `sigma_range` is its (smallest positive, largest)
+    level before any img2img slicing: the span of A1111's Brownian tree for the SDE samplers.
     """
 
     sigmas: np.ndarray
@@ -148,6 +155,7 @@ class Schedule:
     clip_denoised: float | None = None
     rescale_final: bool = True
     log_sigmas: np.ndarray | None = None
+    sigma_range: tuple[float, float] | None = None
 
     @property
     def steps(self) -> int:
@@ -332,14 +340,16 @@ def _schedule(
         array.setflags(write=False)
         return array
 
+    levels = frozen(sigmas)
     return Schedule(
-        sigmas=frozen(sigmas),
+        sigmas=levels,
         timesteps=frozen(timesteps),
         init_noise_sigma=float(init_noise_sigma),
         sigmas_to=None if sigmas_to is None else frozen(sigmas_to),
         clip_denoised=clip_denoised,
         rescale_final=rescale_final,
         log_sigmas=None if log_sigmas is None else frozen(log_sigmas),
+        sigma_range=None if log_sigmas is None else (float(levels[levels > 0].min()), float(levels.max())),
     )
 
 
