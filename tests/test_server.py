@@ -734,7 +734,7 @@ def test_mapping_rules() -> None:
         resolve("Restart Karras")
     assert (
         error.value.field == "sampler_name"
-        and "not supported" in error.value.message
+        and "does not have yet" in error.value.message
         and "'Heun'" in error.value.message
     )
 
