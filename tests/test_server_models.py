@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +23,17 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
+from test_prompt_comments import a1111_strip_comments  # noqa: E402
+from test_prompt_styles import a1111_apply_styles_to_prompt, a1111_load_from_csv  # noqa: E402
 from test_server import CLEAN_ENV, LAUNCHER, REPO, Server, _free_port, _wait_healthy, decode_png  # noqa: E402
 
 from runtime import Pipeline  # noqa: E402
 
+# A1111's styles.csv: a {prompt} template carrying a comment, an appended style, a negative-only one.
+STYLES = (
+    'name,prompt,negative_prompt\n"cat ears","{prompt}, cat ears # kept out by the comment rule",lowres\n'
+    "quality,masterpiece,\nclean,,blurry\n"
+)
 JOB = {"prompt": "1girl, cat ears", "negative_prompt": "lowres", "steps": 3, "width": 64, "height": 64,
        "seed": 77, "sampler_name": "Euler", "cfg_scale": 7}  # fmt: skip
 
@@ -43,11 +51,18 @@ def model_dir(tiny_fp16: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
+def styles_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("styles") / "styles.csv"
+    path.write_text(STYLES, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, styles_file: Path, tmp_path_factory) -> Iterator[Server]:
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-c", LAUNCHER, "--model-dir", str(model_dir), "--port", str(port),
-               "--provider", "cpu", "--threads", "1"]  # fmt: skip
+               "--provider", "cpu", "--threads", "1", "--styles-file", str(styles_file)]  # fmt: skip
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=CLEAN_ENV, stdout=sink, stderr=subprocess.STDOUT)
     started = Server(f"http://127.0.0.1:{port}", process, log)
@@ -195,3 +210,70 @@ def test_the_rest_of_the_api_answers_a1111_shapes(server: Server) -> None:
         interrogate = client.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
         assert interrogate.status_code == 501 and interrogate.json()["error"] == "NotImplemented"
         assert client.get("/sdapi/v1/sd-models/").json() == client.get("/sdapi/v1/sd-models").json()
+
+
+def _a1111_prompts(prompt: str, negative: str, names: list[str]) -> tuple[str, str]:
+    """What A1111 generates from: STYLES read and applied as A1111 does (setup_prompts; an unknown
+    name is no style), then comments stripped (its comments script runs after)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "styles.csv"
+        path.write_text(STYLES, encoding="utf-8")
+        rows = a1111_load_from_csv(path)
+    positive = a1111_apply_styles_to_prompt(prompt, [rows[name].prompt for name in names if name in rows])
+    negative = a1111_apply_styles_to_prompt(negative, [rows[name].negative_prompt for name in names if name in rows])
+    return a1111_strip_comments(positive), a1111_strip_comments(negative)
+
+
+def test_styles_apply_as_a1111(server: Server, expected: dict[str, np.ndarray]) -> None:
+    with server.client() as client:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": _models(client)["tiny-a"]["title"]})
+        assert client.get("/sdapi/v1/prompt-styles").json() == [
+            {
+                "name": "cat ears",
+                "prompt": "{prompt}, cat ears # kept out by the comment rule",
+                "negative_prompt": "lowres",
+            },
+            {"name": "quality", "prompt": "masterpiece", "negative_prompt": ""},
+            {"name": "clean", "prompt": "", "negative_prompt": "blurry"},
+        ]
+        # The AIYA bot's shape (core/): sampler_index, styles ["None"] when none is picked, denoising_strength null.
+        aiya = {**JOB, "sampler_index": "Euler", "styles": ["None"], "denoising_strength": None}
+        del aiya["sampler_name"]
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=aiya)), expected["tiny-a"])
+        # JOB's prompts come from one style: the image is JOB's, and the texts are A1111's for these styles.
+        names = ["cat ears", "None"]
+        answer = client.post(
+            "/sdapi/v1/txt2img", json={**JOB, "prompt": "1girl", "negative_prompt": "", "styles": names}
+        )
+        np.testing.assert_array_equal(_image(answer), expected["tiny-a"])
+        info = json.loads(answer.json()["info"])
+        prompt, negative = _a1111_prompts("1girl", "", names)
+        assert (info["all_prompts"], info["all_negative_prompts"], info["styles"]) == ([prompt], [negative], names)
+        assert info["infotexts"][0].startswith(f"{prompt}\nNegative prompt: {negative}\n")
+        names = ["quality", "cat ears", "clean"]  # applied in order, each to the result of the one before
+        answer = client.post("/sdapi/v1/txt2img", json={**JOB, "styles": names, "steps": 1})
+        info = json.loads(answer.json()["info"])
+        assert (info["all_prompts"][0], info["all_negative_prompts"][0]) == _a1111_prompts(
+            JOB["prompt"], JOB["negative_prompt"], names
+        )
+        unknown = client.post("/sdapi/v1/txt2img", json={**JOB, "styles": ["cat_ears"]})
+        assert unknown.status_code == 422 and unknown.json()["field"] == "styles"
+        assert "'cat ears'" in unknown.json()["detail"]
+
+
+def test_styles_reach_the_hires_prompts_as_a1111(model_dir: Path, styles_file: Path) -> None:
+    """A1111's setup_prompts: an empty hr_prompt is the prompt, then styles apply to the hires prompts too."""
+    from runtime.pipeline import Planner
+    from runtime.server.config import Limits
+    from runtime.server.mapping import build_plan
+    from runtime.server.schemas import Txt2ImgRequest
+    from runtime.text.styles import StyleLibrary
+
+    planner = Planner.from_folder(model_dir / "tiny-a")
+    styles = StyleLibrary(styles_file).find(["quality", "clean"])
+    hires = {**JOB, "enable_hr": True, "hr_scale": 1.5, "styles": ["quality", "clean"]}
+    for hr_prompt, hr_negative in (("", ""), ("a cat", ""), ("", "ugly")):
+        body = Txt2ImgRequest(**hires, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative)
+        plan = build_plan(planner, body, Limits(), styles=styles).batches[0].hires
+        expected = _a1111_prompts(hr_prompt or JOB["prompt"], hr_negative or JOB["negative_prompt"], body.styles)
+        assert (plan.prompt, plan.negative_prompt) == expected

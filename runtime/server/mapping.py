@@ -44,6 +44,7 @@ from ..registry import (
     library_schedule,
 )
 from ..registry import sampler_and_scheduler as find_sampler
+from ..text.styles import Style, styled
 from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .settings import Defaults, check_clip_skip
@@ -117,7 +118,6 @@ def _check_defaults_only(body: GenerationFields) -> None:
     unsupported = {
         "restore_faces": (body.restore_faces, "face restoration is not supported"),
         "tiling": (body.tiling, "tiling is not supported"),
-        "styles": (body.styles, "prompt styles are not supported: put the style text in the prompt"),
         "subseed_strength": (body.subseed_strength, "variation seeds are not supported"),
         "seed_resize_from_h": (body.seed_resize_from_h > 0, "seed resize is not supported"),
         "seed_resize_from_w": (body.seed_resize_from_w > 0, "seed resize is not supported"),
@@ -203,9 +203,10 @@ def decode_base64(field: str, text: str) -> bytes:
         raise InvalidRequestError(field, "is not valid base64") from None
 
 
-def _mode_options(body: GenerationFields) -> dict[str, Any]:
+def _mode_options(body: GenerationFields, styles: list[Style]) -> dict[str, Any]:
     """The library keywords of the request's mode: hires fix for txt2img, the init image, mask and
-    inpainting options for img2img."""
+    inpainting options for img2img. Styles reach the hires prompts as in A1111 (an empty one is the
+    prompt, styled once: planning falls back to the styled first-pass prompt)."""
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise InvalidRequestError("init_images", "needs one image")
@@ -230,6 +231,10 @@ def _mode_options(body: GenerationFields) -> dict[str, Any]:
         "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt,
         "hr_sampler_name": body.hr_sampler_name,
     }  # fmt: skip
+    if body.hr_prompt or body.hr_negative_prompt:
+        hr_prompt, hr_negative = styled(body.hr_prompt or body.prompt, body.hr_negative_prompt or body.negative_prompt,
+                                        styles)  # fmt: skip
+        hires.update(hr_prompt=hr_prompt, hr_negative_prompt=hr_negative)
     return {"enable_hr": True, "hires_options": hires}
 
 
@@ -267,13 +272,15 @@ def _prepare_batch(
     rng: str,
     ensd: int,
     first_seed: int,
+    styles: list[Style],
 ) -> Prepared:
     vae = _setting(body, defaults, "sd_vae")
+    prompt, negative_prompt = styled(body.prompt, body.negative_prompt, styles)
     return pipe.prepare(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
+        prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
-        eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
+        eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body, styles),  # the server's limit: checked
         **({"vae": vae} if vae not in DEFAULT_VAE_NAMES else {}),  # "Automatic": the server's --vae
         pad_conds=_setting(body, defaults, "pad_cond_uncond"),
         prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
@@ -282,10 +289,16 @@ def _prepare_batch(
 
 
 def build_plan(
-    pipe: PlanModel, body: GenerationFields, limits: Limits, defaults: Defaults | None = None, model: str | None = None
+    pipe: PlanModel,
+    body: GenerationFields,
+    limits: Limits,
+    defaults: Defaults | None = None,
+    model: str | None = None,
+    styles: list[Style] | None = None,
 ) -> Plan:
     """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field.
-    `defaults`: the server's settings (POST /options); `model`: the checkpoint's title, for the worker."""
+    `defaults`: the server's settings (POST /options); `model`: the checkpoint's title, for the
+    worker; `styles`: the request's `styles`, found (runtime.text.styles), applied to its prompts."""
     defaults = defaults or Defaults()
     _check_defaults_only(body)
     rng, ensd = _check_overrides(body, pipe.manifest, defaults)
@@ -300,7 +313,7 @@ def build_plan(
         raise InvalidRequestError(_FIELD_NAMES["eta_noise_seed_delta"], f"seed + ENSD must stay below 2**64, "
                                   f"so at most {most}")  # fmt: skip
     with _api_field_names():
-        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed)
+        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed, styles or [])
         _check_prompt_length(first, limits)
         _check_sizes(first, limits)
     batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))

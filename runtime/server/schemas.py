@@ -88,8 +88,10 @@ class GenerationFields(BaseModel):
     )
     save_images: bool = Field(False, description="Accepted and ignored: this server never writes files")
     eta: float | None = Field(None, allow_inf_nan=False, description="Only the samplers' own eta (1, DDIM 0)")
+    styles: list[str] = Field(
+        default_factory=list, description="Prompt styles of GET /sdapi/v1/prompt-styles, applied in order as A1111"
+    )
     # Accepted only at their defaults (see the module docstring).
-    styles: list[str] = Field(default_factory=list)
     subseed: int = -1
     subseed_strength: float = Field(0.0, allow_inf_nan=False)
     seed_resize_from_h: int = -1
@@ -205,6 +207,14 @@ class ExtrasSingleImageResponse(BaseModel):
 class ExtrasBatchImagesResponse(BaseModel):
     html_info: str
     images: list[str]
+
+
+class PromptStyleItem(BaseModel):
+    """A1111's /sdapi/v1/prompt-styles entry: a row of --styles-file."""
+
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 class LatentUpscaleModeItem(BaseModel):
