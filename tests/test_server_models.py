@@ -277,3 +277,90 @@ def test_styles_reach_the_hires_prompts_as_a1111(model_dir: Path, styles_file: P
         plan = build_plan(planner, body, Limits(), styles=styles).batches[0].hires
         expected = _a1111_prompts(hr_prompt or JOB["prompt"], hr_negative or JOB["negative_prompt"], body.styles)
         assert (plan.prompt, plan.negative_prompt) == expected
+
+
+def _data_url(b64: str) -> str:
+    return "data:image/png;base64," + b64
+
+
+def test_openoutpaint_and_webuiapi_request_shapes(server: Server) -> None:
+    """openOutpaint (js/): alwayson_scripts {} always, refiner fields, a scheduler label, data-URL
+    images, extra keys, trailing slashes; webuiapi: nulls for every field it does not set."""
+    from test_server import _png_base64
+
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+        assert client.post("/sdapi/v1/options/", json={"sd_model_checkpoint": titles["tiny-a"]}).is_success
+        outpaint = {
+            **JOB, "steps": 1, "scheduler": "Karras", "alwayson_scripts": {}, "refiner_checkpoint": "None",
+            "refiner_switch_at": 0.8, "hr_resize_x": 0, "hr_resize_y": 0, "inpainting_mask_weight": 1,
+        }  # fmt: skip
+        answer = client.post("/sdapi/v1/txt2img/", json=outpaint)
+        assert answer.status_code == 200 and json.loads(answer.json()["info"])["scheduler"] == "Karras"
+        # A refiner naming the request's own checkpoint switches nothing in A1111 either.
+        assert client.post("/sdapi/v1/txt2img", json={**outpaint, "refiner_checkpoint": "tiny-a"}).status_code == 200
+        webuiapi = {**JOB, "steps": 1, "script_name": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
+                    "hr_scheduler": None, "scheduler": "automatic", "sampler_index": "Euler", "styles": []}  # fmt: skip
+        assert client.post("/sdapi/v1/txt2img", json=webuiapi).status_code == 200
+        init, mask = _png_base64(), _png_base64(mode="L", box=(16, 16, 48, 48))
+        img2img = {**JOB, "steps": 2, "denoising_strength": 0.5, "alwayson_scripts": {}}
+        plain = _image(client.post("/sdapi/v1/img2img", json={**img2img, "init_images": [init], "mask": mask}))
+        dataurl = {**img2img, "init_images": [_data_url(init)], "mask": _data_url(mask)}
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/img2img/", json=dataurl)), plain)
+        extras = {"upscaler_1": "Lanczos", "upscaling_resize": 2}
+        upscaled = client.post("/sdapi/v1/extra-single-image/", json={**extras, "image": _data_url(init)})
+        assert (
+            upscaled.json()["image"]
+            == client.post("/sdapi/v1/extra-single-image", json={**extras, "image": init}).json()["image"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"script_name": "X/Y/Z plot"}, "script_name", "Script 'X/Y/Z plot' not found"),
+        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts.controlnet", "Script 'controlnet'"),
+        ({"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint", "Could not find checkpoint with name"),
+        ({"refiner_checkpoint": "nested/tiny-b"}, "refiner_checkpoint", "switching checkpoints during sampling"),
+        ({"disable_extra_networks": True}, "disable_extra_networks", "always applied"),
+    ],
+)
+def test_what_a1111_would_refuse_or_this_server_cannot_do_is_a_422(
+    server: Server, change: dict, field: str, words: str
+) -> None:
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles["tiny-a"]}).is_success
+        answer = client.post("/sdapi/v1/txt2img", json={**JOB, **change})
+    assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"]
+
+
+def test_scheduler_names_labels_and_the_hires_same_as_first_pass_words(model_dir: Path) -> None:
+    """SillyTavern sends the scheduler's name, openOutpaint its label, A1111's UI "Use same ..." words."""
+    from runtime.errors import InvalidRequestError
+    from runtime.pipeline import Planner
+    from runtime.server.config import Limits
+    from runtime.server.mapping import build_plan, check_checkpoint_fields
+    from runtime.server.schemas import Txt2ImgRequest
+
+    planner = Planner.from_folder(model_dir / "tiny-a")
+
+    def plan(**fields):
+        return build_plan(planner, Txt2ImgRequest(**{**JOB, **fields}), Limits())
+
+    assert plan(scheduler="Karras").batches[0].request.schedule == "karras"
+    assert plan(scheduler="karras").batches[0].request.schedule == "karras"
+    assert plan(scheduler="").scheduler.label == "Automatic"
+    hires = {"enable_hr": True, "hr_scale": 1.5, "scheduler": "Karras"}
+    same = plan(**hires, hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler").batches[0].hires
+    assert same.sampler == "euler"
+    np.testing.assert_array_equal(same.schedule.sigmas, plan(**hires).batches[0].hires.schedule.sigmas)
+    assert plan(**hires, hr_scheduler="karras").batches[0].hires is not None
+    with pytest.raises(InvalidRequestError) as error:
+        plan(**hires, hr_scheduler="Exponential")
+    assert error.value.field == "hr_scheduler" and "Karras" in error.value.message
+    body = Txt2ImgRequest(**JOB, **hires, hr_checkpoint_name="Use same checkpoint")
+    check_checkpoint_fields(body, "tiny [x]", lambda name: None)  # nothing to find: the same checkpoint
+    with pytest.raises(InvalidRequestError) as error:
+        check_checkpoint_fields(body.model_copy(update={"hr_checkpoint_name": "other"}), "tiny [x]", lambda _: None)
+    assert error.value.field == "hr_checkpoint_name"

@@ -38,7 +38,7 @@ from ..registry import A1111_UPSCALER_FILES, SAMPLERS, SCHEDULERS, UPSCALERS
 from ..text.styles import StyleLibrary
 from .config import ServerConfig
 from .jobs import JobResult
-from .mapping import Plan, build_plan, decode_base64
+from .mapping import Plan, build_plan, check_checkpoint_fields, decode_base64
 from .models import Checkpoint, ModelSet
 from .schemas import (
     EmbeddingsResponse,
@@ -143,6 +143,7 @@ async def img2img(body: Img2ImgRequest, request: Request, ctx: Context) -> Any:
 
 async def _generate(body: GenerationFields, request: Request, ctx: Context) -> Any:
     checkpoint = ctx.models.checkpoint(body.override_settings.sd_model_checkpoint)
+    check_checkpoint_fields(body, checkpoint.title, ctx.models.find)
     defaults, styles = ctx.settings.defaults, ctx.styles.find(body.styles)
     # Parsing prompts and decoding init images cost ms: keep them off the event loop that serves /progress.
     plan = await anyio.to_thread.run_sync(
