@@ -317,7 +317,7 @@ BAD_BODIES = [
     ({"override_settings": {"sd_model_checkpoint": "other-model"}}, 422, "override_settings.sd_model_checkpoint"),
     ({"override_settings": []}, 422, "override_settings"),
     ({"enable_hr": True, "hr_scale": 4}, 422, "hr_scale"),  # 256x256 hires output: over the pixel limit
-    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts.ADetailer"),
     ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
     ({"eta": 0.5, "sampler_name": "DPM++ 2M SDE"}, 422, "eta"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit

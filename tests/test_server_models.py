@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +23,17 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
+from test_prompt_comments import a1111_strip_comments  # noqa: E402
+from test_prompt_styles import a1111_apply_styles_to_prompt, a1111_load_from_csv  # noqa: E402
 from test_server import CLEAN_ENV, LAUNCHER, REPO, Server, _free_port, _wait_healthy, decode_png  # noqa: E402
 
 from runtime import Pipeline  # noqa: E402
 
+# A1111's styles.csv: a {prompt} template carrying a comment, an appended style, a negative-only one.
+STYLES = (
+    'name,prompt,negative_prompt\n"cat ears","{prompt}, cat ears # kept out by the comment rule",lowres\n'
+    "quality,masterpiece,\nclean,,blurry\n"
+)
 JOB = {"prompt": "1girl, cat ears", "negative_prompt": "lowres", "steps": 3, "width": 64, "height": 64,
        "seed": 77, "sampler_name": "Euler", "cfg_scale": 7}  # fmt: skip
 
@@ -43,11 +51,18 @@ def model_dir(tiny_fp16: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
+def styles_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("styles") / "styles.csv"
+    path.write_text(STYLES, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, styles_file: Path, tmp_path_factory) -> Iterator[Server]:
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-c", LAUNCHER, "--model-dir", str(model_dir), "--port", str(port),
-               "--provider", "cpu", "--threads", "1"]  # fmt: skip
+               "--provider", "cpu", "--threads", "1", "--styles-file", str(styles_file)]  # fmt: skip
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=CLEAN_ENV, stdout=sink, stderr=subprocess.STDOUT)
     started = Server(f"http://127.0.0.1:{port}", process, log)
@@ -195,3 +210,157 @@ def test_the_rest_of_the_api_answers_a1111_shapes(server: Server) -> None:
         interrogate = client.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
         assert interrogate.status_code == 501 and interrogate.json()["error"] == "NotImplemented"
         assert client.get("/sdapi/v1/sd-models/").json() == client.get("/sdapi/v1/sd-models").json()
+
+
+def _a1111_prompts(prompt: str, negative: str, names: list[str]) -> tuple[str, str]:
+    """What A1111 generates from: STYLES read and applied as A1111 does (setup_prompts; an unknown
+    name is no style), then comments stripped (its comments script runs after)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "styles.csv"
+        path.write_text(STYLES, encoding="utf-8")
+        rows = a1111_load_from_csv(path)
+    positive = a1111_apply_styles_to_prompt(prompt, [rows[name].prompt for name in names if name in rows])
+    negative = a1111_apply_styles_to_prompt(negative, [rows[name].negative_prompt for name in names if name in rows])
+    return a1111_strip_comments(positive), a1111_strip_comments(negative)
+
+
+def test_styles_apply_as_a1111(server: Server, expected: dict[str, np.ndarray]) -> None:
+    with server.client() as client:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": _models(client)["tiny-a"]["title"]})
+        assert client.get("/sdapi/v1/prompt-styles").json() == [
+            {
+                "name": "cat ears",
+                "prompt": "{prompt}, cat ears # kept out by the comment rule",
+                "negative_prompt": "lowres",
+            },
+            {"name": "quality", "prompt": "masterpiece", "negative_prompt": ""},
+            {"name": "clean", "prompt": "", "negative_prompt": "blurry"},
+        ]
+        # The AIYA bot's shape (core/): sampler_index, styles ["None"] when none is picked, denoising_strength null.
+        aiya = {**JOB, "sampler_index": "Euler", "styles": ["None"], "denoising_strength": None}
+        del aiya["sampler_name"]
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=aiya)), expected["tiny-a"])
+        # JOB's prompts come from one style: the image is JOB's, and the texts are A1111's for these styles.
+        names = ["cat ears", "None"]
+        answer = client.post(
+            "/sdapi/v1/txt2img", json={**JOB, "prompt": "1girl", "negative_prompt": "", "styles": names}
+        )
+        np.testing.assert_array_equal(_image(answer), expected["tiny-a"])
+        info = json.loads(answer.json()["info"])
+        prompt, negative = _a1111_prompts("1girl", "", names)
+        assert (info["all_prompts"], info["all_negative_prompts"], info["styles"]) == ([prompt], [negative], names)
+        assert info["infotexts"][0].startswith(f"{prompt}\nNegative prompt: {negative}\n")
+        names = ["quality", "cat ears", "clean"]  # applied in order, each to the result of the one before
+        answer = client.post("/sdapi/v1/txt2img", json={**JOB, "styles": names, "steps": 1})
+        info = json.loads(answer.json()["info"])
+        assert (info["all_prompts"][0], info["all_negative_prompts"][0]) == _a1111_prompts(
+            JOB["prompt"], JOB["negative_prompt"], names
+        )
+        unknown = client.post("/sdapi/v1/txt2img", json={**JOB, "styles": ["cat_ears"]})
+        assert unknown.status_code == 422 and unknown.json()["field"] == "styles"
+        assert "'cat ears'" in unknown.json()["detail"]
+
+
+def test_styles_reach_the_hires_prompts_as_a1111(model_dir: Path, styles_file: Path) -> None:
+    """A1111's setup_prompts: an empty hr_prompt is the prompt, then styles apply to the hires prompts too."""
+    from runtime.pipeline import Planner
+    from runtime.server.config import Limits
+    from runtime.server.mapping import build_plan
+    from runtime.server.schemas import Txt2ImgRequest
+    from runtime.text.styles import StyleLibrary
+
+    planner = Planner.from_folder(model_dir / "tiny-a")
+    styles = StyleLibrary(styles_file).find(["quality", "clean"])
+    hires = {**JOB, "enable_hr": True, "hr_scale": 1.5, "styles": ["quality", "clean"]}
+    for hr_prompt, hr_negative in (("", ""), ("a cat", ""), ("", "ugly")):
+        body = Txt2ImgRequest(**hires, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative)
+        plan = build_plan(planner, body, Limits(), styles=styles).batches[0].hires
+        expected = _a1111_prompts(hr_prompt or JOB["prompt"], hr_negative or JOB["negative_prompt"], body.styles)
+        assert (plan.prompt, plan.negative_prompt) == expected
+
+
+def _data_url(b64: str) -> str:
+    return "data:image/png;base64," + b64
+
+
+def test_openoutpaint_and_webuiapi_request_shapes(server: Server) -> None:
+    """openOutpaint (js/): alwayson_scripts {} always, refiner fields, a scheduler label, data-URL
+    images, extra keys, trailing slashes; webuiapi: nulls for every field it does not set."""
+    from test_server import _png_base64
+
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+        assert client.post("/sdapi/v1/options/", json={"sd_model_checkpoint": titles["tiny-a"]}).is_success
+        outpaint = {
+            **JOB, "steps": 1, "scheduler": "Karras", "alwayson_scripts": {}, "refiner_checkpoint": "None",
+            "refiner_switch_at": 0.8, "hr_resize_x": 0, "hr_resize_y": 0, "inpainting_mask_weight": 1,
+        }  # fmt: skip
+        answer = client.post("/sdapi/v1/txt2img/", json=outpaint)
+        assert answer.status_code == 200 and json.loads(answer.json()["info"])["scheduler"] == "Karras"
+        # A refiner naming the request's own checkpoint switches nothing in A1111 either.
+        assert client.post("/sdapi/v1/txt2img", json={**outpaint, "refiner_checkpoint": "tiny-a"}).status_code == 200
+        webuiapi = {**JOB, "steps": 1, "script_name": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
+                    "hr_scheduler": None, "scheduler": "automatic", "sampler_index": "Euler", "styles": []}  # fmt: skip
+        assert client.post("/sdapi/v1/txt2img", json=webuiapi).status_code == 200
+        init, mask = _png_base64(), _png_base64(mode="L", box=(16, 16, 48, 48))
+        img2img = {**JOB, "steps": 2, "denoising_strength": 0.5, "alwayson_scripts": {}}
+        plain = _image(client.post("/sdapi/v1/img2img", json={**img2img, "init_images": [init], "mask": mask}))
+        dataurl = {**img2img, "init_images": [_data_url(init)], "mask": _data_url(mask)}
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/img2img/", json=dataurl)), plain)
+        extras = {"upscaler_1": "Lanczos", "upscaling_resize": 2}
+        upscaled = client.post("/sdapi/v1/extra-single-image/", json={**extras, "image": _data_url(init)})
+        assert (
+            upscaled.json()["image"]
+            == client.post("/sdapi/v1/extra-single-image", json={**extras, "image": init}).json()["image"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"script_name": "X/Y/Z plot"}, "script_name", "Script 'X/Y/Z plot' not found"),
+        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts.controlnet", "Script 'controlnet'"),
+        ({"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint", "Could not find checkpoint with name"),
+        ({"refiner_checkpoint": "nested/tiny-b"}, "refiner_checkpoint", "switching checkpoints during sampling"),
+        ({"disable_extra_networks": True}, "disable_extra_networks", "always applied"),
+    ],
+)
+def test_what_a1111_would_refuse_or_this_server_cannot_do_is_a_422(
+    server: Server, change: dict, field: str, words: str
+) -> None:
+    with server.client() as client:
+        titles = {name: item["title"] for name, item in _models(client).items()}
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles["tiny-a"]}).is_success
+        answer = client.post("/sdapi/v1/txt2img", json={**JOB, **change})
+    assert answer.status_code == 422 and answer.json()["field"] == field and words in answer.json()["detail"]
+
+
+def test_scheduler_names_labels_and_the_hires_same_as_first_pass_words(model_dir: Path) -> None:
+    """SillyTavern sends the scheduler's name, openOutpaint its label, A1111's UI "Use same ..." words."""
+    from runtime.errors import InvalidRequestError
+    from runtime.pipeline import Planner
+    from runtime.server.config import Limits
+    from runtime.server.mapping import build_plan, check_checkpoint_fields
+    from runtime.server.schemas import Txt2ImgRequest
+
+    planner = Planner.from_folder(model_dir / "tiny-a")
+
+    def plan(**fields):
+        return build_plan(planner, Txt2ImgRequest(**{**JOB, **fields}), Limits())
+
+    assert plan(scheduler="Karras").batches[0].request.schedule == "karras"
+    assert plan(scheduler="karras").batches[0].request.schedule == "karras"
+    assert plan(scheduler="").scheduler.label == "Automatic"
+    hires = {"enable_hr": True, "hr_scale": 1.5, "scheduler": "Karras"}
+    same = plan(**hires, hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler").batches[0].hires
+    assert same.sampler == "euler"
+    np.testing.assert_array_equal(same.schedule.sigmas, plan(**hires).batches[0].hires.schedule.sigmas)
+    assert plan(**hires, hr_scheduler="karras").batches[0].hires is not None
+    with pytest.raises(InvalidRequestError) as error:
+        plan(**hires, hr_scheduler="Exponential")
+    assert error.value.field == "hr_scheduler" and "Karras" in error.value.message
+    body = Txt2ImgRequest(**JOB, **hires, hr_checkpoint_name="Use same checkpoint")
+    check_checkpoint_fields(body, "tiny [x]", lambda name: None)  # nothing to find: the same checkpoint
+    with pytest.raises(InvalidRequestError) as error:
+        check_checkpoint_fields(body.model_copy(update={"hr_checkpoint_name": "other"}), "tiny [x]", lambda _: None)
+    assert error.value.field == "hr_checkpoint_name"

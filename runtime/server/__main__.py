@@ -22,6 +22,7 @@ from ..options import (
     positive,
     positive_number,
 )
+from ..text.styles import StyleLibrary
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, Traffic, parse_credentials
 from .models import ModelSet, PipelinePool, pipeline_loader, planner_maker, scan_folder
 
@@ -64,6 +65,10 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
         help="requests handled at once besides /health and /progress; more get 503 (%(default)s)",
     )  # fmt: skip
     add("--body-timeout", type=positive_number, default=TRAFFIC.body_timeout, help="seconds (%(default)s)")
+    add(
+        "--styles-file", help="A1111's styles.csv (name, prompt, negative_prompt): the prompt styles requests may "
+        "name in `styles` (GET /sdapi/v1/prompt-styles); read again when it changes",
+    )  # fmt: skip
     add("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -89,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
+    StyleLibrary(args.styles_file)  # a bad styles file stops the command before anything starts
     limits = Limits(
         max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
         max_images=args.max_images, max_body_bytes=args.max_body_bytes, max_cfg_scale=args.max_cfg_scale,
@@ -105,7 +111,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         credentials=parse_credentials(args.api_auth), limits=limits, traffic=traffic,
         lora_dir=args.lora_dir, lora_cache_mb=args.lora_cache_mb, embeddings_dir=args.embeddings_dir,
         vae=getattr(args, "vae", None), model_dir=str(args.model_dir) if getattr(args, "model_dir", None) else None,
-        models_cache_mb=getattr(args, "models_cache_mb", 0),
+        models_cache_mb=getattr(args, "models_cache_mb", 0), styles_file=args.styles_file,
     )  # fmt: skip
 
 

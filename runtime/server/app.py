@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import InvalidRequestError
+from ..text.styles import StyleLibrary
 from .auth import BasicAuthMiddleware
 from .body_limit import BodyLimitMiddleware
 from .config import ServerConfig
@@ -184,7 +185,7 @@ def build_app(models: ModelSet, config: ServerConfig, backend: Backend) -> FastA
         description="AUTOMATIC1111-compatible txt2img API on ONNX Runtime (no torch). See docs/server.md.",
         lifespan=lifespan,
     )
-    app.state.context = ServerContext(models, config, backend, Settings())
+    app.state.context = ServerContext(models, config, backend, Settings(), StyleLibrary(config.styles_file))
     _install_error_handlers(app)
     app.include_router(router, responses=COMMON_ERRORS)
     app.include_router(more_router, responses=COMMON_ERRORS)

@@ -63,6 +63,7 @@ class ServerConfig:
     vae: str | None = None  # the exported VAE requests use by default (runtime.graphs.vaes)
     model_dir: str | None = None  # --model-dir: every export folder in it (runtime.server.models)
     models_cache_mb: int = 0  # loaded checkpoints kept besides the current one (A1111 keeps one)
+    styles_file: str | None = None  # A1111's styles.csv: the styles requests may name (runtime.text.styles)
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +44,8 @@ from ..registry import (
     library_schedule,
 )
 from ..registry import sampler_and_scheduler as find_sampler
+from ..registry import scheduler as find_scheduler_named
+from ..text.styles import Style, styled
 from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .settings import Defaults, check_clip_skip
@@ -112,21 +114,76 @@ class Plan:
         return {key: value for key, value in fields.items() if value is not None and key != "Denoising strength"}
 
 
+# A1111's values of the hires "same as the first pass" fields (its web UI sends these words).
+SAME_AS_FIRST_PASS = {
+    "hr_sampler_name": ("", "Use same sampler"),
+    "hr_scheduler": ("", "Use same scheduler"),
+    "hr_checkpoint_name": ("", "Use same checkpoint"),
+}
+NO_REFINER = ("", "None", "none")  # A1111's process_images: these refiner_checkpoint values mean none
+
+
 def _check_defaults_only(body: GenerationFields) -> None:
     """Refuse features that would silently change the image if they were ignored."""
     unsupported = {
         "restore_faces": (body.restore_faces, "face restoration is not supported"),
         "tiling": (body.tiling, "tiling is not supported"),
-        "styles": (body.styles, "prompt styles are not supported: put the style text in the prompt"),
         "subseed_strength": (body.subseed_strength, "variation seeds are not supported"),
         "seed_resize_from_h": (body.seed_resize_from_h > 0, "seed resize is not supported"),
         "seed_resize_from_w": (body.seed_resize_from_w > 0, "seed resize is not supported"),
-        "script_name": (body.script_name, "scripts are not supported"),
-        "alwayson_scripts": (body.alwayson_scripts, "scripts (extensions) are not supported"),
+        "disable_extra_networks": (body.disable_extra_networks, "<lora:...> tags are always applied here"),
     }
     for name, (value, message) in unsupported.items():
         if value:
             raise InvalidRequestError(name, message)
+    _check_scripts(body)
+
+
+def _check_scripts(body: GenerationFields) -> None:
+    """A1111's answer for scripts it does not have (api.py's script_name_to_index, a 422 there too):
+    this server has none (GET /sdapi/v1/scripts), so a script name, or any entry of
+    alwayson_scripts, is "not found"; null, "" and {} ask for none."""
+    if body.script_name:
+        raise InvalidRequestError("script_name", f"Script {body.script_name!r} not found (GET /sdapi/v1/scripts)")
+    for name in body.alwayson_scripts:
+        raise InvalidRequestError(f"alwayson_scripts.{name}", f"Script {name!r} not found (GET /sdapi/v1/scripts)")
+
+
+def check_checkpoint_fields(body: GenerationFields, title: str, find: Callable[[str], Any]) -> None:
+    """refiner_checkpoint and hr_checkpoint_name may only name the request's own checkpoint (A1111
+    then switches nothing) or none: switching models mid-sampling is not implemented. `find`: a
+    checkpoint by name (ModelSet.find), its `title` compared."""
+    fields = {"refiner_checkpoint": (body.refiner_checkpoint, NO_REFINER)}
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        fields["hr_checkpoint_name"] = (body.hr_checkpoint_name, SAME_AS_FIRST_PASS["hr_checkpoint_name"])
+    for field, (name, none) in fields.items():
+        if name is None or name in none:
+            continue
+        found = find(name)
+        if found is None:  # A1111's words (its refiner raises them as a 500)
+            raise InvalidRequestError(field, f"Could not find checkpoint with name {name}")
+        if found.title != title:
+            raise InvalidRequestError(
+                field, f"{found.title} is not this request's checkpoint ({title}); switching checkpoints "
+                "during sampling is not supported",
+            )  # fmt: skip
+
+
+def _check_hires_scheduler(body: GenerationFields, scheduler: SchedulerInfo) -> None:
+    """The second pass runs on the first pass's scheduler: another is refused, not ignored."""
+    if not isinstance(body, Txt2ImgRequest) or not body.enable_hr:
+        return
+    name = body.hr_scheduler
+    if name is None or name in SAME_AS_FIRST_PASS["hr_scheduler"]:
+        return
+    try:
+        other = find_scheduler_named(name)
+    except InvalidRequestError as error:
+        raise InvalidRequestError("hr_scheduler", error.message) from None
+    if other != scheduler:
+        raise InvalidRequestError(
+            "hr_scheduler", f"the second pass runs on the first pass's scheduler ({scheduler.label}), not {name!r}"
+        )
 
 
 def _check_overrides(body: GenerationFields, manifest: Manifest, defaults: Defaults) -> tuple[str, int]:
@@ -203,9 +260,10 @@ def decode_base64(field: str, text: str) -> bytes:
         raise InvalidRequestError(field, "is not valid base64") from None
 
 
-def _mode_options(body: GenerationFields) -> dict[str, Any]:
+def _mode_options(body: GenerationFields, styles: list[Style]) -> dict[str, Any]:
     """The library keywords of the request's mode: hires fix for txt2img, the init image, mask and
-    inpainting options for img2img."""
+    inpainting options for img2img. Styles reach the hires prompts as in A1111 (an empty one is the
+    prompt, styled once: planning falls back to the styled first-pass prompt)."""
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise InvalidRequestError("init_images", "needs one image")
@@ -228,8 +286,13 @@ def _mode_options(body: GenerationFields) -> dict[str, Any]:
         "hr_upscaler": body.hr_upscaler or "Latent", "hr_second_pass_steps": body.hr_second_pass_steps,
         "denoising_strength": 0.7 if body.denoising_strength is None else body.denoising_strength,
         "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt,
-        "hr_sampler_name": body.hr_sampler_name,
+        "hr_sampler_name": None if body.hr_sampler_name in SAME_AS_FIRST_PASS["hr_sampler_name"]
+        else body.hr_sampler_name,
     }  # fmt: skip
+    if body.hr_prompt or body.hr_negative_prompt:
+        hr_prompt, hr_negative = styled(body.hr_prompt or body.prompt, body.hr_negative_prompt or body.negative_prompt,
+                                        styles)  # fmt: skip
+        hires.update(hr_prompt=hr_prompt, hr_negative_prompt=hr_negative)
     return {"enable_hr": True, "hires_options": hires}
 
 
@@ -267,13 +330,15 @@ def _prepare_batch(
     rng: str,
     ensd: int,
     first_seed: int,
+    styles: list[Style],
 ) -> Prepared:
     vae = _setting(body, defaults, "sd_vae")
+    prompt, negative_prompt = styled(body.prompt, body.negative_prompt, styles)
     return pipe.prepare(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.steps,
+        prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, width=body.width, height=body.height, seed=first_seed,
         num_images_per_prompt=body.batch_size, sampler=sampler.key, schedule=schedule, rng=rng,
-        eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body),  # the server's own limit: checked
+        eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body, styles),  # the server's limit: checked
         **({"vae": vae} if vae not in DEFAULT_VAE_NAMES else {}),  # "Automatic": the server's --vae
         pad_conds=_setting(body, defaults, "pad_cond_uncond"),
         prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
@@ -282,14 +347,22 @@ def _prepare_batch(
 
 
 def build_plan(
-    pipe: PlanModel, body: GenerationFields, limits: Limits, defaults: Defaults | None = None, model: str | None = None
+    pipe: PlanModel,
+    body: GenerationFields,
+    limits: Limits,
+    defaults: Defaults | None = None,
+    model: str | None = None,
+    styles: list[Style] | None = None,
 ) -> Plan:
     """Check a txt2img or img2img request completely; raises InvalidRequestError naming the field.
-    `defaults`: the server's settings (POST /options); `model`: the checkpoint's title, for the worker."""
+    `defaults`: the server's settings (POST /options); `model`: the checkpoint's title, for the
+    worker; `styles`: the request's `styles`, found (runtime.text.styles), applied to its prompts."""
     defaults = defaults or Defaults()
     _check_defaults_only(body)
     rng, ensd = _check_overrides(body, pipe.manifest, defaults)
-    sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    # "" is A1111's Automatic too (its API: `if not populate.scheduler`).
+    sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler or "Automatic")
+    _check_hires_scheduler(body, scheduler)
     _check_eta(body, sampler)
     _check_limits(body, limits)
     schedule = library_schedule(sampler, scheduler)
@@ -300,7 +373,7 @@ def build_plan(
         raise InvalidRequestError(_FIELD_NAMES["eta_noise_seed_delta"], f"seed + ENSD must stay below 2**64, "
                                   f"so at most {most}")  # fmt: skip
     with _api_field_names():
-        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed)
+        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed, styles or [])
         _check_prompt_length(first, limits)
         _check_sizes(first, limits)
     batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))

@@ -1,7 +1,7 @@
 """The rest of A1111's API that clients call on their way (AIYA, openOutpaint, the Photoshop
-plugin): what this runtime has not (face restorers, hypernetworks, scripts) answers A1111's empty
-shapes, so that the client goes on; what would need a model it does not have (interrogate) is a
-clear 501."""
+plugin): the prompt styles of --styles-file; what this runtime has not (face restorers,
+hypernetworks, scripts) answers A1111's empty shapes, so that the client goes on; what would need
+a model it does not have (interrogate) is a clear 501."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from ..graphs.lora import resident_bytes
 from .responses import error_response
 from .routes import Context
+from .schemas import PromptStyleItem
 
 router = APIRouter(tags=["sdapi"])
 
@@ -58,6 +59,12 @@ async def scripts() -> dict[str, list[str]]:
 @router.get("/sdapi/v1/script-info")
 async def script_info() -> list[dict[str, Any]]:
     return []
+
+
+@router.get("/sdapi/v1/prompt-styles", response_model=list[PromptStyleItem])
+async def prompt_styles(ctx: Context) -> Any:
+    """The styles of --styles-file (none without one), as A1111 lists them; `styles` names them."""
+    return [PromptStyleItem(**style.__dict__) for style in ctx.styles.styles().values()]
 
 
 @router.get("/sdapi/v1/face-restorers")

@@ -35,9 +35,10 @@ from ..images.extras import infotext as extras_infotext
 from ..images.inputs import load_image
 from ..images.metadata import parse_infotext, read_infotext
 from ..registry import A1111_UPSCALER_FILES, SAMPLERS, SCHEDULERS, UPSCALERS
+from ..text.styles import StyleLibrary
 from .config import ServerConfig
 from .jobs import JobResult
-from .mapping import Plan, build_plan, decode_base64
+from .mapping import Plan, build_plan, check_checkpoint_fields, decode_base64
 from .models import Checkpoint, ModelSet
 from .schemas import (
     EmbeddingsResponse,
@@ -118,6 +119,7 @@ class ServerContext:
     config: ServerConfig
     backend: Backend
     settings: Settings  # A1111's settings (POST /sdapi/v1/options), in memory
+    styles: StyleLibrary  # --styles-file: the prompt styles requests may name
 
 
 def context(request: Request) -> ServerContext:
@@ -141,10 +143,11 @@ async def img2img(body: Img2ImgRequest, request: Request, ctx: Context) -> Any:
 
 async def _generate(body: GenerationFields, request: Request, ctx: Context) -> Any:
     checkpoint = ctx.models.checkpoint(body.override_settings.sd_model_checkpoint)
-    defaults = ctx.settings.defaults
+    check_checkpoint_fields(body, checkpoint.title, ctx.models.find)
+    defaults, styles = ctx.settings.defaults, ctx.styles.find(body.styles)
     # Parsing prompts and decoding init images cost ms: keep them off the event loop that serves /progress.
     plan = await anyio.to_thread.run_sync(
-        build_plan, ctx.models.planner(checkpoint), body, ctx.config.limits, defaults, checkpoint.title
+        build_plan, ctx.models.planner(checkpoint), body, ctx.config.limits, defaults, checkpoint.title, styles
     )
     result = await _unless_disconnected(ctx.backend.generate(body.force_task_id or new_task_id(), plan), request)
     if result is None:
@@ -178,12 +181,12 @@ def _info(checkpoint: Checkpoint, body: GenerationFields, plan: Plan, result: Jo
     """A1111's Processed.js() fields, plus `scheduler`, `interrupted` and, from a cluster, the
     `replica` and `node` that made the images (never in the PNG text: the same seed gives the same
     PNG wherever it ran)."""
-    manifest, count = checkpoint.manifest, len(plan.all_seeds)
+    manifest, count, request = checkpoint.manifest, len(plan.all_seeds), plan.batches[0].request
     return {
         "prompt": body.prompt,
-        "all_prompts": [body.prompt] * count,
+        "all_prompts": [request.prompt] * count,  # as generated: styles applied, comments stripped (A1111's)
         "negative_prompt": body.negative_prompt,
-        "all_negative_prompts": [body.negative_prompt] * count,
+        "all_negative_prompts": [request.negative_prompt] * count,
         "seed": plan.seed,
         "all_seeds": plan.all_seeds,
         "subseed": -1,
@@ -207,7 +210,7 @@ def _info(checkpoint: Checkpoint, body: GenerationFields, plan: Plan, result: Jo
         "denoising_strength": plan.denoising_strength,
         "index_of_first_image": 0,
         "infotexts": result.infotexts,
-        "styles": [],
+        "styles": body.styles,
         "job_timestamp": result.job_timestamp,
         "clip_skip": manifest.clip_skip,
         "is_using_inpainting_conditioning": False,

@@ -88,17 +88,24 @@ class GenerationFields(BaseModel):
     )
     save_images: bool = Field(False, description="Accepted and ignored: this server never writes files")
     eta: float | None = Field(None, allow_inf_nan=False, description="Only the samplers' own eta (1, DDIM 0)")
+    styles: list[str] = Field(
+        default_factory=list, description="Prompt styles of GET /sdapi/v1/prompt-styles, applied in order as A1111"
+    )
     # Accepted only at their defaults (see the module docstring).
-    styles: list[str] = Field(default_factory=list)
     subseed: int = -1
     subseed_strength: float = Field(0.0, allow_inf_nan=False)
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     restore_faces: bool = False
     tiling: bool = False
-    script_name: str | None = None
+    disable_extra_networks: bool = False
+    script_name: str | None = Field(None, description='A1111\'s selectable script: none here, so only null or ""')
     script_args: list[Any] = Field(default_factory=list)
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="None here, so only {}")
+    refiner_checkpoint: str | None = Field(
+        None, description='A1111\'s refiner: null, "", "None" or the request\'s own checkpoint (a no-op, as in A1111)'
+    )
+    refiner_switch_at: float | None = Field(None, allow_inf_nan=False, description="Used only with a refiner")
 
     @model_validator(mode="before")
     @classmethod
@@ -119,7 +126,11 @@ class Txt2ImgRequest(GenerationFields):
     denoising_strength: float | None = Field(None, allow_inf_nan=False, description="Hires denoising; default 0.7")
     hr_prompt: str = Field("", max_length=_LIMITS.max_prompt_chars)
     hr_negative_prompt: str = Field("", max_length=_LIMITS.max_prompt_chars)
-    hr_sampler_name: str | None = None
+    hr_sampler_name: str | None = Field(None, description='null, "" or "Use same sampler": the first pass\'s')
+    hr_scheduler: str | None = Field(None, description='null, "", "Use same scheduler" or the first pass\'s only')
+    hr_checkpoint_name: str | None = Field(
+        None, description='null, "", "Use same checkpoint" or the request\'s own checkpoint only'
+    )
     firstphase_width: int = 0
     firstphase_height: int = 0
 
@@ -205,6 +216,14 @@ class ExtrasSingleImageResponse(BaseModel):
 class ExtrasBatchImagesResponse(BaseModel):
     html_info: str
     images: list[str]
+
+
+class PromptStyleItem(BaseModel):
+    """A1111's /sdapi/v1/prompt-styles entry: a row of --styles-file."""
+
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 class LatentUpscaleModeItem(BaseModel):
