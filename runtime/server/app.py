@@ -26,7 +26,7 @@ from .config import ServerConfig
 from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
 from .models import ModelSet
-from .more_routes import router as more_router
+from .client_routes import router as client_router
 from .responses import error_response
 from .routes import Backend, ServerContext, router
 from .schemas import ErrorResponse
@@ -188,7 +188,7 @@ def build_app(models: ModelSet, config: ServerConfig, backend: Backend) -> FastA
     app.state.context = ServerContext(models, config, backend, Settings(), StyleLibrary(config.styles_file))
     _install_error_handlers(app)
     app.include_router(router, responses=COMMON_ERRORS)
-    app.include_router(more_router, responses=COMMON_ERRORS)
+    app.include_router(client_router, responses=COMMON_ERRORS)
     # The last middleware added runs first: the guard (Host, Origin, Content-Type, room), auth,
     # the body limit, then the app; a bug anywhere inside is one logged 500.
     app.add_middleware(InternalErrorMiddleware)
