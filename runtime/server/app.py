@@ -22,11 +22,11 @@ from ..errors import InvalidRequestError
 from ..text.styles import StyleLibrary
 from .auth import BasicAuthMiddleware
 from .body_limit import BodyLimitMiddleware
+from .client_routes import router as client_router
 from .config import ServerConfig
 from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
 from .models import ModelSet
-from .client_routes import router as client_router
 from .responses import error_response
 from .routes import Backend, ServerContext, router
 from .schemas import ErrorResponse
