@@ -31,9 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="graph precision (default: fp16)")
     parser.add_argument(
         "--clip-skip",
-        type=int,
-        default=2,
-        help="A1111 counting: 1 = last layer; default 2, as ACertainThing's card asks",
+        type=clip_skips,
+        default=(2, 1),
+        help="A1111 counting (1 = last layer), one or several: 2,1 gives the text encoder one output each "
+        "(shared layers; requests pick one); the first is the default. Default 2,1: 2 as ACertainThing's card asks",
     )
     parser.add_argument(
         "--target",
@@ -85,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def clip_skips(text: str) -> tuple[int, ...]:
+    """--clip-skip 2 or 2,1 (argparse turns the ValueError into a usage error)."""
+    return tuple(int(part) for part in text.split(","))
+
+
 def default_output(model: str) -> Path:
     """./ACertainThing-onnx for JosephusCheung/ACertainThing, ./model-onnx for model.safetensors."""
     name = Path(model.rstrip("/")).name
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         output=args.output or default_output(args.model),
         precision=args.precision,
-        clip_skip=args.clip_skip,
+        clip_skips=args.clip_skip,
         target=args.target,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,

@@ -64,7 +64,9 @@ class ExportOptions:
     model: str
     output: Path
     precision: str = "fp16"
-    clip_skip: int = 2
+    # A1111 counting; the first is the default a request gets when it names none. 2 as ACertainThing's
+    # card asks, and 1 beside it: A1111's users switch between the two (README: the cost is one layer).
+    clip_skips: tuple[int, ...] = (2, 1)
     target: str = "cpu"
     overwrite: bool = False
     allow_pickle: bool = False
@@ -98,8 +100,10 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {options.precision!r}")
     if options.target not in TARGETS:
         raise ExportError(f"--target must be one of {', '.join(TARGETS)}, not {options.target!r}")
-    if options.clip_skip < 1:
-        raise ExportError(f"--clip-skip counts as A1111 does (1 = last layer); {options.clip_skip} is below 1")
+    if not options.clip_skips or min(options.clip_skips) < 1:
+        raise ExportError(f"--clip-skip counts as A1111 does (1 = last layer): {clip_skip_text(options)} is below 1")
+    if len(set(options.clip_skips)) != len(options.clip_skips):
+        raise ExportError(f"--clip-skip {clip_skip_text(options)} names a clip skip twice")
     if options.target == layout.OPENVINO_TARGET and importlib.util.find_spec("openvino") is None:
         raise ExportError("--target openvino needs OpenVINO: pip install 'acertain-onnx[openvino]'")
     output = options.output
@@ -107,6 +111,10 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError(f"--output {output} is a file; give a folder")
     if output.is_dir() and any(output.iterdir()) and not options.overwrite:
         raise ExportError(f"--output {output} is not empty; nothing was changed. Pass --overwrite to replace it")
+
+
+def clip_skip_text(options: ExportOptions) -> str:
+    return ",".join(str(clip_skip) for clip_skip in options.clip_skips)
 
 
 def _timed(report: GraphReport, stage: str, work: Callable[[], Any]) -> Any:
@@ -200,9 +208,9 @@ def build_specs(
     pipe = source.pipe
     prompt_ids = torch.tensor([tokenizer.encode_padded(p) for p in TOKENIZER_CHECK_PROMPTS], dtype=torch.int64)
     try:
-        specs = [graphs.text_encoder_spec(pipe, options.clip_skip, prompt_ids)]
+        specs = [graphs.text_encoder_spec(pipe, options.clip_skips, prompt_ids)]
     except ValueError as error:
-        raise ExportError(f"--clip-skip {options.clip_skip}: {error}") from None
+        raise ExportError(f"--clip-skip {clip_skip_text(options)}: {error}") from None
     # Realistic UNet conditioning: the text encoder's own output for real prompts.
     context = torch.from_numpy(specs[0].cases[0].reference)
     specs += [graphs.unet_spec(pipe, context, working), graphs.vae_decoder_spec(pipe, working)]
@@ -402,7 +410,8 @@ def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, en
         "source": {"kind": source.kind, "model": options.model, "architecture": source.arch},
         "precision": options.precision,
         "target": options.target,
-        "clip_skip": options.clip_skip,
+        "clip_skip": options.clip_skips[0],
+        "clip_skips": list(options.clip_skips),
         "opset": graphs.OPSET,
         "vae_scale_factor": facts.vae_scale_factor,
         "vae_scaling_factor": facts.vae_scaling_factor,

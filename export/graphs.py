@@ -27,7 +27,6 @@ from runtime.graphs.model_folder import (
     METADATA_PREFIX,
     TEXT_EXTRA,
     TEXT_INPUT,
-    TEXT_OUTPUT,
     UNET_CONTEXT,
     UNET_OUTPUT,
     UNET_SAMPLE,
@@ -36,6 +35,7 @@ from runtime.graphs.model_folder import (
     VAE_DECODER_OUTPUT,
     VAE_ENCODER_INPUT,
     VAE_ENCODER_OUTPUT,
+    text_output_name,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 class ValidationCase:
     inputs: dict[str, np.ndarray]  # float32 / int64 inputs; cast to the graph's dtypes when run
     reference: np.ndarray  # the torch module's output on the same inputs
+    output: str | None = None  # the graph output compared; None: the first
 
 
 @dataclass
@@ -81,6 +82,11 @@ class GraphSpec:
     # At the size the runtime uses (512 px: 64x64 latents), where ORT picks other kernels than at the
     # small trace sizes (flash attention from 513 tokens up); validated where the target's provider runs.
     working_cases: list[ValidationCase] = field(default_factory=list)
+    extra_outputs: list[str] = field(default_factory=list)  # outputs after output_name (more clip skips)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name, *self.extra_outputs]
 
 
 def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
@@ -88,29 +94,34 @@ def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
         return fn(*args).float().numpy()
 
 
-def text_encoder_spec(pipe, clip_skip: int, prompt_ids: torch.Tensor) -> GraphSpec:
-    """input_ids, and extra_embeddings for ids past the vocabulary. Validated on transformers'
-    output for plain ids, and for ids where some tokens are swapped for extra rows that hold
-    those tokens' own vectors (so the extra path must give the plain ids' output)."""
-    module = ClipSkipTextEncoder(pipe.text_encoder, clip_skip).eval()
+def text_encoder_spec(pipe, clip_skips: tuple[int, ...], prompt_ids: torch.Tensor) -> GraphSpec:
+    """input_ids, and extra_embeddings for ids past the vocabulary; one output per clip skip (the
+    first is the default). Each output is validated on transformers' output for plain ids, and for
+    ids where some tokens are swapped for extra rows that hold those tokens' own vectors (so the
+    extra path must give the plain ids' output)."""
+    module = ClipSkipTextEncoder(pipe.text_encoder, clip_skips).eval()
     vocab, width = pipe.text_encoder.config.vocab_size, pipe.text_encoder.config.hidden_size
     table = text_model(pipe.text_encoder).embeddings.token_embedding.weight.detach()
     random_ids = torch.randint(0, vocab, (1, prompt_ids.shape[1]))
     swapped = random_ids.clone()
     swapped[0, 3:6] = vocab + torch.arange(3)
+    outputs = [text_output_name(clip_skip) for clip_skip in clip_skips]
     cases = []
-    for ids, fed, extra in (
-        (prompt_ids, prompt_ids, torch.zeros(1, width)),
-        (random_ids, swapped, table[random_ids[0, 3:6]]),
-    ):
-        reference = _run(lambda x: clip_skip_reference(pipe.text_encoder, x, clip_skip), ids)
-        cases.append(ValidationCase({TEXT_INPUT: fed.numpy(), TEXT_EXTRA: extra.float().numpy()}, reference))
+    for clip_skip, output in zip(clip_skips, outputs, strict=True):
+        for ids, fed, extra in (
+            (prompt_ids, prompt_ids, torch.zeros(1, width)),
+            (random_ids, swapped, table[random_ids[0, 3:6]]),
+        ):
+            reference = _run(lambda x, n=clip_skip: clip_skip_reference(pipe.text_encoder, x, n), ids)
+            inputs = {TEXT_INPUT: fed.numpy(), TEXT_EXTRA: extra.float().numpy()}
+            cases.append(ValidationCase(inputs, reference, output))
     return GraphSpec(
         name="text_encoder",
         module=module,
         trace_inputs={TEXT_INPUT: prompt_ids, TEXT_EXTRA: torch.zeros(2, width)},
-        output_name=TEXT_OUTPUT,
-        dynamic_axes={TEXT_INPUT: {0: "batch"}, TEXT_EXTRA: {0: "extra"}, TEXT_OUTPUT: {0: "batch"}},
+        output_name=outputs[0],
+        extra_outputs=outputs[1:],
+        dynamic_axes={TEXT_INPUT: {0: "batch"}, TEXT_EXTRA: {0: "extra"}, **{name: {0: "batch"} for name in outputs}},
         optimizer_type="clip",
         cases=cases,
         input_defaults={TEXT_EXTRA: np.zeros((1, width), dtype=np.float32)},
@@ -226,7 +237,7 @@ def export_fp32(spec: GraphSpec, path: Path) -> None:
             dynamo=False,
             opset_version=OPSET,
             input_names=list(spec.trace_inputs),
-            output_names=[spec.output_name],
+            output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes,
             do_constant_folding=True,
         )
@@ -391,11 +402,11 @@ def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:
     """Shape inference names every axis it cannot prove constant (a text encoder's 77 becomes
     "LayerNormalizationlast_hidden_state_dim_1"); state the output shape plainly: our dynamic
     axis names, and the sizes seen in validation for the fixed axes."""
-    names = spec.dynamic_axes.get(spec.output_name, {})
-    sizes = spec.cases[0].reference.shape
+    sizes = spec.cases[0].reference.shape  # every output of a graph has the same shape (the clip skips')
     for value in model.graph.output:
-        if value.name != spec.output_name:
+        if value.name not in spec.output_names:
             continue
+        names = spec.dynamic_axes.get(value.name, {})
         shape = value.type.tensor_type.shape
         shape.ClearField("dim")
         for axis, size in enumerate(sizes):

@@ -9,27 +9,35 @@ import torch
 
 
 class ClipSkipTextEncoder(torch.nn.Module):
-    """CLIP text model that stops early: clip skip N (A1111's counting, 1 = last layer) returns the
-    hidden state N layers from the end passed through the final layer norm, which is what A1111
-    and diffusers' `clip_skip=N-1` compute. The layers after that point are dropped, so they are
-    neither in the graph nor run."""
+    """CLIP text model that stops early, with one output per clip skip: clip skip N (A1111's
+    counting, 1 = last layer) is the hidden state N layers from the end passed through the final
+    layer norm, which is what A1111 and diffusers' `clip_skip=N-1` compute. The outputs share the
+    layers up to the smallest clip skip's point (one more output costs one final layer norm); the
+    layers after it are dropped, so they are neither in the graph nor run."""
 
-    def __init__(self, text_encoder: torch.nn.Module, clip_skip: int) -> None:
+    def __init__(self, text_encoder: torch.nn.Module, clip_skips: tuple[int, ...]) -> None:
         super().__init__()
         layers = text_encoder.config.num_hidden_layers
-        if not 1 <= clip_skip < layers:
-            raise ValueError(f"clip skip must be between 1 and {layers - 1} for a {layers}-layer text encoder")
+        for clip_skip in clip_skips:
+            if not 1 <= clip_skip < layers:
+                raise ValueError(f"clip skip must be between 1 and {layers - 1} for a {layers}-layer text encoder")
         self.model = copy.deepcopy(text_encoder)
-        keep = layers - (clip_skip - 1)
+        keep = layers - (min(clip_skips) - 1)
+        # hidden_states[-k] of the shortened model for each clip skip (its last is the smallest's)
+        self.picks = [clip_skip - min(clip_skips) + 1 for clip_skip in clip_skips]
         encoder = text_model(self.model).encoder
         encoder.layers = encoder.layers[:keep]
         self.model.config.num_hidden_layers = keep
         embeddings = text_model(self.model).embeddings
         self.tokens = embeddings.token_embedding = ExtendedTokenEmbedding(embeddings.token_embedding)
 
-    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.tokens.extra = extra_embeddings
-        return self.model(input_ids=input_ids).last_hidden_state
+        output = self.model(input_ids=input_ids, output_hidden_states=len(self.picks) > 1)
+        if len(self.picks) == 1:
+            return (output.last_hidden_state,)
+        norm = text_model(self.model).final_layer_norm
+        return tuple(norm(output.hidden_states[-pick]) for pick in self.picks)
 
 
 class ExtendedTokenEmbedding(torch.nn.Module):

@@ -45,9 +45,10 @@ def validate(ir_path: Path, spec: GraphSpec, precision: str) -> ValidationResult
     compiled = core.compile_model(str(ir_path), VALIDATION_DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
     types = {name: port.get_element_type().to_dtype() for port in compiled.inputs for name in port.get_names()}
 
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(inputs: dict[str, np.ndarray], output: str | None) -> np.ndarray:
         feed = {name: value.astype(types[name]) for name, value in inputs.items()}
-        return np.asarray(compiled(feed)[0], dtype=np.float32)
+        results = compiled(feed)
+        return np.asarray(results[0] if output is None else results[compiled.output(output)], dtype=np.float32)
 
     return compare_cases(spec, precision, run, f"OpenVINO {ov.__version__} {VALIDATION_DEVICE} f32", TOLERANCE)
 

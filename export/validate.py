@@ -20,6 +20,8 @@ from runtime.graphs.model_folder import ONNX_DTYPES
 
 log = logging.getLogger(__name__)
 
+Runner = Callable[[dict[str, np.ndarray], str | None], np.ndarray]  # (inputs, output name or None: the first)
+
 # fp32 graphs differ from torch by float rounding only (measured ~1e-6 on the tiny model and
 # ~1e-5 on the full-size UNet); fp16 graphs round every activation to 11 bits.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
@@ -81,20 +83,19 @@ def validate_graph(
     values = [*session.get_inputs(), *session.get_overridable_initializers()]
     input_types = {item.name: ONNX_DTYPES[item.type] for item in values}
 
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(inputs: dict[str, np.ndarray], output: str | None) -> np.ndarray:
         feed = {name: value.astype(input_types[name]) for name, value in inputs.items()}
-        return session.run(None, feed)[0].astype(np.float32)
+        names = None if output is None else [output]
+        return session.run(names, feed)[0].astype(np.float32)
 
     return compare_cases(spec, precision, run, provider, TOLERANCE, spec.working_cases if working else [])
 
 
-def measure(
-    cases: list[ValidationCase], run: Callable[[dict[str, np.ndarray]], np.ndarray]
-) -> tuple[float, float, bool]:
+def measure(cases: list[ValidationCase], run: Runner) -> tuple[float, float, bool]:
     """(worst absolute error, worst relative error, all finite) of `run` against torch on `cases`."""
     worst_abs, worst_rel, finite = 0.0, 0.0, True
     for case in cases:
-        output = run(case.inputs)
+        output = run(case.inputs, case.output)
         finite = finite and bool(np.isfinite(output).all())
         error = float(np.abs(output - case.reference).max())
         scale = max(1.0, float(np.abs(case.reference).max()))
@@ -105,7 +106,7 @@ def measure(
 def compare_cases(
     spec: GraphSpec,
     precision: str,
-    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    run: Runner,
     provider: str,
     tolerances: dict[str, float],
     working: list[ValidationCase] | None = None,

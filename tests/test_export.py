@@ -65,17 +65,24 @@ def clip_reference(source: Path, ids: torch.Tensor, clip_skip: int) -> np.ndarra
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_text_encoder_equals_clip_skip_2_reference(request, tiny_source, precision):
+def test_text_encoder_outputs_equal_clip_skip_references(request, tiny_source, precision):
+    """The default export has clip skips 2 (the default, first output) and 1 in one graph."""
     folder = request.getfixturevalue(f"tiny_{precision}")
+    manifest = read_manifest(folder)
+    assert (manifest.clip_skip, manifest.clip_skips) == (2, (2, 1))
     ids = prompt_ids(tiny_source["diffusers"], ["masterpiece, best quality, 1girl", "", "a photo of a cat"])
-    reference = clip_reference(tiny_source["diffusers"], ids, clip_skip=2)
-    ours = session(folder, "text_encoder").run(None, {"input_ids": ids.numpy()})[0]
-    assert ours.dtype == np.float32  # CPU-target graphs keep float32 inputs and outputs
-    assert ours.shape == (3, 77, 32)
+    graph = session(folder, "text_encoder")
+    assert [item.name for item in graph.get_outputs()] == [manifest.text_output(2), manifest.text_output(1)]
     tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
-    assert relative_error(ours, reference) <= tolerance
-    # The layer after the skipped one is not in the graph: it differs from the last layer.
-    assert relative_error(ours, clip_reference(tiny_source["diffusers"], ids, clip_skip=1)) > 10 * tolerance
+    outputs = {}
+    for clip_skip in (2, 1):
+        ours = graph.run([manifest.text_output(clip_skip)], {"input_ids": ids.numpy()})[0]
+        assert ours.dtype == np.float32  # CPU-target graphs keep float32 inputs and outputs
+        assert ours.shape == (3, 77, 32)
+        assert relative_error(ours, clip_reference(tiny_source["diffusers"], ids, clip_skip)) <= tolerance
+        outputs[clip_skip] = ours
+    # Two different layers' states, not one output twice.
+    assert relative_error(outputs[2], outputs[1]) > 10 * tolerance
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -151,15 +158,21 @@ def test_manifest_describes_the_export(request, precision):
     assert "timestep_spacing" not in scheduler  # copied as shipped, not re-serialised
 
 
-def test_clip_skip_1_is_the_last_layer(tiny_source, tmp_path):
-    out = tmp_path / "skip1"
-    run_export(
-        ExportOptions(model=str(tiny_source["diffusers"]), output=out, precision="fp32", clip_skip=1, vae_encoder=False)
-    )
-    ids = prompt_ids(tiny_source["diffusers"], ["masterpiece, best quality, 1girl"])
-    ours = session(out, "text_encoder").run(None, {"input_ids": ids.numpy()})[0]
-    assert relative_error(ours, clip_reference(tiny_source["diffusers"], ids, clip_skip=1)) <= FP32_TOLERANCE
-    assert read_manifest(out).clip_skip == 1
+def test_one_clip_skip_drops_the_later_layers(tiny_source, tiny_fp32, tmp_path):
+    """--clip-skip 2 alone: one output, and the last layer is not in the graph at all."""
+    out = tmp_path / "skip2"
+    source = tiny_source["diffusers"]
+    run_export(ExportOptions(model=str(source), output=out, precision="fp32", clip_skips=(2,), vae_encoder=False))
+    ids = prompt_ids(source, ["masterpiece, best quality, 1girl"])
+    graph = session(out, "text_encoder")
+    assert len(graph.get_outputs()) == 1
+    ours = graph.run(None, {"input_ids": ids.numpy()})[0]
+    assert relative_error(ours, clip_reference(source, ids, clip_skip=2)) <= FP32_TOLERANCE
+    assert (read_manifest(out).clip_skip, read_manifest(out).clip_skips) == (2, (2,))
+    # The 2,1 export holds exactly one layer more: attention, MLP (32 -> 64 -> 32) and two layer norms.
+    layer = 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 2 * 32
+    extra = graph_weights(tiny_fp32, "text_encoder")["float32"] - graph_weights(out, "text_encoder")["float32"]
+    assert abs(extra - 4 * layer) <= 0.05 * 4 * layer  # the optimizer merges a few identical small constants
     assert not (out / "vae_encoder").exists()
 
 

@@ -30,7 +30,7 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 # Graph input/output names, shared by exporter and runtime.
-TEXT_INPUT, TEXT_OUTPUT = "input_ids", "last_hidden_state"
+TEXT_INPUT, TEXT_OUTPUT = "input_ids", "last_hidden_state"  # TEXT_OUTPUT: exports with one clip skip, before clip_skips
 # (k, width) vectors that ids >= the vocabulary size select (textual-inversion embeddings); the
 # graph holds a one-row default, so callers without embeddings feed input_ids alone.
 TEXT_EXTRA = "extra_embeddings"
@@ -62,6 +62,11 @@ def graph_path(name: str, target: str = "cpu") -> Path:
     return Path(name) / (IR_FILE if target == OPENVINO_TARGET else "model.onnx")
 
 
+def text_output_name(clip_skip: int) -> str:
+    """The text encoder's output for one clip skip (A1111 counting), in exports that list clip_skips."""
+    return f"hidden_states_clip_skip_{clip_skip}"
+
+
 @dataclass(frozen=True)
 class GraphInfo:
     """What the manifest says about one graph."""
@@ -91,7 +96,17 @@ class Manifest:
 
     @property
     def clip_skip(self) -> int:
+        """The default clip skip: what a request that names none gets."""
         return int(self.raw["clip_skip"])
+
+    @property
+    def clip_skips(self) -> tuple[int, ...]:
+        """Every clip skip the text encoder has an output for (exports before `clip_skips`: one)."""
+        return tuple(self.raw.get("clip_skips") or (self.clip_skip,))
+
+    def text_output(self, clip_skip: int) -> str:
+        """The text encoder's output for `clip_skip` (one of clip_skips)."""
+        return text_output_name(clip_skip) if "clip_skips" in self.raw else TEXT_OUTPUT
 
     @property
     def vae_scale_factor(self) -> int:
@@ -156,6 +171,10 @@ _OPTIONAL_CHECKS: dict[str, tuple[Any, str]] = {
     "model_name": (lambda value: isinstance(value, str), "a string"),
     "model_hash": (lambda value: value is None or isinstance(value, str), "a string or null"),
     "model_sha256": (lambda value: value is None or isinstance(value, str), "a string or null"),
+    "clip_skips": (
+        lambda value: isinstance(value, list) and bool(value) and all(_positive_int(item) for item in value),
+        "a non-empty list of whole numbers >= 1",
+    ),
 }
 
 
@@ -167,6 +186,8 @@ def _check_fields(raw: dict[str, Any], path: Path) -> None:
             continue
         if not valid(raw[key]):
             raise ModelFolderError(f"{path}: {key!r} must be {wanted}, not {raw[key]!r}; re-export the model")
+    if raw["clip_skip"] not in raw.get("clip_skips", [raw["clip_skip"]]):
+        raise ModelFolderError(f"{path}: 'clip_skip' {raw['clip_skip']} is not among 'clip_skips'; re-export the model")
 
 
 def graph_info(folder: Path, name: str, entry: Any) -> GraphInfo:
