@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rng", default="cpu", help=f"{' or '.join(RNG_LABELS)}: torch CPU or A1111 'NV' noise")
     parser.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
     parser.add_argument(
+        "--clip-skip", type=int,
+        help="A1111's CLIP_stop_at_last_layers (1 = last layer): one the model was exported with (its manifest's "
+        "clip_skips); default: the export's first",
+    )  # fmt: skip
+    parser.add_argument(
         "--pad-conds", action="store_true",
         help="A1111's 'Pad prompt/negative prompt': prompt and negative prompt of different 75-token chunk counts "
         "share one UNet call (faster, another image; off as in the web UI)",
@@ -134,7 +139,8 @@ def prepare_from_args(args: argparse.Namespace, planner: Planner) -> Prepared:
         guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
         eta_noise_seed_delta=args.eta_noise_seed_delta, pad_conds=args.pad_conds, vae_tiling=args.vae_tiling,
-        max_pixels=args.max_pixels, prompt_comments=args.prompt_comments, **mode_options(args),
+        max_pixels=args.max_pixels, prompt_comments=args.prompt_comments, clip_skip=args.clip_skip,
+        **mode_options(args),
     )  # fmt: skip
 
 

@@ -56,13 +56,21 @@ def generate(
     steps: int = 28,
     guidance_scale: float = 11.0,
     size: int = 64,
+    a1111_clip_skip: int | None = 2,
 ) -> np.ndarray:
-    """Images (N, H, W, 3) float32 in [0, 1]; image i from its own generator seeded seeds[i]."""
+    """Images (N, H, W, 3) float32 in [0, 1]; image i from its own generator seeded seeds[i].
+    `a1111_clip_skip` None: diffusers encodes the prompts itself (its clip_skip=None, the last layer)."""
     pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
     count = len(seeds)
+    if a1111_clip_skip is None:
+        texts = {"prompt": [prompt] * count, "negative_prompt": [negative_prompt] * count}
+    else:
+        texts = {
+            "prompt_embeds": clip_skip_embeddings(pipe, prompt, a1111_clip_skip).repeat(count, 1, 1),
+            "negative_prompt_embeds": clip_skip_embeddings(pipe, negative_prompt, a1111_clip_skip).repeat(count, 1, 1),
+        }
     result = pipe(
-        prompt_embeds=clip_skip_embeddings(pipe, prompt).repeat(count, 1, 1),
-        negative_prompt_embeds=clip_skip_embeddings(pipe, negative_prompt).repeat(count, 1, 1),
+        **texts,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         width=size,

@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 
 import diffusers_reference as reference
 from runtime import Pipeline
+from runtime.errors import InvalidRequestError
 
 PROMPT, NEGATIVE = "masterpiece, best quality, 1girl", "lowres"
 
@@ -72,6 +73,25 @@ def test_guidance_at_most_one_skips_the_negative_prompt(diffusers_pipe, runtime_
     expected = reference.generate(diffusers_pipe, PROMPT, NEGATIVE, "euler_a", [5], steps=6, guidance_scale=1.0)
     got = ours(runtime_fp32, "euler_a", 5, num_inference_steps=6, guidance_scale=1.0)
     assert pixel_difference(got, expected)[0] <= 1.0
+
+
+def test_clip_skip_1_equals_diffusers_last_layer(diffusers_pipe, runtime_fp32):
+    """The export's second output (clip skip 1) against diffusers encoding the prompts itself
+    (clip_skip=None); the infotext follows the request (A1111 writes no "Clip skip" for 1)."""
+    expected = reference.generate(diffusers_pipe, PROMPT, NEGATIVE, "euler_a", [7], steps=6, a1111_clip_skip=None)
+    out = runtime_fp32(PROMPT, NEGATIVE, 6, seed=7, width=64, height=64, sampler="euler_a", output_type="np",
+                       clip_skip=1)  # fmt: skip
+    assert pixel_difference(np.stack(out.images), expected)[0] <= 1.0
+    default = ours(runtime_fp32, "euler_a", 7, num_inference_steps=6)
+    assert pixel_difference(default, expected)[0] > 10  # clip skip 2, the default, is another image
+    assert "Clip skip" not in out.infotexts[0]
+    assert "Clip skip: 2" in runtime_fp32(PROMPT, NEGATIVE, 1, seed=7, width=64, height=64).infotexts[0]
+
+
+def test_a_clip_skip_the_export_lacks_says_how_to_export_it(runtime_fp32):
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, clip_skip=3)
+    assert error.value.field == "clip_skip" and "python -m export --clip-skip 2,1,3" in error.value.message
 
 
 def test_fp16_graphs_stay_close_to_diffusers(diffusers_pipe, tiny_fp16):

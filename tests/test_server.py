@@ -365,8 +365,9 @@ def test_bad_fields_get_4xx_naming_the_field(tight: Server, change: dict, status
 
 def test_clip_skip_mismatch_says_what_to_do(tight: Server) -> None:
     with tight.client() as client:
-        answer = post(client, {**VALID, "override_settings": {"CLIP_stop_at_last_layers": 1}})
-    assert "clip skip 2" in answer.json()["detail"] and "--clip-skip 1" in answer.json()["detail"]
+        answer = post(client, {**VALID, "override_settings": {"CLIP_stop_at_last_layers": 3}})
+    assert answer.status_code == 422 and answer.json()["field"] == "override_settings.CLIP_stop_at_last_layers"
+    assert "clip skip 2, 1" in answer.json()["detail"] and "--clip-skip 2,1,3" in answer.json()["detail"]
 
 
 @pytest.mark.parametrize(

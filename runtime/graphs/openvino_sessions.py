@@ -118,12 +118,14 @@ class OpenVINOGraph:
     def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(value, dtype=self.input_types[name]) for name, value in inputs.items()}
 
-    def infer(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+    def infer(self, feed: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
+        """The output named `output` (None: the first)."""
         self.request.infer(feed, share_inputs=True)
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        tensor = self.request.get_output_tensor(0) if output is None else self.request.get_tensor(output)
+        return np.array(tensor.data, dtype=np.float32, copy=True)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.infer(self.feed(inputs))
+    def run(self, inputs: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
+        return self.infer(self.feed(inputs), output)
 
     def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
         """Nothing to shrink: OpenVINO keeps no growing arena like onnxruntime's (the server's

@@ -349,9 +349,11 @@ class GraphSession:
     def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(value, dtype=self.input_types[name]) for name, value in inputs.items()}
 
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, inputs: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
+        """The output named `output` (None: the first) as float32."""
         with self.memory_errors():
-            return self.session.run(None, self.feed(inputs))[0].astype(np.float32, copy=False)
+            names = None if output is None else [output]
+            return self.session.run(names, self.feed(inputs))[0].astype(np.float32, copy=False)
 
     @contextlib.contextmanager
     def memory_errors(self) -> Iterator[None]:

@@ -83,6 +83,7 @@ def prepare(
     img2img_fix_steps: bool = False,
     upscalers: tuple[UpscalerInfo, ...] = (),
     prompt_comments: bool = True,
+    clip_skip: int | None = None,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -111,6 +112,9 @@ def prepare(
     `prompt_comments` is A1111's "Enable comments" (on there by default): `#` hides the rest of its
     line in the prompts, negative prompts and hires prompts (runtime.text.comments), before LoRA
     tags, embeddings and token counts are read; the infotext carries the prompts without them.
+
+    `clip_skip` is A1111's CLIP_stop_at_last_layers (1 = last layer): one the text encoder was
+    exported with (manifest.clip_skips); None is the export's default (its first).
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -177,7 +181,7 @@ def prepare(
             init = replace(init, infotext={**init.infotext, "Strength rule": "diffusers"})
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        seeds, sampler, schedule, rng, delta, pad_conds,
+        seeds, sampler, schedule, rng, delta, pad_conds, check_clip_skip(manifest, clip_skip),
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(
@@ -223,6 +227,22 @@ def positional_parameters(args: tuple[Any, ...], keywords: dict[str, Any]) -> di
     if twice:
         raise TypeError(f"got multiple values for {', '.join(sorted(twice))}")
     return {**named, **keywords}
+
+
+def check_clip_skip(manifest: Manifest, clip_skip: Any) -> int:
+    """The request's clip skip, one the text encoder has an output for; another is one clear error
+    saying how to export it (the clip skips are graph outputs, chosen at export)."""
+    if clip_skip is None:
+        return manifest.clip_skip
+    value = require_int("clip_skip", clip_skip)
+    if value not in manifest.clip_skips:
+        have = ", ".join(str(item) for item in manifest.clip_skips)
+        wanted = ",".join(str(item) for item in (*manifest.clip_skips, value))
+        raise InvalidRequestError(
+            "clip_skip", f"this model was exported with clip skip {have}; {value} needs another export: "
+            f"`python -m export --clip-skip {wanted}`",
+        )  # fmt: skip
+    return value
 
 
 def _without_comments(hires_options: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ class GenerationRequest:
     rng: str
     eta_noise_seed_delta: int
     pad_conds: bool = False  # A1111's "Pad prompt/negative prompt" (pad_cond_uncond), off there by default
+    clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers, one of the export's (prepare() puts its default)
 
 
 def require_int(field_name: str, value: Any) -> int:

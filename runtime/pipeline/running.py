@@ -209,17 +209,19 @@ class Pipeline(Planner):
 
     # -- the stages -----------------------------------------------------------------------------
 
-    def encode(self, chunks: dict[str, PromptChunks]) -> dict[str, np.ndarray]:
+    def encode(self, chunks: dict[str, PromptChunks], clip_skip: int) -> dict[str, np.ndarray]:
         """Hidden states of shape (77*k, width) of every text the generation's pieces name: all
         chunks through the text encoder in one batch (one run, also with prompt editing),
         A1111's emphasis applied per text, chunks joined on the token axis; the embeddings the
-        prompts name ride along as extra_embeddings rows."""
+        prompts name ride along as extra_embeddings rows. `clip_skip` picks the text encoder's
+        output (one of manifest.clip_skips)."""
+        output = self.manifest.text_output(clip_skip)
 
         def run(ids: np.ndarray) -> np.ndarray:
             feed = {TEXT_INPUT: ids}
             if self._extra is not None:
                 feed[TEXT_EXTRA] = self._extra
-            return self.sessions.text_encoder.run(feed)
+            return self.sessions.text_encoder.run(feed, output)
 
         return encode_chunks(run, chunks, self.tokenizer)
 
@@ -252,7 +254,7 @@ class Pipeline(Planner):
             "Model": self.manifest.model_name,
             "VAE hash": vae_label(self.manifest, prepared.vae)[1],
             "VAE": vae_label(self.manifest, prepared.vae)[0],
-            "Clip skip": self.manifest.clip_skip if self.manifest.clip_skip >= 2 else None,
+            "Clip skip": request.clip_skip if request.clip_skip >= 2 else None,  # A1111 leaves 1 out
             "ENSD": request.eta_noise_seed_delta if uses_ensd(request) else None,
             "RNG": registry.RNG_LABELS[request.rng],
             "Pad conds": True if prepared.padded else None,
@@ -306,7 +308,7 @@ class Pipeline(Planner):
         if uses_ensd(request, pass_.sampler):
             # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
-        states = self.encode(pass_.chunks)
+        states = self.encode(pass_.chunks, request.clip_skip)
         denoise = make_denoiser(
             self.sessions.unet, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
         )

@@ -48,7 +48,7 @@ from ..registry import scheduler as find_scheduler_named
 from ..text.styles import Style, styled
 from .config import Limits
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
-from .settings import Defaults, check_clip_skip
+from .settings import Defaults
 
 if TYPE_CHECKING:
     from ..graphs.lora import LoraResolver
@@ -81,6 +81,7 @@ _FIELD_NAMES = {
     "strength": "denoising_strength",
     "vae": "override_settings.sd_vae",
     "pad_conds": "override_settings.pad_cond_uncond",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
 }
 
 
@@ -187,12 +188,8 @@ def _check_hires_scheduler(body: GenerationFields, scheduler: SchedulerInfo) -> 
 
 
 def _check_overrides(body: GenerationFields, manifest: Manifest, defaults: Defaults) -> tuple[str, int]:
-    """(library rng, ENSD) from override_settings, else the server's settings; the clip skip must
-    be the export's."""
+    """(library rng, ENSD) from override_settings, else the server's settings."""
     settings = body.override_settings
-    clip_skip = settings.CLIP_stop_at_last_layers
-    if clip_skip is not None:
-        check_clip_skip(clip_skip, manifest.clip_skip, "override_settings.CLIP_stop_at_last_layers")
     rng = RNG_SOURCES[settings.randn_source or defaults.randn_source]
     ensd = settings.eta_noise_seed_delta if settings.eta_noise_seed_delta is not None else defaults.eta_noise_seed_delta
     return rng, ensd
@@ -341,6 +338,7 @@ def _prepare_batch(
         eta_noise_seed_delta=ensd, max_pixels=None, **_mode_options(body, styles),  # the server's limit: checked
         **({"vae": vae} if vae not in DEFAULT_VAE_NAMES else {}),  # "Automatic": the server's --vae
         pad_conds=_setting(body, defaults, "pad_cond_uncond"),
+        clip_skip=_setting(body, defaults, "CLIP_stop_at_last_layers"),  # None: the export's default
         prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
         step_rule="a1111", img2img_fix_steps=_setting(body, defaults, "img2img_fix_steps"),
     )  # fmt: skip

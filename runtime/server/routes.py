@@ -212,7 +212,7 @@ def _info(checkpoint: Checkpoint, body: GenerationFields, plan: Plan, result: Jo
         "infotexts": result.infotexts,
         "styles": body.styles,
         "job_timestamp": result.job_timestamp,
-        "clip_skip": manifest.clip_skip,
+        "clip_skip": plan.batches[0].request.clip_skip,
         "is_using_inpainting_conditioning": False,
         "extra_generation_params": plan.extra_generation_params,
         "version": f"acertain-onnx {__version__}",
@@ -450,7 +450,8 @@ async def png_info(body: PngInfoRequest) -> Any:
 async def options(ctx: Context) -> Any:
     """A1111's settings: those this runtime acts on, the current checkpoint's, and A1111's others
     (kept and echoed, unused). See runtime.server.settings."""
-    return {**ctx.settings.snapshot(), **_derived(ctx.models.checkpoint())}
+    checkpoint = ctx.models.checkpoint()
+    return {**ctx.settings.shown(checkpoint.manifest), **_derived(checkpoint)}
 
 
 @router.post("/sdapi/v1/options", responses=_ERRORS, tags=["sdapi"])
@@ -462,7 +463,7 @@ async def set_options(ctx: Context, body: dict[str, Any] | None = None) -> None:
 
 def _derived(checkpoint: Checkpoint) -> dict[str, Any]:
     """The settings that follow the checkpoint (DERIVED)."""
-    values = (checkpoint.title, checkpoint.sha256, checkpoint.manifest.clip_skip)
+    values = (checkpoint.title, checkpoint.sha256)
     return dict(zip(DERIVED, values, strict=True))
 
 
@@ -471,7 +472,9 @@ async def _set_options(changes: dict[str, Any], ctx: ServerContext) -> None:
     target = ctx.models.checkpoint() if name is None else ctx.models.find(name) if isinstance(name, str) else None
     if target is None:
         raise OptionError("sd_model_checkpoint", f"model {name!r} not found")
-    accepted = ctx.settings.check(changes, _derived(ctx.models.checkpoint()), target.manifest)
+    current = ctx.models.checkpoint()
+    shown = {**ctx.settings.shown(current.manifest), **_derived(current)}
+    accepted = ctx.settings.check(changes, shown, target.manifest)
     if target.title != ctx.models.current:
         await ctx.backend.call(lambda: ctx.models.switch(target.title))
         log.info("current checkpoint: %s", target.title)

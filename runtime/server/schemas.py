@@ -35,7 +35,7 @@ class OverrideSettings(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     CLIP_stop_at_last_layers: int | None = Field(
-        None, ge=1, description="Clip skip. Built into the exported text encoder: must equal the model's."
+        None, ge=1, description="Clip skip: one the model was exported with (`python -m export --clip-skip 2,1`)."
     )
     randn_source: Literal["GPU", "CPU", "NV"] | None = Field(
         None, description='Noise source. "GPU" (default) and "NV" give the same noise: torch CUDA randn.'

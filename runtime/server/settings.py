@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 from ..graphs.vaes import resolve_vae
+from ..pipeline.planning import check_clip_skip
 from ..registry import RNG_SOURCES
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,11 @@ class Defaults:
     pad_cond_uncond: bool = False
     enable_prompt_comments: bool = True
     img2img_fix_steps: bool = False
+    CLIP_stop_at_last_layers: int | None = None  # None: the checkpoint's default (its export's first clip skip)
 
 
 # Settings shown by GET that follow the checkpoint: posting them back is a no-op.
-DERIVED = ("sd_model_checkpoint", "sd_checkpoint_hash", "CLIP_stop_at_last_layers")
+DERIVED = ("sd_model_checkpoint", "sd_checkpoint_hash")
 
 # A1111 settings this runtime does not use, with A1111's defaults (modules/shared_options.py).
 KNOWN: dict[str, Any] = {
@@ -115,15 +117,12 @@ def _check_acted(key: str, value: Any) -> Any:
     return value
 
 
-def check_clip_skip(value: Any, available: int, field: str) -> None:
-    """The text encoder carries the clip skip it was exported with: another is one clear 422."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise OptionError(field, f"must be a whole number >= 1, not {value!r}")
-    if value != available:
-        raise OptionError(
-            field, f"this model was exported with clip skip {available}, which is built into its text encoder; "
-            f"it cannot be {value} (export it again with `python -m export --clip-skip {value}`)",
-        )  # fmt: skip
+def _check_clip_skip(manifest: Any, value: Any) -> None:
+    """A clip skip the checkpoint's text encoder has an output for (planning's check, under the key)."""
+    try:
+        check_clip_skip(manifest, value)
+    except InvalidRequestError as error:
+        raise OptionError("CLIP_stop_at_last_layers", error.message) from None
 
 
 class Settings:
@@ -142,27 +141,34 @@ class Settings:
         with self._lock:
             return dict(self._values)
 
-    def check(self, changes: dict[str, Any], derived: dict[str, Any], manifest: Any) -> dict[str, Any]:
-        """The settings a POST changes, all checked before any is applied. `derived`: the values of
-        DERIVED keys now (a changed checkpoint is the caller's, checked before this). `manifest`:
-        the checkpoint the settings will apply to (its VAEs and clip skip)."""
-        current = self.snapshot()
+    def shown(self, manifest: Any) -> dict[str, Any]:
+        """The settings as GET shows them with `manifest` the current checkpoint's: a clip skip
+        never set is that checkpoint's default."""
+        values = self.snapshot()
+        if values["CLIP_stop_at_last_layers"] is None:
+            values["CLIP_stop_at_last_layers"] = manifest.clip_skip
+        return values
+
+    def check(self, changes: dict[str, Any], shown: dict[str, Any], manifest: Any) -> dict[str, Any]:
+        """The settings a POST changes, all checked before any is applied. `shown`: what GET shows
+        now (posting a value back is a no-op; a changed checkpoint is the caller's, checked before
+        this). `manifest`: the checkpoint the settings will apply to (its VAEs and clip skips)."""
         accepted: dict[str, Any] = {}
         for key, value in changes.items():
             if key in DERIVED:
-                if key == "CLIP_stop_at_last_layers" and value != derived.get(key):
-                    check_clip_skip(value, manifest.clip_skip, key)
                 continue
-            if key not in current:
+            if key not in shown:
                 if value is not None:
                     raise OptionError(key, f"{key!r} is not an A1111 setting", kind="KeyError")
                 continue
-            if value == current[key]:
+            if value == shown[key]:
                 continue
             if key in Defaults.__dataclass_fields__:
                 accepted[key] = _check_acted(key, value)
                 if key == "sd_vae":
                     resolve_vae(manifest, value, key)
+                if key == "CLIP_stop_at_last_layers":
+                    _check_clip_skip(manifest, value)
             else:
                 log.info("setting %s = %r accepted; this runtime does not use it", key, value)
                 accepted[key] = value
