@@ -46,7 +46,8 @@ def model_dir(tiny_fp16: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     shutil.copytree(tiny_fp16, folder / "tiny-a")
     other = build_and_save("tiny", tmp_path_factory.mktemp("tiny-seed1"), seed=1)["single_file"]
-    run_export(ExportOptions(model=str(other), output=folder / "nested" / "tiny-b", precision="fp16"))
+    # tiny-b has clip skip 2 only; tiny-a the default 2,1.
+    run_export(ExportOptions(model=str(other), output=folder / "nested" / "tiny-b", precision="fp16", clip_skips=(2,)))
     return folder
 
 
@@ -81,6 +82,10 @@ def expected(model_dir: Path) -> dict[str, np.ndarray]:
         out = pipe(JOB["prompt"], JOB["negative_prompt"], num_inference_steps=3, guidance_scale=7.0, width=64,
                    height=64, seed=77, sampler="euler", schedule="a1111", rng="nv")  # fmt: skip
         images[name] = np.asarray(out.images[0])
+        if name == "tiny-a":
+            out = pipe(JOB["prompt"], JOB["negative_prompt"], num_inference_steps=3, guidance_scale=7.0, width=64,
+                       height=64, seed=77, sampler="euler", schedule="a1111", rng="nv", clip_skip=1)  # fmt: skip
+            images["tiny-a clip skip 1"] = np.asarray(out.images[0])
     assert np.abs(images["tiny-a"].astype(int) - images["nested/tiny-b"]).max() > 8  # the two models differ
     return images
 
@@ -154,8 +159,24 @@ def test_options_refuse_as_a1111_and_apply_the_keys_acted_on(server: Server, exp
         bad_key = client.post("/sdapi/v1/options", json={"not_a_setting": 1})
         assert bad_key.status_code == 422 and bad_key.json()["error"] == "KeyError"
         assert client.post("/sdapi/v1/options", json={"not_a_setting": None}).status_code == 200  # A1111: no-op
-        clip = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
-        assert clip.status_code == 422 and "python -m export --clip-skip 1" in clip.json()["detail"]
+        # Clip skip: a setting for every request, checked against the checkpoint it will apply to.
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+        skip_1 = expected["tiny-a clip skip 1"]
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=JOB)), skip_1)
+        clip = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": _models(client)["nested/tiny-b"]["title"],
+                                                          "CLIP_stop_at_last_layers": 1})  # fmt: skip
+        assert clip.status_code == 422 and "python -m export --clip-skip 2,1" in clip.json()["detail"]
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == _models(client)[current]["title"]
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}).status_code == 200
+        # override_settings: that request only.
+        once = {**JOB, "override_settings": {"sd_model_checkpoint": _models(client)["tiny-a"]["title"],
+                                             "CLIP_stop_at_last_layers": 1}}  # fmt: skip
+        answer = client.post("/sdapi/v1/txt2img", json=once)
+        np.testing.assert_array_equal(_image(answer), expected["tiny-a clip skip 1"])
+        assert json.loads(answer.json()["info"])["clip_skip"] == 1
+        np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=JOB)), expected["tiny-a"])
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
         # A known A1111 setting this runtime does not use is kept and echoed; trailing slashes work.
         assert client.post("/sdapi/v1/options/", json={"eta_ddim": 0.5, "samples_format": "jpg"}).status_code == 200
         assert client.get("/sdapi/v1/options/").json()["samples_format"] == "jpg"

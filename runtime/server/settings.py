@@ -167,11 +167,13 @@ class Settings:
                 accepted[key] = _check_acted(key, value)
                 if key == "sd_vae":
                     resolve_vae(manifest, value, key)
-                if key == "CLIP_stop_at_last_layers":
-                    _check_clip_skip(manifest, value)
             else:
                 log.info("setting %s = %r accepted; this runtime does not use it", key, value)
                 accepted[key] = value
+        # Also when only the checkpoint changes: the clip skip set must be one the new one has.
+        clip_skip = accepted.get("CLIP_stop_at_last_layers", self.snapshot()["CLIP_stop_at_last_layers"])
+        if clip_skip is not None:
+            _check_clip_skip(manifest, clip_skip)
         return accepted
 
     def apply(self, accepted: dict[str, Any]) -> None:
