@@ -7,7 +7,9 @@ same request; a replica killed mid-job ends its request in a 503 (never a hang) 
 endpoint back; a replica whose model copy differs refuses, and the deployment fails in one line.
 The cluster and the one-box reference both serve a LoRA and an embeddings folder: a LoRA tag or an
 embedding name gives the one-box server's PNG, the listing routes answer as on one box, and an
-unknown LoRA is a 422 from the ingress (the job is never queued).
+unknown LoRA is a 422 from the ingress (the job is never queued). A second application serves a
+`--model-dir` of two exports with different weights through Serve's model multiplexing: a request
+naming either checkpoint gives the one-box `--model-dir` server's PNG for it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -101,14 +103,15 @@ def cluster(tiny_fp32: Path, addons: Addons) -> Iterator[Cluster]:
 
     from runtime.cluster.__main__ import start_ray
     from runtime.cluster.app import deploy
-    from runtime.cluster.model_check import fingerprint
+    from runtime.cluster.model_check import reference_models
     from runtime.cluster.settings import ClusterSettings
 
-    # 2 CPUs for the replicas, 1 for the deployment that must fail; the ingress takes none.
-    start_ray(None, num_cpus=3, log_to_driver=False)
+    # 2 CPUs for the replicas, 1 for the deployment that must fail, 1 for the --model-dir application;
+    # the ingresses take none.
+    start_ray(None, num_cpus=4, log_to_driver=False)
     port = _free_port()
     server = addons.server(tiny_fp32, port=port, queue_size=QUEUE_PER_REPLICA)
-    settings = ClusterSettings(server=server, replicas=2, cpus_per_replica=1, fingerprint=fingerprint(tiny_fp32))
+    settings = ClusterSettings(server=server, replicas=2, cpus_per_replica=1, models=reference_models(server))
     try:
         deploy(settings, timeout_s=240)
         yield Cluster(f"http://127.0.0.1:{port}", settings.app_name)
@@ -354,12 +357,16 @@ def test_a_replica_with_a_damaged_copy_fails_the_deployment_in_one_line(
     from ray import serve
 
     from runtime.cluster.app import DeploymentFailed, deploy
-    from runtime.cluster.model_check import fingerprint
+    from runtime.cluster.model_check import fingerprint, reference_models
     from runtime.cluster.settings import ClusterSettings
 
     damaged = _damaged_copy(tiny_fp32, tmp_path)
     server = ServerConfig(model=str(damaged), port=int(cluster.url.rsplit(":", 1)[1]))
-    settings = ClusterSettings(server=server, replicas=1, fingerprint=fingerprint(tiny_fp32), app_name="damaged")
+    # The reference copy is the intact one: the damaged copy's graph hash fails first anyway.
+    models = {
+        title: replace(copy, fingerprint=fingerprint(tiny_fp32)) for title, copy in reference_models(server).items()
+    }
+    settings = ClusterSettings(server=server, replicas=1, models=models, app_name="damaged")
     try:
         with pytest.raises(DeploymentFailed) as failure:
             deploy(settings, route_prefix="/damaged", timeout_s=120)
@@ -447,3 +454,58 @@ def test_replicas_load_with_the_lora_cache_bound(tiny_fp32: Path, monkeypatch) -
     with pytest.raises(generator.ReplicaRefused, match="stop here"):
         generator.Generator(settings_from_args(["--model", str(tiny_fp32), "--lora-cache-mb", "0"]))
     assert options["lora_cache_mb"] == 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_fp32: Path, tmp_path_factory) -> Path:
+    """Two exports with different weights (seeds 0 and 1), as tests/test_server_models.py makes them."""
+    from export.exporter import ExportOptions, run_export
+    from export.random_model import build_and_save
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_fp32, folder / "tiny-a")
+    other = build_and_save("tiny", tmp_path_factory.mktemp("tiny-seed1"), seed=1)["single_file"]
+    run_export(ExportOptions(model=str(other), output=folder / "tiny-b", precision="fp32"))
+    return folder
+
+
+def test_a_model_dir_is_multiplexed_and_each_checkpoint_gives_the_one_box_png(
+    cluster: Cluster, model_dir: Path
+) -> None:
+    """One replica keeping one model: the non-current checkpoint by override_settings, the current
+    one, then a switch by POST /options, each the one-box --model-dir server's PNG."""
+    from ray import serve
+    from starlette.testclient import TestClient
+
+    from runtime.cluster.__main__ import settings_from_args
+    from runtime.cluster.app import deploy
+    from runtime.server.__main__ import load_models
+    from runtime.server.app import create_app
+
+    port = cluster.url.rsplit(":", 1)[1]
+    argv = ["--model-dir", str(model_dir), "--cpus-per-replica", "1", "--port", port, "--models-per-replica", "1"]
+    settings = replace(settings_from_args(argv), app_name="multi")
+    assert settings.preload is None and len(settings.models) == 2
+    one_box_config = ServerConfig(model="", model_dir=str(model_dir), provider="cpu", threads=1)
+    try:
+        deploy(settings, route_prefix="/multi", timeout_s=120)
+        with (
+            httpx.Client(base_url=cluster.url + "/multi", timeout=120) as client,
+            TestClient(
+                create_app(None, one_box_config, load_models(one_box_config)), base_url="http://localhost"
+            ) as one_box,
+        ):
+            listing = client.get("/sdapi/v1/sd-models").json()
+            assert listing == one_box.get("/sdapi/v1/sd-models").json()
+            titles = {item["filename"]: item["title"] for item in listing}
+            assert set(titles) == {"tiny-a", "tiny-b"}
+            current = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+            other = next(title for title in titles.values() if title != current)
+            override = {**RECIPE, "override_settings": {"sd_model_checkpoint": other}}
+            pngs = {other: _same_png(client, one_box, override), current: _same_png(client, one_box, RECIPE)}
+            assert pngs[other] != pngs[current]  # the two checkpoints differ, and each request got its own
+            for server in (client, one_box):
+                assert server.post("/sdapi/v1/options", json={"sd_model_checkpoint": other}).status_code == 200
+            assert _same_png(client, one_box, RECIPE) == pngs[other]
+    finally:
+        serve.delete("multi")

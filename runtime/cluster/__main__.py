@@ -1,4 +1,4 @@
-"""`python -m runtime.cluster --model DIR --replicas N`: the A1111 API on a Ray Serve cluster.
+"""`python -m runtime.cluster --model DIR --replicas N` (or `--model-dir DIR`): the A1111 API on a Ray Serve cluster.
 
 Without `--address`, a local Ray starts on this machine (as `ray.init()` does); `--address auto`
 joins the cluster that `ray start` made here, `ray://HOST:10001` a remote one. The command serves
@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import UserError
 from ..options import Parser, positive, positive_number
 from ..server.__main__ import TRAFFIC, _is_loopback, add_api_options, build_config
+from .model_check import reference_models
 from .settings import ClusterSettings, Scaling
 
 log = logging.getLogger("runtime.cluster")
@@ -31,7 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="The A1111-compatible txt2img API on a Ray Serve cluster: one Pipeline per replica, no torch.",
     )
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="exported folder, at this path on every node")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="exported folder, at this path on every node")
+    which.add_argument(
+        "--model-dir", type=Path, help="serve every exported folder in DIR (at this path on every node) with Serve's "
+        "model multiplexing: each job goes to a replica that holds its checkpoint",
+    )  # fmt: skip
+    add(
+        "--models-per-replica", type=positive, default=1,
+        help="with --model-dir: checkpoints a replica keeps loaded, least recently used out first (default "
+        "%(default)s, as A1111 keeps one)",
+    )  # fmt: skip
     add("--replicas", type=positive, default=1, help="Pipeline replicas (with autoscaling: the initial count)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--gpus-per-replica", type=positive_number, help="GPUs per replica (default 1; 0.5 shares one)")
@@ -55,12 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(argv: list[str]) -> ClusterSettings:
     """Settings from command-line style arguments, checked; also used by the Serve config builder."""
-    from .app import reference_fingerprint
-
-    return build_settings(parse_args(argv), reference_fingerprint)
+    return build_settings(parse_args(argv))
 
 
-def build_settings(args: argparse.Namespace, fingerprint) -> ClusterSettings:
+def build_settings(args: argparse.Namespace) -> ClusterSettings:
+    """The settings, with every checkpoint read and fingerprinted here (the reference copies)."""
     if args.max_active_requests is None:
         # The ingress holds every running and waiting job: Serve's queue must fill before the guard refuses.
         most = max(args.replicas, args.max_replicas or 0)
@@ -74,7 +84,7 @@ def build_settings(args: argparse.Namespace, fingerprint) -> ClusterSettings:
     return ClusterSettings(
         server=server, replicas=args.replicas, gpus_per_replica=0.0 if cpu else (args.gpus_per_replica or 1.0),
         cpus_per_replica=float(args.cpus_per_replica) if cpu else 1.0, scaling=scaling,
-        fingerprint=fingerprint(server.model),
+        models=reference_models(server), models_per_replica=args.models_per_replica,
     )  # fmt: skip
 
 
@@ -111,8 +121,8 @@ def serve_until_stopped(settings: ClusterSettings, address: str | None) -> None:
         if not _is_loopback(settings.server.host) and not settings.server.credentials:
             log.warning("listening on %s without --api-auth: anyone who reaches it can use the replicas",
                         settings.server.host)  # fmt: skip
-        log.info("serving %s on http://%s:%s with %s replicas", settings.server.model, settings.server.host,
-                 settings.server.port, settings.replicas)  # fmt: skip
+        log.info("serving %s on http://%s:%s with %s replicas", settings.server.model or settings.server.model_dir,
+                 settings.server.host, settings.server.port, settings.replicas)  # fmt: skip
         stop = threading.Event()
         for sign in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sign, lambda *_: stop.set())
@@ -131,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        from .app import reference_fingerprint
-
-        settings = build_settings(args, reference_fingerprint)
+        settings = build_settings(args)
         serve_until_stopped(settings, args.address)
     except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

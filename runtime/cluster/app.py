@@ -18,10 +18,9 @@ from ..errors import UserError
 from ..graphs.model_folder import read_manifest
 from ..pipeline import Planner
 from ..server.app import build_app
-from ..server.models import ModelSet, single
+from ..server.models import Checkpoint, ModelSet, planner_maker
 from .backend import GENERATOR, ServeBackend
 from .generator import INGRESS, Generator
-from .model_check import fingerprint
 from .settings import ClusterSettings
 
 log = logging.getLogger("runtime.cluster")
@@ -38,15 +37,21 @@ class Ingress:
     def __init__(self, generator: Any, settings: ClusterSettings) -> None:
         # Requests are checked here, once, as on one box: LoRA names and shapes against the model,
         # embeddings matched in prompts (their vectors travel with the job). No ONNX session.
+        # With --model-dir every checkpoint gets a planner when a request first names it. The list is
+        # the one fingerprinted at deployment: replicas can check no other, so /refresh-checkpoints
+        # changes nothing here (ModelSet without model_dir); redeploy to serve new exports.
         server = settings.server
-        self.model = Planner.from_folder(server.model, server.lora_dir, server.embeddings_dir, server.vae)
+        checkpoints = [Checkpoint(read_manifest(copy.folder), copy.filename) for copy in settings.models.values()]
+        make_planner = planner_maker(server)
+        if not server.model_dir:  # one model: planned now, so a bad --vae stops the deployment, as today
+            planner = Planner.from_folder(server.model, server.lora_dir, server.embeddings_dir, server.vae)
+            make_planner = lambda _: planner  # noqa: E731
+        self.models = ModelSet(checkpoints, make_planner)
         self.settings = settings
         self.backend = ServeBackend(generator, settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(
-            ModelSet(single(self.model.manifest), lambda _: self.model), self.settings.server, self.backend
-        )
+        return build_app(self.models, self.settings.server, self.backend)
 
     def interrupt_requested(self, task_id: str) -> bool:
         """Asked by the replica running `task_id` while it runs (not an HTTP route)."""
@@ -76,12 +81,6 @@ def _arguments(args: dict[str, Any]) -> list[str]:
         elif value not in (False, None):
             argv += [flag, str(value)]
     return argv
-
-
-def reference_fingerprint(folder: str) -> str:
-    """Read the model folder here (one clear line if it is not a model) and fingerprint it."""
-    read_manifest(folder)
-    return fingerprint(folder)
 
 
 def deploy(settings: ClusterSettings, route_prefix: str = "/", timeout_s: float = 900.0) -> Any:

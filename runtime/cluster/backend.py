@@ -1,7 +1,8 @@
 """The ingress side: the server's Backend on top of a Serve handle to the Generator replicas.
 
-Serve's router sends each job to a replica with a free slot (max_ongoing_requests = 1) and holds at
-most `max_queued_requests` behind them; past that the handle raises BackPressureError, answered here
+Serve's router sends each job to a replica with a free slot (max_ongoing_requests = 1), preferring
+one that holds the job's checkpoint (its multiplexed model id), and holds at most
+`max_queued_requests` behind them; past that the handle raises BackPressureError, answered here
 as the server's JSON 429 with Retry-After. A replica that dies mid-job ends its request in a 503
 with Retry-After (Serve starts a new replica; the others keep serving). Task ids, progress and
 interrupts live on this process's TaskBoard, as in the one-box server.
@@ -54,14 +55,16 @@ class ServeBackend:
         return None
 
     async def call(self, action: Callable[[], Any]) -> Any:
-        """The ingress's own bookkeeping (the checkpoint list): the replicas hold the one model."""
+        """The ingress's own bookkeeping (the checkpoint list, the current one): the replicas load
+        checkpoints when jobs name them, so a switch or an unload here loads or frees nothing."""
         return await asyncio.to_thread(action)
 
     async def generate(self, task_id: str, plan: Plan) -> JobResult:
         self.board.queued(task_id, len(plan.batches))
         started = time.monotonic()
         outcome: JobResult | BaseException | None = None
-        stream = self._handle.generate.remote(task_id, plan)
+        # Serve's model multiplexing: the job goes to a replica that holds its checkpoint when one has room.
+        stream = self._handle.options(multiplexed_model_id=plan.model or "").generate.remote(task_id, plan)
         try:
             outcome = await self._follow(task_id, stream)
         except asyncio.CancelledError:

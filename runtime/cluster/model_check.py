@@ -3,7 +3,8 @@
 Replicas read the model from a path every node can read (a shared filesystem, or a copy per node).
 A copy that differs would give different images for the same seed, so a replica refuses to start
 when a graph file's sha256 differs from its manifest, or when its manifest, tokenizer or scheduler
-config differ from the reference copy (the fingerprint computed where the app was built).
+config differ from the reference copy (the fingerprint computed where the app was built). With
+`--model-dir` each checkpoint has its own fingerprint, checked when a replica first loads it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from ..graphs.model_folder import (
     sha256_of_file,
     verify_files,
 )
+from ..server.config import ServerConfig
+from ..server.models import scan_folder, single
+from .settings import ModelCopy
 
 
 def fingerprint(folder: str | Path) -> str:
@@ -45,3 +49,18 @@ def check_model(folder: str | Path, expected_fingerprint: str | None) -> Manifes
             "(manifest, tokenizer or scheduler config); give every node the same exported folder"
         )
     return manifest
+
+
+def reference_models(server: ServerConfig) -> dict[str, ModelCopy]:
+    """The checkpoints to serve, by title, fingerprinted here (the reference copy): the one `--model`
+    (one clear line if it is not a model), or every export in `--model-dir`, as one box lists them."""
+    if server.model_dir:
+        checkpoints = scan_folder(Path(server.model_dir))
+        if not checkpoints:
+            raise ModelFolderError(f"no exported model folder (with a {MANIFEST_FILE}) in {server.model_dir}")
+    else:
+        checkpoints = single(read_manifest(server.model))
+    return {
+        checkpoint.title: ModelCopy(str(checkpoint.folder), checkpoint.filename, fingerprint(checkpoint.folder))
+        for checkpoint in checkpoints
+    }

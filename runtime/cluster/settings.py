@@ -28,14 +28,32 @@ class Scaling:
 
 
 @dataclass(frozen=True)
+class ModelCopy:
+    """One checkpoint the replicas may load: its folder (the same path on every node), its name in
+    the --model-dir listing, and the reference copy's fingerprint (model_check.fingerprint)."""
+
+    folder: str
+    filename: str
+    fingerprint: str | None = None  # None: not compared
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     server: ServerConfig  # model, host, port, auth, limits; queue_size counts waiting jobs per replica
     replicas: int = 1
     gpus_per_replica: float = 0.0  # 0: CPU replicas
     cpus_per_replica: float = 1.0
     scaling: Scaling = field(default_factory=Scaling)
-    fingerprint: str | None = None  # the reference copy's (model_check.fingerprint); None: not compared
+    # Checkpoint title -> its copy: Serve's multiplexed model ids. The first is the current one at start.
+    models: dict[str, ModelCopy] = field(default_factory=dict)
+    models_per_replica: int = 1  # checkpoints a replica keeps loaded (Serve's max_num_models_per_replica)
     app_name: str = APP_NAME
+
+    @property
+    def preload(self) -> str | None:
+        """The model a replica loads before Serve counts it ready: the one `--model` (with
+        --model-dir a replica loads what its first jobs ask for)."""
+        return next(iter(self.models)) if not self.server.model_dir else None
 
     @property
     def provider(self) -> str:
