@@ -187,11 +187,14 @@ def _damaged_copy(source: Path, tmp_path: Path) -> Path:
     """A copy whose VAE decoder has one byte changed (same size): what a bad copy on a node looks like."""
     copy = tmp_path / "damaged"
     shutil.copytree(source, copy)
-    graph = copy / "vae_decoder" / "model.onnx"
+    _damage(copy / "vae_decoder" / "model.onnx")
+    return copy
+
+
+def _damage(graph: Path) -> None:
     data = bytearray(graph.read_bytes())
     data[-1] ^= 0xFF
     graph.write_bytes(bytes(data))
-    return copy
 
 
 def test_concurrent_requests_use_both_replicas_and_match_the_one_box_server(
@@ -403,6 +406,8 @@ def test_the_serve_config_file_builds_the_application(tiny_fp32: Path) -> None:
         (["--gpus-per-replica", "1", "--cpus-per-replica", "2"], "not allowed with argument"),
         (["--gpus-per-replica", "0"], "must be a positive number"),
         (["--lora-cache-mb", "-5"], "-5 must not be negative"),
+        (["--model-dir", "models"], "not allowed with argument --model"),
+        (["--models-per-replica", "0"], "0 must be at least 1"),
     ],
 )
 def test_cluster_options_are_checked(args: list[str], message: str, capsys) -> None:
@@ -507,5 +512,15 @@ def test_a_model_dir_is_multiplexed_and_each_checkpoint_gives_the_one_box_png(
             for server in (client, one_box):
                 assert server.post("/sdapi/v1/options", json={"sd_model_checkpoint": other}).status_code == 200
             assert _same_png(client, one_box, RECIPE) == pngs[other]
+            # The replica now holds only `other`; a copy of `current` damaged since deployment is refused
+            # when a job makes the replica load it: that job's 503, in one line naming the file.
+            damaged = next(name for name, title in titles.items() if title == current)
+            _damage(model_dir / damaged / "vae_decoder" / "model.onnx")
+            refused = client.post(
+                "/sdapi/v1/txt2img", json={**RECIPE, "override_settings": {"sd_model_checkpoint": current}}
+            )
+            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1, refused.text
+            assert refused.json()["error"] == "ModelUnavailable" and "does not match its sha256" in refused.text
+            assert "vae_decoder" in refused.json()["detail"] and "\n" not in refused.json()["detail"]
     finally:
         serve.delete("multi")
