@@ -5,10 +5,10 @@ replica that holds that model when one is free, and the replica's `@serve.multip
 checks the checkpoint's hashes and loads it on first use, keeping `models_per_replica` of them
 (least recently used out). With `--model` the one checkpoint is checked and loaded in the
 constructor, so Serve counts a replica as starting until its model is ready, as before.
-`generate` runs one validated job (the server's `run_plan`) on a
-thread and streams what the ingress needs back to it: where it runs, progress with the preview
-latents, then the result (or the error answer). Interrupts travel the other way by polling the
-ingress, the one process that knows which task a client interrupted.
+`generate` runs one validated job (the server's `run_plan`) on a thread and streams what the
+ingress needs back to it: where it runs, progress with the preview latents, then the result (or
+the error answer). Interrupts travel the other way by polling the ingress, the one process that
+knows which task a client interrupted.
 """
 
 from __future__ import annotations
