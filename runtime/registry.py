@@ -52,11 +52,12 @@ SAMPLERS = (
                 {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True},
                 1.0, True),
     SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("Restart", "restart", ("restart",), {"scheduler": "karras", "second_order": True}),
     SamplerInfo("DDIM", "ddim", ("ddim",), {}, eta=0.0),
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
 # A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = ("DPM adaptive", "Restart", "DDIM CFG++", "PLMS", "UniPC", "LCM")
+UNSUPPORTED_SAMPLERS = ("DPM adaptive", "DDIM CFG++", "PLMS", "UniPC", "LCM")
 
 
 @dataclass(frozen=True)

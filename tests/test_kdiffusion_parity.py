@@ -17,6 +17,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+import a1111_reference as a1111  # noqa: E402
 import diffusers_reference as reference  # noqa: E402
 import kdiffusion_reference as kd  # noqa: E402
 from runtime import Pipeline  # noqa: E402
@@ -38,6 +39,7 @@ A1111 = {
     "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "exponential", False),
     "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", "exponential", False),
     "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", "exponential", True),
+    "restart": ("restart_sampler", "karras", False),  # A1111's own (tests/a1111_reference.py)
 }
 # A1111's extra arguments: solver_type from the sampler's options; the SDE samplers' noise_sampler
 # (create_noise_sampler: a BrownianTreeNoiseSampler over the whole schedule, seeded with the image
@@ -76,16 +78,25 @@ def a1111_extra(sampler: str, x: torch.Tensor, sigmas: torch.Tensor) -> dict:
     return extra
 
 
-def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS) -> np.ndarray:
+def sampler_function(sampler: str):
+    name = A1111[sampler][0]
+    return getattr(kd.sampling, name, None) or getattr(a1111, name)
+
+
+def kdiffusion_image(
+    pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS, ensd: int = 0
+) -> np.ndarray:
     denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
     cond = reference.clip_skip_embeddings(pipe, PROMPT)
     uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
     model = kd.cfg_model(denoiser, cond, uncond, CFG)
     generator = torch.Generator("cpu").manual_seed(SEED)
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    if ensd:  # A1111's ImageRNG.first: the later noise from seed + ENSD, whatever the sampler
+        generator = torch.Generator("cpu").manual_seed(SEED + ensd)
     monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
     sigmas = a1111_sigmas(denoiser, sampler, schedule, steps)
-    function = getattr(kd.sampling, A1111[sampler][0])
+    function = sampler_function(sampler)
     x = noise * sigmas[0]
     with torch.no_grad():
         if sampler == "dpm_fast":  # A1111: the model's sigma range, n = steps, eta_ancestral = 1
@@ -97,10 +108,10 @@ def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch,
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS) -> np.ndarray:
+def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS, ensd: int = 0) -> np.ndarray:
     out = pipe(
         PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler=sampler, schedule=schedule,
-        num_inference_steps=steps, guidance_scale=CFG, output_type="np",
+        num_inference_steps=steps, guidance_scale=CFG, output_type="np", eta_noise_seed_delta=ensd,
     )  # fmt: skip
     return np.stack(out.images)
 
@@ -113,6 +124,16 @@ def test_sampler_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, mon
     got = ours(runtime_fp32, sampler, schedule)
     assert expected.std() > 0.02  # a real image, not a flat one
     assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def test_restart_segments_and_ensd(diffusers_pipe, runtime_fp32, raw_config, monkeypatch):
+    """From 20 steps Restart re-plans its levels and restarts once from near 0.1 back up to near 2,
+    with noise from the generator A1111 re-seeds with seed + ENSD (which its infotext leaves out,
+    as Restart is not a "uses_ensd" sampler)."""
+    expected = kdiffusion_image(diffusers_pipe, raw_config, "restart", "automatic", monkeypatch, 20, ensd=31337)
+    got = ours(runtime_fp32, "restart", "automatic", 20, ensd=31337)
+    assert np.abs(got - expected).max() * 255 <= 1.0
+    assert np.abs(got - ours(runtime_fp32, "restart", "automatic", 20)).max() * 255 > 1.0  # ENSD does matter
 
 
 def init_image() -> Image.Image:
@@ -140,7 +161,7 @@ def kdiffusion_img2img(pipe, raw_config, sampler: str, strength: float, monkeypa
         sigmas = a1111_sigmas(denoiser, sampler, "automatic", steps)
         t_enc = int(min(strength, 0.999) * steps)
         schedule = sigmas[steps - t_enc - 1 :]
-        function = getattr(kd.sampling, A1111[sampler][0])
+        function = sampler_function(sampler)
         # The Brownian tree spans the whole schedule, not the slice (A1111's sample_img2img).
         latents = function(model, x0 + noise * schedule[0], schedule, disable=True, **a1111_extra(sampler, x0, sigmas))
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample

@@ -730,8 +730,9 @@ def test_mapping_rules() -> None:
         resolve("DPM++ 2M", "Karras Exponential")
     assert error.value.field == "scheduler" and "'Beta'" in error.value.message
     assert resolve("DPM++ 2M SDE Karras") == ("dpmpp_2m_sde", "karras")
+    assert resolve("Restart Karras") == ("restart", "karras")
     with pytest.raises(InvalidRequestError) as error:
-        resolve("Restart Karras")
+        resolve("DPM adaptive Karras")
     assert (
         error.value.field == "sampler_name"
         and "does not have yet" in error.value.message

@@ -65,7 +65,7 @@ __all__ = [
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
     *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -75,6 +75,7 @@ SCHEDULES = ("model", "a1111", "automatic", *A1111_SCHEDULES)
 # means CompVisDenoiser.get_sigmas, i.e. "uniform"). DDIM is a timestep sampler and takes none.
 AUTOMATIC = {
     "dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_sde": "karras",
+    "restart": "karras",
     "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential",
 }  # fmt: skip
 # Samplers that A1111 gives one step more and then drops the next-to-last level.
