@@ -54,10 +54,13 @@ SAMPLERS = (
     SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), {"uses_ensd": True}, 1.0, True),
     SamplerInfo("Restart", "restart", ("restart",), {"scheduler": "karras", "second_order": True}),
     SamplerInfo("DDIM", "ddim", ("ddim",), {}, eta=0.0),
+    SamplerInfo("UniPC", "unipc", ("unipc",), {}),
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
 # A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = ("DPM adaptive", "DDIM CFG++", "PLMS", "UniPC", "LCM")
+UNSUPPORTED_SAMPLERS = ("DPM adaptive", "DDIM CFG++", "PLMS", "LCM")
+# A1111's timestep samplers: their own timestep grids, whatever the schedule type.
+TIMESTEP_SAMPLERS = ("ddim", "unipc")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ SCHEDULE_LABELS = {"model": "Diffusers", "a1111": None, "automatic": None, "unif
 def schedule_label(sampler_key: str, schedule_name: str, automatic: dict[str, str]) -> str | None:
     """The infotext "Schedule type": A1111 writes the label of the schedule type its "Automatic"
     resolves to when that is not the plain one (DPM++ 2M: "Karras"); DDIM takes none."""
-    if sampler_key == "ddim" and schedule_name != "model":
+    if sampler_key in TIMESTEP_SAMPLERS and schedule_name != "model":
         return None
     if schedule_name == "automatic":
         schedule_name = automatic.get(sampler_key, "a1111")
@@ -244,6 +247,6 @@ def library_schedule(info: SamplerInfo, found: SchedulerInfo) -> str:
     """The library schedule for an A1111 sampler + scheduler pair."""
     if found.schedule == "model":
         return "model"
-    if info.key == "ddim":
-        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
+    if info.key in TIMESTEP_SAMPLERS:
+        return "a1111"  # A1111's timestep samplers ignore the scheduler: their own timesteps
     return found.schedule

@@ -21,6 +21,7 @@ import a1111_reference as a1111  # noqa: E402
 import diffusers_reference as reference  # noqa: E402
 import kdiffusion_reference as kd  # noqa: E402
 from runtime import Pipeline  # noqa: E402
+from runtime.errors import InvalidRequestError  # noqa: E402
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "masterpiece, best quality, 1girl", "lowres", 114514, 5, 7.0, 64
 
@@ -134,6 +135,45 @@ def test_restart_segments_and_ensd(diffusers_pipe, runtime_fp32, raw_config, mon
     got = ours(runtime_fp32, "restart", "automatic", 20, ensd=31337)
     assert np.abs(got - expected).max() * 255 <= 1.0
     assert np.abs(got - ours(runtime_fp32, "restart", "automatic", 20)).max() * 255 > 1.0  # ENSD does matter
+
+
+def a1111_unipc_image(pipe, raw_config, steps: int) -> np.ndarray:
+    """sd_samplers_timesteps_impl.unipc: UniPC (bh1, order 3, lower_order_final, time_uniform) on
+    CFG over the UNet's noise prediction, from unit noise, len(range(0, 1000, 1000 // steps)) steps."""
+    cond = reference.clip_skip_embeddings(pipe, PROMPT)
+    uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        return out[:1] + (out[1:] - out[:1]) * CFG
+
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    unipc = a1111.UniPC(eps_model, a1111.NoiseScheduleVP(kd.ldm_alphas_cumprod(raw_config)))
+    with torch.no_grad():
+        latents = unipc.sample(x, steps=len(range(0, 1000, 1000 // steps)))
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("steps", [3, 6])
+def test_unipc_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, steps):
+    """UniPC ignores the schedule type (a timestep sampler in A1111): Karras gives the same image."""
+    expected = a1111_unipc_image(diffusers_pipe, raw_config, steps)
+    got = ours(runtime_fp32, "unipc", "karras", steps)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def test_unipc_refuses_img2img_and_hires(runtime_fp32):
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.5)
+    assert error.value.field == "sampler" and "txt2img only" in error.value.message
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(
+            prompt=PROMPT, schedule="automatic", enable_hr=True, hires_options={"hr_sampler_name": "UniPC"}
+        )
+    assert error.value.field == "hr_sampler_name"
 
 
 def init_image() -> Image.Image:

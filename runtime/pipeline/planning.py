@@ -19,7 +19,7 @@ from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_sche
 from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
-from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
+from ..images.img2img import STEP_RULES, check_denoise_sampler, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
@@ -168,6 +168,8 @@ def prepare(
     init = None
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
+
+        check_denoise_sampler(sampler, "sampler")
 
         def make(n: int) -> Any:
             return make_schedule(scheduler_config, sampler, schedule, n)

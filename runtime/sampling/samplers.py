@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .schedules import Schedule
+from .timestep_samplers import sample_unipc
 
 __all__ = [
     "SAMPLER_FUNCTIONS",
@@ -207,6 +208,7 @@ SAMPLER_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "euler": sample_euler,
     "dpmpp_2m": sample_dpmpp_2m,
     "ddim": sample_ddim,
+    "unipc": sample_unipc,  # A1111's (runtime.sampling.timestep_samplers)
 }
 
 

@@ -50,6 +50,7 @@ from .noise_levels import (
     unsupported,
     vp_init,
 )
+from .timestep_samplers import UNIPC_ORDER, unipc_times
 
 __all__ = [
     "SAMPLERS",
@@ -65,7 +66,7 @@ __all__ = [
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
     *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -202,6 +203,25 @@ def _a1111_ddim(cfg: Mapping[str, Any], n: int) -> Schedule:
     return build_schedule(sigmas, grid[:0:-1], vp_init(sigmas[0]))
 
 
+def _a1111_unipc(cfg: Mapping[str, Any], n: int) -> Schedule:
+    """A1111's UniPC (``sd_samplers_timesteps_impl.unipc``): as many steps as A1111's DDIM grid has
+    timesteps (``len(range(0, T, T // n))``), on UniPC's own "time_uniform" grid in continuous time,
+    where log(alpha_t) interpolates ``0.5 * log(alphas_cumprod)`` linearly (NoiseScheduleVP
+    "discrete") and the UNet gets the fractional timestep ``(t - 1 / T) * T``. It starts from unit
+    noise (VP) and ends at t = 1 / T, the first training level, which the VAE decodes as-is."""
+    total = int(cfg["num_train_timesteps"])
+    steps = len(range(0, total, total // n))
+    if steps < UNIPC_ORDER:
+        raise InvalidRequestError(
+            "steps", f"A1111's UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} steps, got {steps}"
+        )
+    alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True).astype(np.float32)
+    times = unipc_times(steps, total)
+    log_alpha = np.interp(times, np.arange(1, total + 1) / total, 0.5 * np.log(alphas_cumprod.astype(np.float64)))
+    sigmas = np.sqrt(np.expm1(-2.0 * log_alpha))  # sigma_t / alpha_t, the VE level
+    return build_schedule(sigmas, (times[:-1] - 1.0 / total) * total, vp_init(sigmas[0]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +243,9 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
             "steps", f"steps must be at most {cfg['num_train_timesteps']} (the model's training timesteps)"
         )
     if schedule != "model":
-        # A1111's DDIM is a timestep sampler: its own uniform grid whatever the schedule type.
+        # A1111's DDIM and UniPC are timestep samplers: their own grids whatever the schedule type.
+        if sampler == "unipc":
+            return _a1111_unipc(cfg, steps)
         return _a1111_ddim(cfg, steps) if sampler == "ddim" else _kdiffusion(cfg, sampler, schedule, steps)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(
