@@ -230,3 +230,39 @@ class UniPC:
             if step < steps:
                 model_prev_list[-1] = model_x
         return x
+
+
+class CFGPPModel:
+    """A1111's CFGDenoiser as ddim_cfgpp sets it up: the scale times cond_scale_miltiplier (1 / 12.5),
+    and the uncond noise prediction kept (need_last_noise_uncond)."""
+
+    def __init__(self, eps_model, scale: float) -> None:
+        self.eps_model = eps_model  # (x, t) -> (uncond, cond) noise predictions
+        self.scale = scale / 12.5
+        self.last_noise_uncond = None
+
+    def __call__(self, x, t):
+        uncond, cond = self.eps_model(x, t)
+        self.last_noise_uncond = uncond
+        return uncond + (cond - uncond) * self.scale
+
+
+@torch.no_grad()
+def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
+    """modules/sd_samplers_timesteps_impl.py ``ddim_cfgpp`` (1.10, lines 44-76) with A1111's eta_ddim 0."""
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    s_in = x.new_ones(x.shape[0])
+    s_x = x.new_ones((x.shape[0], 1, 1, 1))
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in)
+        last_noise_uncond = model.last_noise_uncond
+        a_t = alphas[index].item() * s_x
+        a_prev = alphas_prev[index].item() * s_x
+        sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_x
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev).sqrt() * last_noise_uncond
+        x = a_prev.sqrt() * pred_x0 + dir_xt
+    return x

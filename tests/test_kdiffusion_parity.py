@@ -140,12 +140,11 @@ def test_restart_segments_and_ensd(diffusers_pipe, runtime_fp32, raw_config, mon
 def a1111_unipc_image(pipe, raw_config, steps: int) -> np.ndarray:
     """sd_samplers_timesteps_impl.unipc: UniPC (bh1, order 3, lower_order_final, time_uniform) on
     CFG over the UNet's noise prediction, from unit noise, len(range(0, 1000, 1000 // steps)) steps."""
-    cond = reference.clip_skip_embeddings(pipe, PROMPT)
-    uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
+    both = uncond_cond_eps(pipe)
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-        return out[:1] + (out[1:] - out[:1]) * CFG
+        uncond, cond = both(x, t)
+        return uncond + (cond - uncond) * CFG
 
     generator = torch.Generator("cpu").manual_seed(SEED)
     x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
@@ -163,6 +162,39 @@ def test_unipc_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, steps):
     got = ours(runtime_fp32, "unipc", "karras", steps)
     assert expected.std() > 0.02
     assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def uncond_cond_eps(pipe):
+    """The UNet's (uncond, cond) noise predictions for PROMPT / NEGATIVE, batched uncond first."""
+    cond = reference.clip_skip_embeddings(pipe, PROMPT)
+    uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        return out[:1], out[1:]
+
+    return eps
+
+
+@pytest.mark.parametrize("cfg", [1.0, CFG])
+def test_ddim_cfgpp_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, cfg):
+    """A1111's DDIM timesteps, CFG / 12.5, the uncond prediction as the direction; at CFG 1 the
+    uncond is still computed, as A1111 does for CFG++."""
+    steps = 5
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    model = a1111.CFGPPModel(uncond_cond_eps(diffusers_pipe), cfg)
+    with torch.no_grad():
+        latents = a1111.ddim_cfgpp(model, x, timesteps, kd.ldm_alphas_cumprod(raw_config))
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler="DDIM CFG++",
+        schedule="automatic", num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+    ).images[0]  # fmt: skip
+    assert expected.std() > 0.02
+    assert np.abs(got - expected[0]).max() * 255 <= 1.0
 
 
 def test_unipc_refuses_img2img_and_hires(runtime_fp32):

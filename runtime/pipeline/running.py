@@ -44,6 +44,7 @@ from ..limits import LORA_CACHE_MB
 from ..sampling import ksamplers, samplers
 from ..sampling.rng import NoiseGenerator, make_generator
 from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
+from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
@@ -310,14 +311,17 @@ class Pipeline(Planner):
             # restarts) comes from them; the infotext names ENSD only for "uses_ensd" samplers.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
         states = self.encode(pass_.chunks)
+        cfgpp = pass_.sampler in CFGPP_SAMPLERS
+        scale = request.guidance_scale / CFGPP_SCALE_DIVISOR if cfgpp else request.guidance_scale
         denoise = make_denoiser(
-            self.sessions.unet, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
+            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp
         )
         last_denoised: dict[str, np.ndarray] = {}
 
-        def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> np.ndarray:
-            last_denoised["x"] = denoise(x_in, sigma, timestep)
-            return last_denoised["x"]
+        def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> Any:
+            out = denoise(x_in, sigma, timestep)
+            last_denoised["x"] = out[0] if isinstance(out, tuple) else out
+            return out
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
             latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents

@@ -66,7 +66,7 @@ __all__ = [
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
     *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -243,10 +243,12 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
             "steps", f"steps must be at most {cfg['num_train_timesteps']} (the model's training timesteps)"
         )
     if schedule != "model":
-        # A1111's DDIM and UniPC are timestep samplers: their own grids whatever the schedule type.
+        # A1111's DDIM, DDIM CFG++ and UniPC are timestep samplers: their own grids whatever the schedule type.
         if sampler == "unipc":
             return _a1111_unipc(cfg, steps)
-        return _a1111_ddim(cfg, steps) if sampler == "ddim" else _kdiffusion(cfg, sampler, schedule, steps)
+        if sampler in ("ddim", "ddim_cfgpp"):
+            return _a1111_ddim(cfg, steps)
+        return _kdiffusion(cfg, sampler, schedule, steps)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(
             "schedule",

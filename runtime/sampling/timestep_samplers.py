@@ -1,5 +1,6 @@
 """AUTOMATIC1111's timestep samplers that k-diffusion lacks, in numpy: UniPC
-(modules/models/diffusion/uni_pc/uni_pc.py, run by modules/sd_samplers_timesteps_impl.py).
+(modules/models/diffusion/uni_pc/uni_pc.py, run by modules/sd_samplers_timesteps_impl.py) and
+DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp).
 
 They run in VE form like `runtime.sampling.samplers` (``x = latent / sqrt(alpha_bar)``, the model
 ``denoise(x, i)`` giving the clean prediction at ``sigmas[i]``) over a schedule built by
@@ -13,11 +14,24 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["UNIPC_ORDER", "UNIPC_VARIANT", "sample_unipc", "unipc_coefficients", "unipc_times"]
+__all__ = [
+    "CFGPP_SAMPLERS",
+    "CFGPP_SCALE_DIVISOR",
+    "UNIPC_ORDER",
+    "UNIPC_VARIANT",
+    "sample_ddim_cfgpp",
+    "sample_unipc",
+    "unipc_coefficients",
+    "unipc_times",
+]
 
 # A1111's defaults (shared.opts): uni_pc_variant, uni_pc_order, uni_pc_lower_order_final; its
 # uni_pc_skip_type "time_uniform" is `unipc_times`.
 UNIPC_VARIANT, UNIPC_ORDER, UNIPC_LOWER_ORDER_FINAL = "bh1", 3, True
+
+# DDIM CFG++ (Chung et al. 2024) as A1111 runs it: the CFG scale divided by 12.5 (its
+# cond_scale_miltiplier, mapping 0..12.5 to 0..1), the model also returning the uncond prediction.
+CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR = ("ddim_cfgpp",), 12.5
 
 StepDenoiser = Callable[[np.ndarray, int], np.ndarray]
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
@@ -99,5 +113,24 @@ def sample_unipc(
             x = correct(model_t)
             history = [*history, (model_t, -math.log(sigma))][-order:]
         replaced = callback(step - 1, x) if callback is not None else None
+        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+    return x
+
+
+def sample_ddim_cfgpp(
+    denoise: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    x: np.ndarray,
+    sigmas: np.ndarray,
+    noise=None,
+    callback: StepCallback | None = None,
+) -> np.ndarray:
+    """DDIM (eta 0, A1111's default eta_ddim) that re-noises the guided prediction along the
+    unconditional noise instead of the guided one: ``x' = D + (sigma' / sigma) (x - D_uncond)``,
+    the VE form of ``sqrt(a') x0 + sqrt(1 - a') eps_uncond``. `denoise` returns (guided, uncond)."""
+    x = np.asarray(x, dtype=np.float32)
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = denoise(x, i)
+        x = (denoised + np.float32(float(sigmas[i + 1]) / float(sigmas[i])) * (x - uncond)).astype(np.float32)
+        replaced = callback(i, x) if callback is not None else None
         x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
     return x
