@@ -266,3 +266,44 @@ def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
         dir_xt = (1.0 - a_prev).sqrt() * last_noise_uncond
         x = a_prev.sqrt() * pred_x0 + dir_xt
     return x
+
+
+@torch.no_grad()
+def plms(model, x, timesteps, alphas_cumprod):
+    """modules/sd_samplers_timesteps_impl.py ``plms`` (1.10, lines 79-135); `model(x, t)` is the
+    CFG noise prediction."""
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    s_in = x.new_ones([x.shape[0]])
+    old_eps = []
+
+    def get_x_prev_and_pred_x0(e_t, index):
+        a_t = alphas[index].item() * s_in
+        a_prev = alphas_prev[index].item() * s_in
+        sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_in
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev).sqrt() * e_t
+        return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
+
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        ts = timesteps[index].item() * s_in
+        t_next = timesteps[max(index - 1, 0)].item() * s_in
+        e_t = model(x, ts)
+        if len(old_eps) == 0:
+            x_prev, _ = get_x_prev_and_pred_x0(e_t, index)
+            e_t_next = model(x_prev, t_next)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x_prev, _ = get_x_prev_and_pred_x0(e_t_prime, index)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        x = x_prev
+    return x

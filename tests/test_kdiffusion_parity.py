@@ -197,6 +197,26 @@ def test_ddim_cfgpp_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, cfg):
     assert np.abs(got - expected[0]).max() * 255 <= 1.0
 
 
+def test_plms_equals_a1111(diffusers_pipe, runtime_fp32, raw_config):
+    """Six steps: the improved-Euler start, then Adams-Bashforth of orders 2, 3 and 4 (twice)."""
+    steps = 6
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    both = uncond_cond_eps(diffusers_pipe)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = both(x, t)
+        return uncond + (cond - uncond) * CFG
+
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(SEED))
+    with torch.no_grad():
+        latents = a1111.plms(model, x, timesteps, kd.ldm_alphas_cumprod(raw_config))
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = ours(runtime_fp32, "plms", "automatic", steps)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
 def test_unipc_refuses_img2img_and_hires(runtime_fp32):
     with pytest.raises(InvalidRequestError) as error:
         runtime_fp32.prepare(prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.5)

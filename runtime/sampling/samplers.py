@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .schedules import Schedule
-from .timestep_samplers import sample_ddim_cfgpp, sample_unipc
+from .timestep_samplers import sample_ddim_cfgpp, sample_plms, sample_unipc
 
 __all__ = [
     "SAMPLER_FUNCTIONS",
@@ -210,6 +210,7 @@ SAMPLER_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "ddim": sample_ddim,
     "unipc": sample_unipc,  # A1111's (runtime.sampling.timestep_samplers)
     "ddim_cfgpp": sample_ddim_cfgpp,
+    "plms": sample_plms,
 }
 
 

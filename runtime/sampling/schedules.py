@@ -66,7 +66,7 @@ __all__ = [
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
     *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp", "plms",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -182,21 +182,23 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     )
 
 
-def _a1111_ddim(cfg: Mapping[str, Any], n: int) -> Schedule:
+def _a1111_ddim(cfg: Mapping[str, Any], n: int, least: int = 1) -> Schedule:
     """A1111's DDIM (``sd_samplers_timesteps``; eta 0 by default).
 
     ``timesteps = clip(range(0, T, T // n) + 1, 0, T - 1)``; the loop visits indices ``len - 1 .. 1``
     and steps from ``alphas_cumprod[timesteps[i]]`` to ``alphas_cumprod[timesteps[i - 1]]``, so it
     makes ``len(timesteps) - 1`` model calls (49 for 50 steps, 28 for 28) and ends at timestep 1's
-    level, which the VAE decodes as-is. The initial latent is unscaled unit noise (VP).
+    level, which the VAE decodes as-is. The initial latent is unscaled unit noise (VP). DDIM CFG++
+    and PLMS run on the same grid; PLMS needs `least` = 2 steps (its first asks the model at the
+    next step's timestep, which A1111 reads past the grid's end for a single step).
     """
     total = int(cfg["num_train_timesteps"])
     grid = np.clip(np.arange(0, total, total // n) + 1, 0, total - 1)
-    if len(grid) < 2:
+    if len(grid) < least + 1:
         raise InvalidRequestError(
             "steps",
-            f"A1111's ddim makes len(range(0, {total}, {total} // steps)) - 1 model calls: none for "
-            f"steps={n}; use at least 2 steps",
+            f"A1111's timestep grid has len(range(0, {total}, {total} // steps)) - 1 steps: {len(grid) - 1} for "
+            f"steps={n}; this sampler needs at least {least} (use more steps)",
         )
     alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True)
     sigmas = sigma_of_alpha(alphas_cumprod[grid[::-1]]).astype(np.float32)
@@ -243,11 +245,11 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
             "steps", f"steps must be at most {cfg['num_train_timesteps']} (the model's training timesteps)"
         )
     if schedule != "model":
-        # A1111's DDIM, DDIM CFG++ and UniPC are timestep samplers: their own grids whatever the schedule type.
+        # A1111's DDIM, DDIM CFG++, PLMS and UniPC are timestep samplers: their own grids whatever the schedule type.
         if sampler == "unipc":
             return _a1111_unipc(cfg, steps)
-        if sampler in ("ddim", "ddim_cfgpp"):
-            return _a1111_ddim(cfg, steps)
+        if sampler in ("ddim", "ddim_cfgpp", "plms"):
+            return _a1111_ddim(cfg, steps, 2 if sampler == "plms" else 1)
         return _kdiffusion(cfg, sampler, schedule, steps)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(

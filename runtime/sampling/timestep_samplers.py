@@ -1,6 +1,6 @@
 """AUTOMATIC1111's timestep samplers that k-diffusion lacks, in numpy: UniPC
-(modules/models/diffusion/uni_pc/uni_pc.py, run by modules/sd_samplers_timesteps_impl.py) and
-DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp).
+(modules/models/diffusion/uni_pc/uni_pc.py, run by modules/sd_samplers_timesteps_impl.py),
+DDIM CFG++ and PLMS (sd_samplers_timesteps_impl.ddim_cfgpp, plms).
 
 They run in VE form like `runtime.sampling.samplers` (``x = latent / sqrt(alpha_bar)``, the model
 ``denoise(x, i)`` giving the clean prediction at ``sigmas[i]``) over a schedule built by
@@ -17,9 +17,11 @@ import numpy as np
 __all__ = [
     "CFGPP_SAMPLERS",
     "CFGPP_SCALE_DIVISOR",
+    "PLMS_COEFFICIENTS",
     "UNIPC_ORDER",
     "UNIPC_VARIANT",
     "sample_ddim_cfgpp",
+    "sample_plms",
     "sample_unipc",
     "unipc_coefficients",
     "unipc_times",
@@ -32,6 +34,9 @@ UNIPC_VARIANT, UNIPC_ORDER, UNIPC_LOWER_ORDER_FINAL = "bh1", 3, True
 # DDIM CFG++ (Chung et al. 2024) as A1111 runs it: the CFG scale divided by 12.5 (its
 # cond_scale_miltiplier, mapping 0..12.5 to 0..1), the model also returning the uncond prediction.
 CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR = ("ddim_cfgpp",), 12.5
+
+# PLMS's Adams-Bashforth weights of the newest noise predictions, by how many earlier ones it has.
+PLMS_COEFFICIENTS = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 StepDenoiser = Callable[[np.ndarray, int], np.ndarray]
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
@@ -131,6 +136,34 @@ def sample_ddim_cfgpp(
     for i in range(len(sigmas) - 1):
         denoised, uncond = denoise(x, i)
         x = (denoised + np.float32(float(sigmas[i + 1]) / float(sigmas[i])) * (x - uncond)).astype(np.float32)
+        replaced = callback(i, x) if callback is not None else None
+        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+    return x
+
+
+def sample_plms(
+    denoise: StepDenoiser, x: np.ndarray, sigmas: np.ndarray, noise=None, callback: StepCallback | None = None
+) -> np.ndarray:
+    """Pseudo linear multistep (Liu et al. 2022) as A1111's ``plms``: DDIM steps (the Euler step in
+    VE form, ``x' = x + (sigma' - sigma) eps``) with the noise prediction eps replaced by a blend:
+    on the first step the mean of eps here and at the end of a plain step (a second model call),
+    then Adams-Bashforth over up to four predictions."""
+    x = np.asarray(x, dtype=np.float32)
+    history: list[np.ndarray] = []  # earlier noise predictions, newest first
+
+    def eps_at(sample: np.ndarray, step: int) -> np.ndarray:
+        return (sample - np.asarray(denoise(sample, step), dtype=np.float32)) / np.float32(sigmas[step])
+
+    for i in range(len(sigmas) - 1):
+        dt = np.float32(float(sigmas[i + 1]) - float(sigmas[i]))
+        eps = eps_at(x, i)
+        if history:
+            weights = PLMS_COEFFICIENTS[len(history)]
+            blended = sum(np.float32(w) * e for w, e in zip(weights, [eps, *history], strict=True))
+        else:
+            blended = (eps + eps_at((x + dt * eps).astype(np.float32), i + 1)) / np.float32(2)
+        x = (x + dt * blended).astype(np.float32)
+        history = [eps, *history][:3]
         replaced = callback(i, x) if callback is not None else None
         x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
     return x
