@@ -57,10 +57,11 @@ SAMPLERS = (
     SamplerInfo("DDIM CFG++", "ddim_cfgpp", ("ddim_cfgpp",), {}, eta=0.0),
     SamplerInfo("PLMS", "plms", ("plms",), {}),
     SamplerInfo("UniPC", "unipc", ("unipc",), {}),
+    SamplerInfo("LCM", "lcm", ("k_lcm",), {}),
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
 # A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = ("DPM adaptive", "LCM")
+UNSUPPORTED_SAMPLERS = ("DPM adaptive",)
 # A1111's timestep samplers: their own timestep grids, whatever the schedule type.
 TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "plms", "unipc")
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 
 import torch
 
-from kdiffusion_reference import sampling
+from kdiffusion_reference import external, sampling
 
 
 @torch.no_grad()
@@ -306,4 +306,66 @@ def plms(model, x, timesteps, alphas_cumprod):
         if len(old_eps) >= 4:
             old_eps.pop(0)
         x = x_prev
+    return x
+
+
+class LCMCompVisDenoiser(external.DiscreteEpsDDPMDenoiser):
+    """modules/sd_samplers_lcm.py ``LCMCompVisDenoiser`` (1.10, lines 10-62): `model` is an LDM
+    model (apply_model, alphas_cumprod)."""
+
+    def __init__(self, model):
+        timesteps = 1000
+        original_timesteps = 50
+        self.skip_steps = timesteps // original_timesteps
+        alphas_cumprod_valid = torch.zeros(original_timesteps, dtype=torch.float32)
+        for x in range(original_timesteps):
+            alphas_cumprod_valid[original_timesteps - 1 - x] = model.alphas_cumprod[timesteps - 1 - x * self.skip_steps]
+        super().__init__(model, alphas_cumprod_valid, quantize=None)
+
+    def get_sigmas(self, n=None):
+        if n is None:
+            return sampling.append_zero(self.sigmas.flip(0))
+        start = self.sigma_to_t(self.sigma_max)
+        end = self.sigma_to_t(self.sigma_min)
+        t = torch.linspace(start, end, n)
+        return sampling.append_zero(self.t_to_sigma(t))
+
+    def sigma_to_t(self, sigma, quantize=None):
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape) * self.skip_steps + (self.skip_steps - 1)
+
+    def t_to_sigma(self, timestep):
+        t = torch.clamp(
+            ((timestep - (self.skip_steps - 1)) / self.skip_steps).float(), min=0, max=(len(self.sigmas) - 1)
+        )
+        return super().t_to_sigma(t)
+
+    def get_eps(self, *args, **kwargs):
+        return self.inner_model.apply_model(*args, **kwargs)
+
+    def get_scaled_out(self, sigma, output, input):
+        sigma_data = 0.5
+        scaled_timestep = sampling.utils.append_dims(self.sigma_to_t(sigma), output.ndim) * 10.0
+        c_skip = sigma_data**2 / (scaled_timestep**2 + sigma_data**2)
+        c_out = scaled_timestep / (scaled_timestep**2 + sigma_data**2) ** 0.5
+        return c_out * output + c_skip * input
+
+    def forward(self, input, sigma, **kwargs):
+        c_out, c_in = [sampling.utils.append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
+        eps = self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs)
+        return self.get_scaled_out(sigma, input + eps * c_out, input)
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """modules/sd_samplers_lcm.py ``sample_lcm`` (1.10, lines 65-80)."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = sampling.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x += sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
     return x

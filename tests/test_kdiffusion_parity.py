@@ -217,6 +217,31 @@ def test_plms_equals_a1111(diffusers_pipe, runtime_fp32, raw_config):
     assert np.abs(got - expected).max() * 255 <= 1.0
 
 
+@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
+def test_lcm_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, schedule):
+    """A1111's LCM: its denoiser over LCM's 50 levels ("Automatic" its own get_sigmas, the other
+    types over its sigma range), CFG on its outputs, noise from the image generator. The tiny model
+    is no LCM; the arithmetic is the same."""
+    denoiser = a1111.LCMCompVisDenoiser(kd._Wrapped(diffusers_pipe.unet, kd.ldm_alphas_cumprod(raw_config)))
+    cond = reference.clip_skip_embeddings(diffusers_pipe, PROMPT)
+    model = kd.cfg_model(denoiser, cond, reference.clip_skip_embeddings(diffusers_pipe, NEGATIVE), CFG)
+    low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    if schedule == "automatic":
+        sigmas = denoiser.get_sigmas(STEPS)
+    else:
+        sigmas = getattr(kd.sampling, f"get_sigmas_{schedule}")(STEPS, low, high)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator) * sigmas[0]
+    monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+    with torch.no_grad():
+        latents = a1111.sample_lcm(model, x, sigmas)
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = ours(runtime_fp32, "lcm", schedule)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
 def test_unipc_refuses_img2img_and_hires(runtime_fp32):
     with pytest.raises(InvalidRequestError) as error:
         runtime_fp32.prepare(prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.5)
@@ -226,6 +251,17 @@ def test_unipc_refuses_img2img_and_hires(runtime_fp32):
             prompt=PROMPT, schedule="automatic", enable_hr=True, hires_options={"hr_sampler_name": "UniPC"}
         )
     assert error.value.field == "hr_sampler_name"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"sampler": "lcm", "schedule": "simple"}, "schedule"), ({"sampler": "plms", "num_inference_steps": 2}, "steps")],
+)
+def test_sampler_limits_are_one_clear_error(runtime_fp32, options, field):
+    """LCM with a schedule type built from the inner model's timesteps; PLMS on a one-step grid."""
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, **{"schedule": "automatic", **options})
+    assert error.value.field == field
 
 
 def init_image() -> Image.Image:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .a1111_schedules import karras, sigma_to_t
+from .lcm import lcm_boundary, lcm_timestep, sample_lcm
 
 if TYPE_CHECKING:
     from .schedules import Schedule
@@ -448,6 +449,7 @@ K_SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "restart": sample_restart,
+    "lcm": sample_lcm,  # runtime.sampling.lcm
 }
 # The SDE samplers: their noise is a BrownianSource (A1111's Brownian tree), the others' a NoiseSource.
 BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
@@ -488,6 +490,14 @@ def sample(
         return denoise(x_in, sigma, float(sigma_to_t(np.array([sigma]), log_table)[0]))
 
     sigmas = schedule.sigmas
+    if name == "lcm":  # the model at LCM's own timesteps, its boundary condition applied
+
+        def lcm_model(x_in: np.ndarray, sigma: float) -> np.ndarray:
+            timestep = lcm_timestep(sigma, log_table)
+            c_skip, c_out = lcm_boundary(timestep)
+            return np.float32(c_out) * denoise(x_in, sigma, float(timestep)) + np.float32(c_skip) * x_in
+
+        return sample_lcm(lcm_model, x, sigmas, noise, callback)
     if name == "dpm_fast":
         levels, orders = dpm_fast_grid(float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1)
         return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders)

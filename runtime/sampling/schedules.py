@@ -41,6 +41,7 @@ from ..errors import InvalidRequestError
 from . import a1111_schedules
 from .a1111_schedules import A1111_SCHEDULES, sigma_to_t
 from .diffusers_schedules import COMMON_DEFAULTS, CONFIG_DEFAULTS, ddim_model, dpm_model, euler_model
+from .lcm import LCM_TRAIN_STEPS, lcm_sigma_table
 from .noise_levels import (
     Schedule,
     build_schedule,
@@ -66,7 +67,7 @@ __all__ = [
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
     *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp", "plms",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp", "plms", "lcm",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -170,6 +171,8 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     runs between their ends (`runtime.sampling.ksamplers.sample`)."""
     table = _ldm_sigma_table(cfg)
     kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
+    if sampler == "lcm":
+        table = _lcm_table(table, kind)
     if sampler == "dpm_fast":
         kind = "uniform"  # A1111 passes DPM fast the model's sigma range and the step count only
     discard = sampler in DISCARD_PENULTIMATE
@@ -180,6 +183,22 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     return build_schedule(
         sigmas, sigma_to_t(sigmas[:-1], log_table), float(sigmas[0]), rescale_final=False, log_sigmas=log_table
     )
+
+
+# Schedule types A1111 builds from the inner model's timestep mapping, which LCM's denoiser changes.
+LCM_REFUSED = ("sgm_uniform", "simple", "normal", "ddim")
+
+
+def _lcm_table(table: np.ndarray, kind: str) -> np.ndarray:
+    """LCM's denoiser knows only LCM's 50 levels: "Uniform" (its "Automatic") spreads the steps
+    over them, the range-based types run between their ends, as A1111 does."""
+    if kind in LCM_REFUSED:
+        raise InvalidRequestError(
+            "schedule", f"schedule type {kind!r} with LCM is not reproduced; use automatic, karras or exponential"
+        )
+    if len(table) != LCM_TRAIN_STEPS:
+        raise unsupported(f"A1111's LCM assumes {LCM_TRAIN_STEPS} training timesteps, this model has {len(table)}")
+    return lcm_sigma_table(table)
 
 
 def _a1111_ddim(cfg: Mapping[str, Any], n: int, least: int = 1) -> Schedule:
