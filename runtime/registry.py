@@ -52,6 +52,7 @@ SAMPLERS = (
                 {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True},
                 1.0, True),
     SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("DPM adaptive", "dpm_adaptive", ("k_dpm_ad",), {"uses_ensd": True}, 1.0, True),
     SamplerInfo("Restart", "restart", ("restart",), {"scheduler": "karras", "second_order": True}),
     SamplerInfo("DDIM", "ddim", ("ddim",), {}, eta=0.0),
     SamplerInfo("DDIM CFG++", "ddim_cfgpp", ("ddim_cfgpp",), {}, eta=0.0),
@@ -60,8 +61,6 @@ SAMPLERS = (
     SamplerInfo("LCM", "lcm", ("k_lcm",), {}),
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
-# A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = ("DPM adaptive",)
 # A1111's timestep samplers: their own timestep grids, whatever the schedule type.
 TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "plms", "unipc")
 
@@ -180,12 +179,6 @@ def _choices(names) -> str:
 def sampler(name: str, field: str = "sampler") -> SamplerInfo:
     """A sampler by library key, A1111 label or alias."""
     info = _SAMPLER_TABLE.get(_key(name)) if isinstance(name, str) else None
-    if info is None and isinstance(name, str) and _key(name) in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
-        raise InvalidRequestError(
-            field,
-            f"{name!r} is an A1111 sampler this runtime does not have yet; "
-            f"choose one of {_choices(s.name for s in SAMPLERS)}",
-        )
     if info is None:
         raise InvalidRequestError(
             field, f"unknown sampler {name!r}; choose one of {_choices(s.name for s in SAMPLERS)}"
@@ -241,8 +234,6 @@ def sampler_and_scheduler(name: str, scheduler_name: str) -> tuple[SamplerInfo, 
             base = _SAMPLER_TABLE.get(base_name)
             if base is not None:
                 return base, scheduler(suffix)
-            if base_name in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
-                sampler(base_name, "sampler_name")  # "not supported", listing the choices
     return sampler(name, "sampler_name"), scheduler(scheduler_name)
 
 

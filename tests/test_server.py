@@ -731,13 +731,11 @@ def test_mapping_rules() -> None:
     assert error.value.field == "scheduler" and "'Beta'" in error.value.message
     assert resolve("DPM++ 2M SDE Karras") == ("dpmpp_2m_sde", "karras")
     assert resolve("Restart Karras") == ("restart", "karras")
+    assert resolve("DPM adaptive Karras") == ("dpm_adaptive", "karras")
+    assert resolve("UniPC", "Karras") == ("unipc", "a1111")  # a timestep sampler: its own grid
     with pytest.raises(InvalidRequestError) as error:
-        resolve("DPM adaptive Karras")
-    assert (
-        error.value.field == "sampler_name"
-        and "does not have yet" in error.value.message
-        and "'Heun'" in error.value.message
-    )
+        resolve("DPM++ 4M Karras")
+    assert error.value.field == "sampler_name" and "'LCM'" in error.value.message
 
 
 # -- img2img, inpainting, hires fix and their endpoints ---------------------------------------------

@@ -170,7 +170,7 @@ def prepare(
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
 
-        check_denoise_sampler(sampler, "sampler")
+        check_denoise_sampler(sampler, "sampler", inpainting=mask_image is not None)
 
         def make(n: int) -> Any:
             return make_schedule(scheduler_config, sampler, schedule, n)

@@ -325,7 +325,8 @@ class Pipeline(Planner):
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
             latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
-            stop = callback is not None and callback(step + 1, total, latents) is False
+            # DPM adaptive picks its own steps: its total grows past the estimate if it must.
+            stop = callback is not None and callback(step + 1, max(total, step + 1), latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
             return latents

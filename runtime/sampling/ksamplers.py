@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .a1111_schedules import karras, sigma_to_t
+from .dpm_adaptive import sample_dpm_adaptive
 from .lcm import lcm_boundary, lcm_timestep, sample_lcm
 
 if TYPE_CHECKING:
@@ -444,6 +445,7 @@ K_SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,  # runtime.sampling.dpm_adaptive
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
@@ -498,6 +500,8 @@ def sample(
             return np.float32(c_out) * denoise(x_in, sigma, float(timestep)) + np.float32(c_skip) * x_in
 
         return sample_lcm(lcm_model, x, sigmas, noise, callback)
+    if name == "dpm_adaptive":  # as DPM fast: between the schedule's ends, A1111's eta 1
+        return sample_dpm_adaptive(at_sigma, x, float(sigmas[-2]), float(sigmas[0]), noise, callback)
     if name == "dpm_fast":
         levels, orders = dpm_fast_grid(float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1)
         return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders)

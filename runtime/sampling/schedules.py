@@ -66,7 +66,7 @@ __all__ = [
 # The samplers diffusers has a scheduler for: the only ones schedule "model" serves.
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
-    *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
+    *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast", "dpm_adaptive",
     "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp", "plms", "lcm",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
@@ -173,8 +173,8 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
     if sampler == "lcm":
         table = _lcm_table(table, kind)
-    if sampler == "dpm_fast":
-        kind = "uniform"  # A1111 passes DPM fast the model's sigma range and the step count only
+    if sampler in ("dpm_fast", "dpm_adaptive"):
+        kind = "uniform"  # A1111 passes DPM fast / adaptive the model's sigma range (and fast the step count)
     discard = sampler in DISCARD_PENULTIMATE
     sigmas = a1111_schedules.a1111_sigmas(kind, n + 1 if discard else n, table)
     if discard:
