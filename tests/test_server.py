@@ -307,7 +307,7 @@ BAD_BODIES = [
     ({"cfg_scale": -1}, 422, "cfg_scale"),
     ({"cfg_scale": "high"}, 422, "cfg_scale"),
     ({"sampler_name": "Warp 9"}, 422, "sampler_name"),
-    ({"sampler_name": "LCM"}, 422, "sampler_name"),  # an A1111 sampler not implemented here
+    ({"sampler_name": "DPM++ 4M"}, 422, "sampler_name"),  # not an A1111 sampler
     ({"sampler_name": 3}, 422, "sampler_name"),
     ({"scheduler": "Sideways"}, 422, "scheduler"),
     ({"seed": -2}, 422, "seed"),
