@@ -143,8 +143,13 @@ def test_restart_segments_and_ensd(diffusers_pipe, runtime_fp32, raw_config, mon
     with noise from the generator A1111 re-seeds with seed + ENSD (which its infotext leaves out,
     as Restart is not a "uses_ensd" sampler)."""
     expected = kdiffusion_image(diffusers_pipe, raw_config, "restart", "automatic", monkeypatch, 20, ensd=31337)
-    got = ours(runtime_fp32, "restart", "automatic", 20, ensd=31337)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler="Restart", schedule="automatic",
+        num_inference_steps=20, guidance_scale=CFG, output_type="np", eta_noise_seed_delta=31337,
+    )  # fmt: skip
+    got = np.stack(out.images)
     assert np.abs(got - expected).max() * 255 <= 1.0
+    assert "ENSD" not in out.infotexts[0] and "Schedule type: Karras" in out.infotexts[0]
     assert np.abs(got - ours(runtime_fp32, "restart", "automatic", 20)).max() * 255 > 1.0  # ENSD does matter
 
 

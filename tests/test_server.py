@@ -228,8 +228,10 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
     assert models[0]["model_name"] == "tiny-diffusers" and {"title", "hash", "filename"} <= set(models[0])
     assert [s["name"] for s in samplers] == [
         "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
-        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DDIM",
-    ]  # fmt: skip
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS",
+        "UniPC", "LCM",
+    ]  # fmt: skip  # A1111 1.10's samplers_k_diffusion, samplers_timesteps, samplers_lcm in its order
+    assert samplers[14]["options"] == {"scheduler": "karras", "second_order": True}  # Restart
     assert "k_euler_a" in samplers[6]["aliases"] and samplers[0]["options"] == {"scheduler": "karras"}
     assert samplers[3]["options"] == {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}
     assert [s["label"] for s in schedulers][:12] == [
