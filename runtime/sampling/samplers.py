@@ -1,4 +1,5 @@
-"""The four samplers as small k-diffusion-style loops over a denoiser, in numpy.
+"""diffusers' four samplers as small k-diffusion-style loops over a denoiser, in numpy (and, in the
+same step-indexed form, A1111's timestep samplers of `runtime.sampling.timestep_samplers`).
 
 All of them work on the variance-exploding sample ``x`` (``latent / sqrt(alpha_bar)``) and a
 decreasing list of noise levels ``sigmas`` (see `runtime.sampling.schedules`). The denoiser maps ``(x, i)``
