@@ -20,7 +20,7 @@ class SamplerInfo:
     aliases: tuple[str, ...]  # A1111's aliases
     options: dict  # A1111's sampler options, as /sdapi/v1/samplers lists them
     eta: float | None = None  # the only eta the library's sampler implements, if it takes one
-    ancestral: bool = False  # draws noise while sampling (ENSD applies): A1111's "uses_ensd"
+    ancestral: bool = False  # A1111's "uses_ensd": the infotext names ENSD (which re-seeds all later noise)
 
     @property
     def brownian(self) -> bool:
