@@ -9,6 +9,9 @@ A1111's defaults apply: eta 1 for the ancestral and SDE samplers (``eta_ancestra
 no churn. The SDE samplers (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) take their noise between two
 levels from A1111's Brownian tree (`runtime.sampling.brownian`) instead. Restart (A1111's own,
 modules/sd_samplers_extra.py) is Heun steps with jumps back up to a higher level.
+
+A little over 500 lines on purpose: it mirrors k-diffusion's sampling.py one function to one,
+which is easier to check side by side than a split; DPM adaptive and LCM live in their own modules.
 """
 
 from __future__ import annotations
