@@ -20,7 +20,7 @@ class SamplerInfo:
     aliases: tuple[str, ...]  # A1111's aliases
     options: dict  # A1111's sampler options, as /sdapi/v1/samplers lists them
     eta: float | None = None  # the only eta the library's sampler implements, if it takes one
-    ancestral: bool = False  # draws noise while sampling (ENSD applies): A1111's "uses_ensd"
+    ancestral: bool = False  # A1111's "uses_ensd": the infotext names ENSD (which re-seeds all later noise)
 
     @property
     def brownian(self) -> bool:
@@ -52,11 +52,17 @@ SAMPLERS = (
                 {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True},
                 1.0, True),
     SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("DPM adaptive", "dpm_adaptive", ("k_dpm_ad",), {"uses_ensd": True}, 1.0, True),
+    SamplerInfo("Restart", "restart", ("restart",), {"scheduler": "karras", "second_order": True}),
     SamplerInfo("DDIM", "ddim", ("ddim",), {}, eta=0.0),
+    SamplerInfo("DDIM CFG++", "ddim_cfgpp", ("ddim_cfgpp",), {}, eta=0.0),
+    SamplerInfo("PLMS", "plms", ("plms",), {}),
+    SamplerInfo("UniPC", "unipc", ("unipc",), {}),
+    SamplerInfo("LCM", "lcm", ("k_lcm",), {}),
 )  # fmt: skip
 _EXTRA_SAMPLER_NAMES = {"euler_ancestral": "euler_a"}  # diffusers' spelling
-# A1111 samplers this runtime does not implement: refused by name rather than "not found".
-UNSUPPORTED_SAMPLERS = ("DPM adaptive", "Restart", "DDIM CFG++", "PLMS", "UniPC", "LCM")
+# A1111's timestep samplers: their own timestep grids, whatever the schedule type.
+TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "plms", "unipc")
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ SCHEDULE_LABELS = {"model": "Diffusers", "a1111": None, "automatic": None, "unif
 def schedule_label(sampler_key: str, schedule_name: str, automatic: dict[str, str]) -> str | None:
     """The infotext "Schedule type": A1111 writes the label of the schedule type its "Automatic"
     resolves to when that is not the plain one (DPM++ 2M: "Karras"); DDIM takes none."""
-    if sampler_key == "ddim" and schedule_name != "model":
+    if sampler_key in TIMESTEP_SAMPLERS and schedule_name != "model":
         return None
     if schedule_name == "automatic":
         schedule_name = automatic.get(sampler_key, "a1111")
@@ -173,12 +179,6 @@ def _choices(names) -> str:
 def sampler(name: str, field: str = "sampler") -> SamplerInfo:
     """A sampler by library key, A1111 label or alias."""
     info = _SAMPLER_TABLE.get(_key(name)) if isinstance(name, str) else None
-    if info is None and isinstance(name, str) and _key(name) in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
-        raise InvalidRequestError(
-            field,
-            f"{name!r} is an A1111 sampler this runtime does not have yet; "
-            f"choose one of {_choices(s.name for s in SAMPLERS)}",
-        )
     if info is None:
         raise InvalidRequestError(
             field, f"unknown sampler {name!r}; choose one of {_choices(s.name for s in SAMPLERS)}"
@@ -234,8 +234,6 @@ def sampler_and_scheduler(name: str, scheduler_name: str) -> tuple[SamplerInfo, 
             base = _SAMPLER_TABLE.get(base_name)
             if base is not None:
                 return base, scheduler(suffix)
-            if base_name in {_key(n) for n in UNSUPPORTED_SAMPLERS}:
-                sampler(base_name, "sampler_name")  # "not supported", listing the choices
     return sampler(name, "sampler_name"), scheduler(scheduler_name)
 
 
@@ -243,6 +241,6 @@ def library_schedule(info: SamplerInfo, found: SchedulerInfo) -> str:
     """The library schedule for an A1111 sampler + scheduler pair."""
     if found.schedule == "model":
         return "model"
-    if info.key == "ddim":
-        return "a1111"  # A1111's DDIM ignores the scheduler: its own uniform timesteps
+    if info.key in TIMESTEP_SAMPLERS:
+        return "a1111"  # A1111's timestep samplers ignore the scheduler: their own timesteps
     return found.schedule

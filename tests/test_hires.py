@@ -76,7 +76,7 @@ def test_resize_to_another_aspect_crops_like_a1111(pipe):
         ({"hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
         ({"denoising_strength": 1.2}, "denoising_strength"),
         ({"hr_scale": 0.5}, "hr_scale"),
-        ({"hr_sampler_name": "PLMS"}, "hr_sampler_name"),
+        ({"hr_sampler_name": "Euler z"}, "hr_sampler_name"),
         ({"hr_second_pass_steps": -1}, "hr_second_pass_steps"),
     ],
 )

@@ -17,9 +17,11 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+import a1111_reference as a1111  # noqa: E402
 import diffusers_reference as reference  # noqa: E402
 import kdiffusion_reference as kd  # noqa: E402
 from runtime import Pipeline  # noqa: E402
+from runtime.errors import InvalidRequestError  # noqa: E402
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "masterpiece, best quality, 1girl", "lowres", 114514, 5, 7.0, 64
 
@@ -38,6 +40,8 @@ A1111 = {
     "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "exponential", False),
     "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", "exponential", False),
     "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", "exponential", True),
+    "dpm_adaptive": ("sample_dpm_adaptive", None, False),
+    "restart": ("restart_sampler", "karras", False),  # A1111's own (tests/a1111_reference.py)
 }
 # A1111's extra arguments: solver_type from the sampler's options; the SDE samplers' noise_sampler
 # (create_noise_sampler: a BrownianTreeNoiseSampler over the whole schedule, seeded with the image
@@ -76,43 +80,204 @@ def a1111_extra(sampler: str, x: torch.Tensor, sigmas: torch.Tensor) -> dict:
     return extra
 
 
-def kdiffusion_image(pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS) -> np.ndarray:
+def sampler_function(sampler: str):
+    name = A1111[sampler][0]
+    return getattr(kd.sampling, name, None) or getattr(a1111, name)
+
+
+def kdiffusion_image(
+    pipe, raw_config, sampler: str, schedule: str, monkeypatch, steps: int = STEPS, ensd: int = 0
+) -> np.ndarray:
     denoiser = kd.compvis_denoiser(pipe.unet, raw_config)
     cond = reference.clip_skip_embeddings(pipe, PROMPT)
     uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
     model = kd.cfg_model(denoiser, cond, uncond, CFG)
     generator = torch.Generator("cpu").manual_seed(SEED)
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    if ensd:  # A1111's ImageRNG.first: the later noise from seed + ENSD, whatever the sampler
+        generator = torch.Generator("cpu").manual_seed(SEED + ensd)
     monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
     sigmas = a1111_sigmas(denoiser, sampler, schedule, steps)
-    function = getattr(kd.sampling, A1111[sampler][0])
+    function = sampler_function(sampler)
     x = noise * sigmas[0]
     with torch.no_grad():
-        if sampler == "dpm_fast":  # A1111: the model's sigma range, n = steps, eta_ancestral = 1
+        if sampler in ("dpm_fast", "dpm_adaptive"):  # A1111: the model's sigma range (fast: n = steps), eta 1
             low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
-            latents = function(model, x, low, high, steps, disable=True, eta=1.0)
+            n = (steps,) if sampler == "dpm_fast" else ()
+            latents = function(model, x, low, high, *n, disable=True, eta=1.0)
         else:
             latents = function(model, x, sigmas, disable=True, **a1111_extra(sampler, x, sigmas))
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS) -> np.ndarray:
+def ours(pipe: Pipeline, sampler: str, schedule: str, steps: int = STEPS, ensd: int = 0) -> np.ndarray:
     out = pipe(
         PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler=sampler, schedule=schedule,
-        num_inference_steps=steps, guidance_scale=CFG, output_type="np",
+        num_inference_steps=steps, guidance_scale=CFG, output_type="np", eta_noise_seed_delta=ensd,
     )  # fmt: skip
     return np.stack(out.images)
 
 
+# DPM adaptive ignores the schedule type (its own steps between the model's sigma range) and makes
+# many model calls (three per tried step): once is enough.
+CASES = [
+    (sampler, schedule)
+    for sampler in sorted(A1111)
+    for schedule in ("automatic", "karras", "exponential")
+    if sampler != "dpm_adaptive" or schedule == "automatic"
+]
+
+
 @pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde clamps the rounded tree ends
-@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
-@pytest.mark.parametrize("sampler", sorted(A1111))
+@pytest.mark.parametrize(("sampler", "schedule"), CASES)
 def test_sampler_equals_kdiffusion(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, sampler, schedule):
     expected = kdiffusion_image(diffusers_pipe, raw_config, sampler, schedule, monkeypatch)
     got = ours(runtime_fp32, sampler, schedule)
     assert expected.std() > 0.02  # a real image, not a flat one
     assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def test_restart_segments_and_ensd(diffusers_pipe, runtime_fp32, raw_config, monkeypatch):
+    """From 20 steps Restart re-plans its levels and restarts once from near 0.1 back up to near 2,
+    with noise from the generator A1111 re-seeds with seed + ENSD (which its infotext leaves out,
+    as Restart is not a "uses_ensd" sampler)."""
+    expected = kdiffusion_image(diffusers_pipe, raw_config, "restart", "automatic", monkeypatch, 20, ensd=31337)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler="Restart", schedule="automatic",
+        num_inference_steps=20, guidance_scale=CFG, output_type="np", eta_noise_seed_delta=31337,
+    )  # fmt: skip
+    got = np.stack(out.images)
+    assert np.abs(got - expected).max() * 255 <= 1.0
+    assert "ENSD" not in out.infotexts[0] and "Schedule type: Karras" in out.infotexts[0]
+    assert np.abs(got - ours(runtime_fp32, "restart", "automatic", 20)).max() * 255 > 1.0  # ENSD does matter
+
+
+def a1111_unipc_image(pipe, raw_config, steps: int) -> np.ndarray:
+    """sd_samplers_timesteps_impl.unipc: UniPC (bh1, order 3, lower_order_final, time_uniform) on
+    CFG over the UNet's noise prediction, from unit noise, len(range(0, 1000, 1000 // steps)) steps."""
+    both = uncond_cond_eps(pipe)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = both(x, t)
+        return uncond + (cond - uncond) * CFG
+
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    unipc = a1111.UniPC(eps_model, a1111.NoiseScheduleVP(kd.ldm_alphas_cumprod(raw_config)))
+    with torch.no_grad():
+        latents = unipc.sample(x, steps=len(range(0, 1000, 1000 // steps)))
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("steps", [3, 6])
+def test_unipc_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, steps):
+    """UniPC ignores the schedule type (a timestep sampler in A1111): Karras gives the same image."""
+    expected = a1111_unipc_image(diffusers_pipe, raw_config, steps)
+    got = ours(runtime_fp32, "unipc", "karras", steps)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def uncond_cond_eps(pipe):
+    """The UNet's (uncond, cond) noise predictions for PROMPT / NEGATIVE, batched uncond first."""
+    cond = reference.clip_skip_embeddings(pipe, PROMPT)
+    uncond = reference.clip_skip_embeddings(pipe, NEGATIVE)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        return out[:1], out[1:]
+
+    return eps
+
+
+@pytest.mark.parametrize("cfg", [1.0, CFG])
+def test_ddim_cfgpp_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, cfg):
+    """A1111's DDIM timesteps, CFG / 12.5, the uncond prediction as the direction; at CFG 1 the
+    uncond is still computed, as A1111 does for CFG++."""
+    steps = 5
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)
+    model = a1111.CFGPPModel(uncond_cond_eps(diffusers_pipe), cfg)
+    with torch.no_grad():
+        latents = a1111.ddim_cfgpp(model, x, timesteps, kd.ldm_alphas_cumprod(raw_config))
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler="DDIM CFG++",
+        schedule="automatic", num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+    ).images[0]  # fmt: skip
+    assert expected.std() > 0.02
+    assert np.abs(got - expected[0]).max() * 255 <= 1.0
+
+
+def test_plms_equals_a1111(diffusers_pipe, runtime_fp32, raw_config):
+    """Six steps: the improved-Euler start, then Adams-Bashforth of orders 2, 3 and 4 (twice)."""
+    steps = 6
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    both = uncond_cond_eps(diffusers_pipe)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = both(x, t)
+        return uncond + (cond - uncond) * CFG
+
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(SEED))
+    with torch.no_grad():
+        latents = a1111.plms(model, x, timesteps, kd.ldm_alphas_cumprod(raw_config))
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = ours(runtime_fp32, "plms", "automatic", steps)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
+def test_lcm_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, schedule):
+    """A1111's LCM: its denoiser over LCM's 50 levels ("Automatic" its own get_sigmas, the other
+    types over its sigma range), CFG on its outputs, noise from the image generator. The tiny model
+    is no LCM; the arithmetic is the same."""
+    denoiser = a1111.LCMCompVisDenoiser(kd._Wrapped(diffusers_pipe.unet, kd.ldm_alphas_cumprod(raw_config)))
+    cond = reference.clip_skip_embeddings(diffusers_pipe, PROMPT)
+    model = kd.cfg_model(denoiser, cond, reference.clip_skip_embeddings(diffusers_pipe, NEGATIVE), CFG)
+    low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    if schedule == "automatic":
+        sigmas = denoiser.get_sigmas(STEPS)
+    else:
+        sigmas = getattr(kd.sampling, f"get_sigmas_{schedule}")(STEPS, low, high)
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator) * sigmas[0]
+    monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+    with torch.no_grad():
+        latents = a1111.sample_lcm(model, x, sigmas)
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    expected = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    got = ours(runtime_fp32, "lcm", schedule)
+    assert expected.std() > 0.02
+    assert np.abs(got - expected).max() * 255 <= 1.0
+
+
+def test_unipc_refuses_img2img_and_hires(runtime_fp32):
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.5)
+    assert error.value.field == "sampler" and "txt2img only" in error.value.message
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(
+            prompt=PROMPT, schedule="automatic", enable_hr=True, hires_options={"hr_sampler_name": "UniPC"}
+        )
+    assert error.value.field == "hr_sampler_name"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"sampler": "lcm", "schedule": "simple"}, "schedule"), ({"sampler": "plms", "num_inference_steps": 2}, "steps")],
+)
+def test_sampler_limits_are_one_clear_error(runtime_fp32, options, field):
+    """LCM with a schedule type built from the inner model's timesteps; PLMS on a one-step grid."""
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, **{"schedule": "automatic", **options})
+    assert error.value.field == field
 
 
 def init_image() -> Image.Image:
@@ -140,7 +305,7 @@ def kdiffusion_img2img(pipe, raw_config, sampler: str, strength: float, monkeypa
         sigmas = a1111_sigmas(denoiser, sampler, "automatic", steps)
         t_enc = int(min(strength, 0.999) * steps)
         schedule = sigmas[steps - t_enc - 1 :]
-        function = getattr(kd.sampling, A1111[sampler][0])
+        function = sampler_function(sampler)
         # The Brownian tree spans the whole schedule, not the slice (A1111's sample_img2img).
         latents = function(model, x0 + noise * schedule[0], schedule, disable=True, **a1111_extra(sampler, x0, sigmas))
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample

@@ -228,8 +228,10 @@ def test_listing_endpoints_answer_a1111_shapes(main: Server) -> None:
     assert models[0]["model_name"] == "tiny-diffusers" and {"title", "hash", "filename"} <= set(models[0])
     assert [s["name"] for s in samplers] == [
         "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
-        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DDIM",
-    ]  # fmt: skip
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS",
+        "UniPC", "LCM",
+    ]  # fmt: skip  # A1111 1.10's samplers_k_diffusion, samplers_timesteps, samplers_lcm in its order
+    assert samplers[14]["options"] == {"scheduler": "karras", "second_order": True}  # Restart
     assert "k_euler_a" in samplers[6]["aliases"] and samplers[0]["options"] == {"scheduler": "karras"}
     assert samplers[3]["options"] == {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}
     assert [s["label"] for s in schedulers][:12] == [
@@ -307,7 +309,7 @@ BAD_BODIES = [
     ({"cfg_scale": -1}, 422, "cfg_scale"),
     ({"cfg_scale": "high"}, 422, "cfg_scale"),
     ({"sampler_name": "Warp 9"}, 422, "sampler_name"),
-    ({"sampler_name": "LCM"}, 422, "sampler_name"),  # an A1111 sampler not implemented here
+    ({"sampler_name": "DPM++ 4M"}, 422, "sampler_name"),  # not an A1111 sampler
     ({"sampler_name": 3}, 422, "sampler_name"),
     ({"scheduler": "Sideways"}, 422, "scheduler"),
     ({"seed": -2}, 422, "seed"),
@@ -731,13 +733,12 @@ def test_mapping_rules() -> None:
         resolve("DPM++ 2M", "Karras Exponential")
     assert error.value.field == "scheduler" and "'Beta'" in error.value.message
     assert resolve("DPM++ 2M SDE Karras") == ("dpmpp_2m_sde", "karras")
+    assert resolve("Restart Karras") == ("restart", "karras")
+    assert resolve("DPM adaptive Karras") == ("dpm_adaptive", "karras")
+    assert resolve("UniPC", "Karras") == ("unipc", "a1111")  # a timestep sampler: its own grid
     with pytest.raises(InvalidRequestError) as error:
-        resolve("Restart Karras")
-    assert (
-        error.value.field == "sampler_name"
-        and "does not have yet" in error.value.message
-        and "'Heun'" in error.value.message
-    )
+        resolve("DPM++ 4M Karras")
+    assert error.value.field == "sampler_name" and "'LCM'" in error.value.message
 
 
 # -- img2img, inpainting, hires fix and their endpoints ---------------------------------------------

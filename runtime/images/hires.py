@@ -12,7 +12,7 @@ from .. import registry
 from ..errors import InvalidRequestError
 from ..registry import UpscalerInfo
 from ..sampling.schedules import Schedule
-from .img2img import plan_denoise
+from .img2img import check_denoise_sampler, plan_denoise
 from .inputs import check_strength, check_whole_number
 from .metadata import infotext_number
 from .model_upscale import check_upscale
@@ -79,6 +79,7 @@ def plan_hires(
         scale = max(to_x / width, to_y / height)
         check_upscale(width, height, scale, upscaler, max_pixels, "hr_upscaler")
     # A1111 passes the hires pass its step count, so it always takes the img2img_fix_steps rule.
+    check_denoise_sampler(sampler, "hr_sampler_name")
     schedule = plan_denoise(partial(make_schedule, sampler), second_steps or steps, strength, step_rule, True)
     # A1111's init() order: sampler, prompts, then the size, steps and upscaler.
     info: dict[str, Any] = {"Denoising strength": infotext_number(strength)}

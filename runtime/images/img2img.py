@@ -137,6 +137,22 @@ def a1111_steps(steps: int, strength: float, fix_steps: bool) -> tuple[int, int]
     return steps, int(capped * steps)
 
 
+# Samplers whose A1111 img2img start this runtime does not reproduce: UniPC starts its own time
+# grid at ``t_start = timesteps[t_enc - 1] / 1000 + 1 / 1000`` from a sample noised to another level.
+TXT2IMG_ONLY_SAMPLERS = ("unipc",)
+
+
+def check_denoise_sampler(sampler: str, field: str, inpainting: bool = False) -> None:
+    """One clear error for a sampler that cannot run an img2img or hires pass here, or inpainting:
+    DPM adaptive's levels are only known as it runs, and the per-step blend needs each step's level."""
+    if sampler in TXT2IMG_ONLY_SAMPLERS:
+        raise InvalidRequestError(
+            field, f"sampler {sampler!r} runs txt2img only here (A1111's img2img start for it is not reproduced)"
+        )
+    if inpainting and sampler == "dpm_adaptive":
+        raise InvalidRequestError(field, "sampler 'dpm_adaptive' cannot inpaint here; choose another sampler")
+
+
 def plan_denoise(make: Any, steps: int, strength: float, rule: str, fix_steps: bool = False) -> Schedule:
     """The schedule an img2img (or hires) pass runs at `strength`: `make(n)` builds an n-step
     schedule. "a1111" slices it as A1111's KDiffusionSampler.sample_img2img does

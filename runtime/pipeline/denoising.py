@@ -29,6 +29,7 @@ def make_denoiser(
     scale: float,
     latent_shape: tuple,
     pad_conds: bool = False,
+    with_uncond: bool = False,
 ) -> Denoiser:
     """The model as samplers see it: x in VE space, its noise level and the UNet timestep for that
     level -> predicted clean x.
@@ -36,7 +37,8 @@ def make_denoiser(
     piece with i < until_step; the UNet is rebound only when the piece changes. With
     guidance one UNet call runs the uncond half first (as diffusers does), then one half per
     AND part; parts and uncond of different lengths run as two calls, as in A1111
-    (conditioning.unet_contexts)."""
+    (conditioning.unet_contexts). `with_uncond` makes it return (guided, uncond) predictions, for
+    DDIM CFG++ (A1111's need_last_noise_uncond)."""
     batch = latent_shape[0]
     bound: dict[str, Any] = {"calls": 0}
 
@@ -64,9 +66,10 @@ def make_denoiser(
             timesteps = np.full((batch * halves,), timestep, dtype=np.float32)
             outputs.append(unet_step(np.concatenate([scaled] * halves), timesteps))
         eps = np.concatenate(outputs)
-        if piece.uncond is not None:
-            eps = combine_guidance(eps, batch, scale, piece.weights)
-        return x - sigma * eps
+        if piece.uncond is None:
+            return x - sigma * eps
+        guided = x - sigma * combine_guidance(eps, batch, scale, piece.weights)
+        return (guided, x - sigma * eps[:batch]) if with_uncond else guided
 
     return denoise
 

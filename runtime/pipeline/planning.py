@@ -19,12 +19,13 @@ from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_sche
 from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
-from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
+from ..images.img2img import STEP_RULES, check_denoise_sampler, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
 from ..registry import UpscalerInfo
 from ..sampling.schedules import make_schedule
+from ..sampling.timestep_samplers import CFGPP_SAMPLERS
 from ..text.comments import strip_comments
 from ..text.conditioning import PromptChunks, empty_chunks, prompt_to_chunks
 from ..text.embeddings import EmbeddingLibrary, EmbeddingMatcher
@@ -173,6 +174,8 @@ def prepare(
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
 
+        check_denoise_sampler(sampler, "sampler", inpainting=mask_image is not None)
+
         def make(n: int) -> Any:
             return make_schedule(scheduler_config, sampler, schedule, n)
 
@@ -185,8 +188,9 @@ def prepare(
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(
-        tokenizer, cond_plan, guidance_scale, embeddings=embeddings, pad_conds=pad_conds
-    )
+        tokenizer, cond_plan, guidance_scale, embeddings=embeddings, pad_conds=pad_conds,
+        need_uncond=sampler in CFGPP_SAMPLERS,
+    )  # fmt: skip
     vae = resolve_vae(manifest, vae)
     if vae_tiling not in VAE_TILING:
         raise InvalidRequestError("vae_tiling", f"must be one of {', '.join(VAE_TILING)}, not {vae_tiling!r}")
@@ -271,7 +275,10 @@ def _hires_conditioning(
     hires_steps = hires.infotext.get("Hires steps") or request.steps
     text = parse_prompt(hires.prompt, fields[0])[0]
     cond_plan = ConditioningPlan.build(text, hires.negative_prompt, request.steps, hires_steps=hires_steps)
-    return plan_conditioning(tokenizer, cond_plan, request.guidance_scale, fields, embeddings, request.pad_conds)
+    return plan_conditioning(
+        tokenizer, cond_plan, request.guidance_scale, fields, embeddings, request.pad_conds,
+        need_uncond=hires.sampler in CFGPP_SAMPLERS,
+    )  # fmt: skip
 
 
 def prompt_chunks(
@@ -295,6 +302,7 @@ def plan_conditioning(
     fields: tuple[str, str] = ("prompt", "negative_prompt"),
     embeddings: EmbeddingMatcher | None = None,
     pad_conds: bool = False,
+    need_uncond: bool = False,
 ) -> tuple[tuple[CondPiece, ...], dict[str, PromptChunks], bool, dict[str, int]]:
     """The conditioning pieces of one pass from the prompts' editing/alternation/AND plan (made for
     that pass's step count), and every text they name parsed and chunked once (its weights
@@ -304,14 +312,15 @@ def plan_conditioning(
     UNet is conditioning.unet_contexts (A1111's CFGDenoiser). With `pad_conds` the empty text's
     chunk comes along (what the shorter side is padded with), and the bool returned says whether
     any step pads (infotext `Pad conds: True`). Guidance at most 1 drops the negative prompt,
-    except with AND or a part weight: A1111 combines those around the uncond always."""
+    except with AND or a part weight: A1111 combines those around the uncond always, and for a
+    sampler that `need_uncond` (DDIM CFG++ steers along the uncond prediction)."""
     positive, negative = fields
     if len(plan.parts) > MAX_AND_PARTS:
         raise InvalidRequestError(positive, f"{len(plan.parts)} AND parts is more than {MAX_AND_PARTS}")
     for _, weight in plan.parts:
         if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
             raise InvalidRequestError(positive, f"AND weight {weight:g} is out of range (|weight| <= {MAX_WEIGHT:g})")
-    with_negative = guidance_scale > 1.0 or plan.composable
+    with_negative = guidance_scale > 1.0 or plan.composable or need_uncond
     texts = {positive: plan.positive_texts(), negative: plan.negative_texts()}
     parsed = {name: {text: prompt_chunks(tokenizer, name, text, embeddings) for text in items}
               for name, items in texts.items()}  # fmt: skip

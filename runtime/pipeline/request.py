@@ -143,7 +143,7 @@ def check_guidance(guidance_scale: Any) -> None:
         raise InvalidRequestError("cfg_scale", f"must not be negative, not {guidance_scale}")
 
 
-def uses_ensd(request: GenerationRequest, sampler: str | None = None) -> bool:
-    """ENSD re-seeds the noise drawn after the initial latent; only ancestral samplers draw any,
-    and A1111 writes ENSD into the infotext only for them."""
-    return request.eta_noise_seed_delta > 0 and registry.sampler(sampler or request.sampler).ancestral
+def uses_ensd(request: GenerationRequest) -> bool:
+    """Whether the infotext names ENSD: A1111 writes it for its "uses_ensd" samplers only, although
+    ENSD re-seeds every noise drawn after the initial latent (Restart's restarts too)."""
+    return request.eta_noise_seed_delta > 0 and registry.sampler(request.sampler).ancestral

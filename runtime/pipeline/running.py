@@ -44,6 +44,7 @@ from ..limits import LORA_CACHE_MB
 from ..sampling import ksamplers, samplers
 from ..sampling.rng import NoiseGenerator, make_generator
 from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
+from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
@@ -305,22 +306,29 @@ class Pipeline(Planner):
         """One sampling pass from x. An interrupted pass returns the last prediction of the
         clean image, as the A1111 web UI shows on Interrupt."""
         schedule, shape = pass_.schedule, (1, *x.shape[1:])
-        if uses_ensd(request, pass_.sampler):
-            # A1111: the ancestral noise comes from generators re-seeded with seed + ENSD.
+        total = sampler_steps(pass_.sampler, schedule)
+        if request.eta_noise_seed_delta > 0:
+            # A1111 1.10 (ImageRNG.first) re-seeds the generators with seed + ENSD once the initial
+            # noise is drawn, whatever the sampler: every later draw (ancestral noise, Restart's
+            # restarts) comes from them; the infotext names ENSD only for "uses_ensd" samplers.
             generators = [make_generator(request.rng, seed + request.eta_noise_seed_delta) for seed in request.seeds]
         states = self.encode(pass_.chunks, request.clip_skip)
+        cfgpp = pass_.sampler in CFGPP_SAMPLERS
+        scale = request.guidance_scale / CFGPP_SCALE_DIVISOR if cfgpp else request.guidance_scale
         denoise = make_denoiser(
-            self.sessions.unet, pass_.conditioning, states, request.guidance_scale, x.shape, request.pad_conds
+            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp
         )
         last_denoised: dict[str, np.ndarray] = {}
 
-        def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> np.ndarray:
-            last_denoised["x"] = denoise(x_in, sigma, timestep)
-            return last_denoised["x"]
+        def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> Any:
+            out = denoise(x_in, sigma, timestep)
+            last_denoised["x"] = out[0] if isinstance(out, tuple) else out
+            return out
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
             latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
-            stop = callback is not None and callback(step + 1, schedule.steps, latents) is False
+            # DPM adaptive picks its own steps: its total grows past the estimate if it must.
+            stop = callback is not None and callback(step + 1, max(total, step + 1), latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
                 raise _Stop
             return latents
@@ -372,13 +380,14 @@ class Pipeline(Planner):
         for g in generators:
             g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
         x0, mask = fill_latents(x0, noise, init), init.latent_mask
+        ends = step_ends(prepared.request.sampler, schedule)
         if init.strength == 1.0:  # diffusers starts from pure noise at full strength
             x = noise * np.float32(schedule.init_noise_sigma)
         else:
             x = x0 + noise * np.float32(schedule.sigmas[0])
 
         def after_step(step: int, latents: np.ndarray) -> np.ndarray:
-            return blend(latents, x0, noise, float(schedule.sigmas[step + 1]), mask)
+            return blend(latents, x0, noise, float(ends[step]), mask)
 
         return x.astype(np.float32), after_step
 
@@ -430,6 +439,18 @@ def run_sampler(
         return denoise(x_in, float(schedule.sigmas[step]), float(schedule.timesteps[step]))
 
     return samplers.sample(name, at_step, x, schedule, noise, callback)
+
+
+def step_ends(name: str, schedule: Schedule) -> np.ndarray:
+    """The level x is at after each step of sampler `name` (Restart's jumps included)."""
+    if schedule.log_sigmas is not None:
+        return ksamplers.step_ends(name, schedule)
+    return np.asarray(schedule.sigmas[1:], dtype=np.float32)
+
+
+def sampler_steps(name: str, schedule: Schedule) -> int:
+    """The steps sampler `name` reports progress for: the schedule's, or Restart's own plan."""
+    return len(step_ends(name, schedule)) if schedule.log_sigmas is not None else schedule.steps
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

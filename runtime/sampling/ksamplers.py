@@ -7,7 +7,11 @@ the model may be asked at levels between two of them (Heun, DPM2, DPM++ 2S a, DP
 makes k-diffusion's ``torch.randn_like`` do; a sampler draws exactly where k-diffusion does.
 A1111's defaults apply: eta 1 for the ancestral and SDE samplers (``eta_ancestral``), s_noise 1,
 no churn. The SDE samplers (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) take their noise between two
-levels from A1111's Brownian tree (`runtime.sampling.brownian`) instead.
+levels from A1111's Brownian tree (`runtime.sampling.brownian`) instead. Restart (A1111's own,
+modules/sd_samplers_extra.py) is Heun steps with jumps back up to a higher level.
+
+A little over 500 lines on purpose: it mirrors k-diffusion's sampling.py one function to one,
+which is easier to check side by side than a split; DPM adaptive and LCM live in their own modules.
 """
 
 from __future__ import annotations
@@ -15,19 +19,34 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .a1111_schedules import sigma_to_t
+from .a1111_schedules import karras, sigma_to_t
+from .dpm_adaptive import sample_dpm_adaptive
+from .lcm import lcm_boundary, lcm_timestep, sample_lcm
 
 if TYPE_CHECKING:
     from .schedules import Schedule
 
-__all__ = ["BROWNIAN_SAMPLERS", "K_SAMPLERS", "ancestral_step", "dpm_fast_grid", "lms_coefficient", "sample"]
+__all__ = [
+    "BROWNIAN_SAMPLERS",
+    "K_SAMPLERS",
+    "ancestral_step",
+    "dpm_fast_grid",
+    "lms_coefficient",
+    "restart_segments",
+    "sample",
+    "step_ends",
+]
 
 SigmaDenoiser = Callable[[np.ndarray, float], np.ndarray]
 NoiseSource = Callable[[], np.ndarray]
+# Restart's automatic restart_list: from this many steps, a restart from the level nearest
+# RESTART_FROM back up to the level nearest RESTART_TO.
+RESTART_MIN_STEPS, RESTART_FROM, RESTART_TO = 20, 0.1, 2.0
 BrownianSource = Callable[[float, float], np.ndarray]  # noise between two levels (runtime.sampling.brownian)
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
 
@@ -79,21 +98,62 @@ def sample_euler_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource
     return x
 
 
+def heun_step(denoise: SigmaDenoiser, x: np.ndarray, sigma: float, sigma_next: float) -> np.ndarray:
+    """An Euler step corrected by the slope at its end; Euler alone into 0 (one model call)."""
+    d = _derivative(x, sigma, denoise(x, sigma))
+    dt = np.float32(sigma_next - sigma)
+    if sigma_next == 0:
+        return _f32(x + d * dt)
+    x_2 = _f32(x + d * dt)
+    d_2 = _derivative(x_2, sigma_next, denoise(x_2, sigma_next))
+    return _f32(x + (d + d_2) / np.float32(2) * dt)
+
+
 def sample_heun(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
-    """Karras et al. (2022) Algorithm 2: an Euler step corrected by the slope at its end (two model
-    calls a step, one for the last step into 0)."""
+    """Karras et al. (2022) Algorithm 2 with Heun steps and no churn (two model calls a step, one
+    for the last step into 0)."""
     x = _f32(x)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = _derivative(x, sigma, denoise(x, sigma))
-        dt = np.float32(sigma_next - sigma)
-        if sigma_next == 0:
-            x = _f32(x + d * dt)
-        else:
-            x_2 = _f32(x + d * dt)
-            d_2 = _derivative(x_2, sigma_next, denoise(x_2, sigma_next))
-            x = _f32(x + (d + d_2) / np.float32(2) * dt)
-        x = _notify(callback, i, x)
+        x = _notify(callback, i, heun_step(denoise, x, float(sigmas[i]), float(sigmas[i + 1])))
+    return x
+
+
+def restart_segments(sigmas: np.ndarray) -> list[tuple[float, float]]:
+    """A1111's Restart plan (modules/sd_samplers_extra.py ``restart_sampler`` with its automatic
+    ``restart_list``): the (from, to) level of every step. Under 20 steps it is plain Heun over
+    `sigmas`. From 20 steps, `sigmas` is replaced by a Karras schedule between its ends with fewer
+    steps, and after the level nearest 0.1 the sampler jumps back up to the level nearest 2 and
+    descends again over `restart_steps` Karras steps (9 steps once; from 36 steps, steps // 4
+    twice), so the step count stays the requested one unless the schedule never reaches 2 (img2img)."""
+    sigmas = np.asarray(sigmas, dtype=np.float32)
+    steps = len(sigmas) - 1
+    if steps < RESTART_MIN_STEPS:
+        return [(float(a), float(b)) for a, b in pairwise(sigmas)]
+    restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    levels = karras(steps - restart_steps * restart_times, float(sigmas[-2]), float(sigmas[0])).astype(np.float32)
+    low = int(np.argmin(np.abs(levels - np.float32(RESTART_FROM))))
+    high = int(np.argmin(np.abs(levels - np.float32(RESTART_TO))))
+    segments = []
+    for i in range(len(levels) - 1):
+        segments.append((float(levels[i]), float(levels[i + 1])))
+        if i + 1 == low and high < low:
+            # restart_steps + 1 Karras levels from levels[high] down to levels[low] (the appended 0 dropped)
+            again = karras(restart_steps + 1, float(levels[low]), float(levels[high]))[:-1].astype(np.float32)
+            segments += [(float(a), float(b)) for a, b in pairwise(again)] * restart_times
+    return segments
+
+
+def sample_restart(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+    """Restart sampling (Xu et al. 2023) as A1111 runs it: Heun steps over `restart_segments`;
+    where a step starts above the level the last one ended at, fresh noise brings x up to it
+    (s_noise 1)."""
+    x = _f32(x)
+    last: float | None = None
+    for i, (sigma, sigma_next) in enumerate(restart_segments(sigmas)):
+        if last is not None and last < sigma:
+            x = _f32(x + noise() * np.float32(math.sqrt(np.float32(sigma) ** 2 - np.float32(last) ** 2)))
+        x = _notify(callback, i, heun_step(denoise, x, sigma, sigma_next))
+        last = sigma_next
     return x
 
 
@@ -388,13 +448,24 @@ K_SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,  # runtime.sampling.dpm_adaptive
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_heun": partial(sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "restart": sample_restart,
+    "lcm": sample_lcm,  # runtime.sampling.lcm
 }
 # The SDE samplers: their noise is a BrownianSource (A1111's Brownian tree), the others' a NoiseSource.
 BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+
+
+def step_ends(name: str, schedule: Schedule) -> np.ndarray:
+    """The level x is at after each of the sampler's steps (their count is the progress total):
+    the schedule's next levels, but Restart's own plan for Restart."""
+    if name == "restart" and schedule.log_sigmas is not None:
+        return np.array([end for _, end in restart_segments(schedule.sigmas)], dtype=np.float32)
+    return np.asarray(schedule.sigmas[1:], dtype=np.float32)
 
 
 def sample(
@@ -424,6 +495,16 @@ def sample(
         return denoise(x_in, sigma, float(sigma_to_t(np.array([sigma]), log_table)[0]))
 
     sigmas = schedule.sigmas
+    if name == "lcm":  # the model at LCM's own timesteps, its boundary condition applied
+
+        def lcm_model(x_in: np.ndarray, sigma: float) -> np.ndarray:
+            timestep = lcm_timestep(sigma, log_table)
+            c_skip, c_out = lcm_boundary(timestep)
+            return np.float32(c_out) * denoise(x_in, sigma, float(timestep)) + np.float32(c_skip) * x_in
+
+        return sample_lcm(lcm_model, x, sigmas, noise, callback)
+    if name == "dpm_adaptive":  # as DPM fast: between the schedule's ends, A1111's eta 1
+        return sample_dpm_adaptive(at_sigma, x, float(sigmas[-2]), float(sigmas[0]), noise, callback)
     if name == "dpm_fast":
         levels, orders = dpm_fast_grid(float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1)
         return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders)

@@ -1,4 +1,5 @@
-"""The four samplers as small k-diffusion-style loops over a denoiser, in numpy.
+"""diffusers' four samplers as small k-diffusion-style loops over a denoiser, in numpy (and, in the
+same step-indexed form, A1111's timestep samplers of `runtime.sampling.timestep_samplers`).
 
 All of them work on the variance-exploding sample ``x`` (``latent / sqrt(alpha_bar)``) and a
 decreasing list of noise levels ``sigmas`` (see `runtime.sampling.schedules`). The denoiser maps ``(x, i)``
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .schedules import Schedule
+from .timestep_samplers import sample_ddim_cfgpp, sample_plms, sample_unipc
 
 __all__ = [
     "SAMPLER_FUNCTIONS",
@@ -207,6 +209,9 @@ SAMPLER_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "euler": sample_euler,
     "dpmpp_2m": sample_dpmpp_2m,
     "ddim": sample_ddim,
+    "unipc": sample_unipc,  # A1111's (runtime.sampling.timestep_samplers)
+    "ddim_cfgpp": sample_ddim_cfgpp,
+    "plms": sample_plms,
 }
 
 

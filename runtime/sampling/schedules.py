@@ -41,6 +41,7 @@ from ..errors import InvalidRequestError
 from . import a1111_schedules
 from .a1111_schedules import A1111_SCHEDULES, sigma_to_t
 from .diffusers_schedules import COMMON_DEFAULTS, CONFIG_DEFAULTS, ddim_model, dpm_model, euler_model
+from .lcm import LCM_TRAIN_STEPS, lcm_sigma_table
 from .noise_levels import (
     Schedule,
     build_schedule,
@@ -50,6 +51,7 @@ from .noise_levels import (
     unsupported,
     vp_init,
 )
+from .timestep_samplers import UNIPC_ORDER, unipc_times
 
 __all__ = [
     "SAMPLERS",
@@ -64,8 +66,8 @@ __all__ = [
 # The samplers diffusers has a scheduler for: the only ones schedule "model" serves.
 DIFFUSERS_SAMPLERS = ("euler_a", "euler", "dpmpp_2m", "ddim")
 SAMPLERS = (
-    *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast",
-    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
+    *DIFFUSERS_SAMPLERS, "lms", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpm_fast", "dpm_adaptive",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "unipc", "ddim_cfgpp", "plms", "lcm",
 )  # fmt: skip
 # "a1111" is A1111's plain discretization ("Uniform"); "automatic" the one A1111's "Automatic"
 # gives each sampler (AUTOMATIC below); the others are A1111's schedule types by their names.
@@ -75,6 +77,7 @@ SCHEDULES = ("model", "a1111", "automatic", *A1111_SCHEDULES)
 # means CompVisDenoiser.get_sigmas, i.e. "uniform"). DDIM is a timestep sampler and takes none.
 AUTOMATIC = {
     "dpmpp_2m": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_sde": "karras",
+    "restart": "karras",
     "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential",
 }  # fmt: skip
 # Samplers that A1111 gives one step more and then drops the next-to-last level.
@@ -168,8 +171,10 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     runs between their ends (`runtime.sampling.ksamplers.sample`)."""
     table = _ldm_sigma_table(cfg)
     kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
-    if sampler == "dpm_fast":
-        kind = "uniform"  # A1111 passes DPM fast the model's sigma range and the step count only
+    if sampler == "lcm":
+        table = _lcm_table(table, kind)
+    if sampler in ("dpm_fast", "dpm_adaptive"):
+        kind = "uniform"  # A1111 passes DPM fast / adaptive the model's sigma range (and fast the step count)
     discard = sampler in DISCARD_PENULTIMATE
     sigmas = a1111_schedules.a1111_sigmas(kind, n + 1 if discard else n, table)
     if discard:
@@ -180,25 +185,62 @@ def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> 
     )
 
 
-def _a1111_ddim(cfg: Mapping[str, Any], n: int) -> Schedule:
+# Schedule types A1111 builds from the inner model's timestep mapping, which LCM's denoiser changes.
+LCM_REFUSED = ("sgm_uniform", "simple", "normal", "ddim")
+
+
+def _lcm_table(table: np.ndarray, kind: str) -> np.ndarray:
+    """LCM's denoiser knows only LCM's 50 levels: "Uniform" (its "Automatic") spreads the steps
+    over them, the range-based types run between their ends, as A1111 does."""
+    if kind in LCM_REFUSED:
+        raise InvalidRequestError(
+            "schedule", f"schedule type {kind!r} with LCM is not reproduced; use automatic, karras or exponential"
+        )
+    if len(table) != LCM_TRAIN_STEPS:
+        raise unsupported(f"A1111's LCM assumes {LCM_TRAIN_STEPS} training timesteps, this model has {len(table)}")
+    return lcm_sigma_table(table)
+
+
+def _a1111_ddim(cfg: Mapping[str, Any], n: int, least: int = 1) -> Schedule:
     """A1111's DDIM (``sd_samplers_timesteps``; eta 0 by default).
 
     ``timesteps = clip(range(0, T, T // n) + 1, 0, T - 1)``; the loop visits indices ``len - 1 .. 1``
     and steps from ``alphas_cumprod[timesteps[i]]`` to ``alphas_cumprod[timesteps[i - 1]]``, so it
     makes ``len(timesteps) - 1`` model calls (49 for 50 steps, 28 for 28) and ends at timestep 1's
-    level, which the VAE decodes as-is. The initial latent is unscaled unit noise (VP).
+    level, which the VAE decodes as-is. The initial latent is unscaled unit noise (VP). DDIM CFG++
+    and PLMS run on the same grid; PLMS needs `least` = 2 steps (its first asks the model at the
+    next step's timestep, which A1111 reads past the grid's end for a single step).
     """
     total = int(cfg["num_train_timesteps"])
     grid = np.clip(np.arange(0, total, total // n) + 1, 0, total - 1)
-    if len(grid) < 2:
+    if len(grid) < least + 1:
         raise InvalidRequestError(
             "steps",
-            f"A1111's ddim makes len(range(0, {total}, {total} // steps)) - 1 model calls: none for "
-            f"steps={n}; use at least 2 steps",
+            f"A1111's timestep grid has len(range(0, {total}, {total} // steps)) - 1 steps: {len(grid) - 1} for "
+            f"steps={n}; this sampler needs at least {least} (use more steps)",
         )
     alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True)
     sigmas = sigma_of_alpha(alphas_cumprod[grid[::-1]]).astype(np.float32)
     return build_schedule(sigmas, grid[:0:-1], vp_init(sigmas[0]))
+
+
+def _a1111_unipc(cfg: Mapping[str, Any], n: int) -> Schedule:
+    """A1111's UniPC (``sd_samplers_timesteps_impl.unipc``): as many steps as A1111's DDIM grid has
+    timesteps (``len(range(0, T, T // n))``), on UniPC's own "time_uniform" grid in continuous time,
+    where log(alpha_t) interpolates ``0.5 * log(alphas_cumprod)`` linearly (NoiseScheduleVP
+    "discrete") and the UNet gets the fractional timestep ``(t - 1 / T) * T``. It starts from unit
+    noise (VP) and ends at t = 1 / T, the first training level, which the VAE decodes as-is."""
+    total = int(cfg["num_train_timesteps"])
+    steps = len(range(0, total, total // n))
+    if steps < UNIPC_ORDER:
+        raise InvalidRequestError(
+            "steps", f"A1111's UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} steps, got {steps}"
+        )
+    alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True).astype(np.float32)
+    times = unipc_times(steps, total)
+    log_alpha = np.interp(times, np.arange(1, total + 1) / total, 0.5 * np.log(alphas_cumprod.astype(np.float64)))
+    sigmas = np.sqrt(np.expm1(-2.0 * log_alpha))  # sigma_t / alpha_t, the VE level
+    return build_schedule(sigmas, (times[:-1] - 1.0 / total) * total, vp_init(sigmas[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +264,12 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
             "steps", f"steps must be at most {cfg['num_train_timesteps']} (the model's training timesteps)"
         )
     if schedule != "model":
-        # A1111's DDIM is a timestep sampler: its own uniform grid whatever the schedule type.
-        return _a1111_ddim(cfg, steps) if sampler == "ddim" else _kdiffusion(cfg, sampler, schedule, steps)
+        # A1111's DDIM, DDIM CFG++, PLMS and UniPC are timestep samplers: their own grids whatever the schedule type.
+        if sampler == "unipc":
+            return _a1111_unipc(cfg, steps)
+        if sampler in ("ddim", "ddim_cfgpp", "plms"):
+            return _a1111_ddim(cfg, steps, 2 if sampler == "plms" else 1)
+        return _kdiffusion(cfg, sampler, schedule, steps)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(
             "schedule",

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import NonFiniteError, OutOfMemoryError, UserError
+from ..pipeline.running import sampler_steps
 from .images import png_base64
 from .mapping import Plan
 from .tasks import JobProgress, ProgressUpdate, TaskBoard
@@ -108,8 +109,9 @@ def run_plan(
     interrupted = False
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     for index, prepared in enumerate(plan.batches):
-        hires_steps = prepared.hires.schedule.steps if prepared.hires is not None else 0
-        steps = prepared.schedule.steps + hires_steps
+        hires = prepared.hires
+        hires_steps = sampler_steps(hires.sampler, hires.schedule) if hires is not None else 0
+        steps = sampler_steps(prepared.request.sampler, prepared.schedule) + hires_steps
         report(ProgressUpdate(index, 0, steps))
         out = pipe.run(prepared, "np", callback=_pass_counter(report, index, steps), cancel_event=cancel)
         if abandoned():

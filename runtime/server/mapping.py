@@ -14,8 +14,9 @@ Mapping decisions (docs/server.md has the table):
   (POST /options, runtime.server.settings). sd_model_checkpoint is resolved by the routes.
 - override_settings.randn_source: "GPU" (A1111's default) and "NV" -> "nv" (A1111's NV source
   reproduces torch's CUDA randn), "CPU" -> "cpu".
-- ENSD only reaches samplers that draw noise while sampling ("Euler a"), as in A1111: the
-  library applies that rule (runtime.pipeline.request.uses_ensd).
+- ENSD re-seeds every noise drawn after the initial latent, so it reaches the samplers that draw
+  any ("Euler a", "Restart"), as in A1111 1.10; the infotext names it for A1111's "uses_ensd" ones
+  (runtime.pipeline.request.uses_ensd).
 - n_iter batches continue the seeds: image i of the request uses seed + i.
 - img2img and the hires pass take A1111's step rule (t_enc = int(min(strength, 0.999) * steps),
   the last t_enc + 1 levels; override_settings.img2img_fix_steps honoured), the library's
