@@ -231,13 +231,13 @@ class RuntimeSystem:
 
     def encode(self) -> Callable[[], Any]:
         prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
-        return lambda: self.pipe.encode(prepared.chunks)
+        return lambda: self.pipe.encode(prepared.chunks, prepared.request.clip_skip)
 
     def unet_step(self) -> Callable[[], Any]:
         import numpy as np
 
         prepared = self.pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
-        states, piece = self.pipe.encode(prepared.chunks), prepared.conditioning[0]
+        states, piece = self.pipe.encode(prepared.chunks, prepared.request.clip_skip), prepared.conditioning[0]
         cond, uncond = states[piece.conds[0]], states[piece.uncond]
         shape = latent_shape(self.job, batch=2)
         unet = self.pipe.sessions.unet

@@ -86,7 +86,7 @@ def image(pipe: Any, args: argparse.Namespace, prompt: str = PROMPT, **extra: An
 
 def unet_inputs(pipe: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
     prepared = pipe.prepare(prompt=PROMPT, negative_prompt=NEGATIVE)
-    states, piece = pipe.encode(prepared.chunks), prepared.conditioning[0]
+    states, piece = pipe.encode(prepared.chunks, prepared.request.clip_skip), prepared.conditioning[0]
     context = np.stack([states[piece.uncond], states[piece.conds[0]]]).astype(np.float32)
     sample = np.random.default_rng(0).standard_normal((2, 4, size // 8, size // 8), dtype=np.float32)
     return context, sample
