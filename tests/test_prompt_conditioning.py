@@ -185,7 +185,8 @@ def test_single_part_weight_is_composable_at_cfg_one(diffusers_pipe, runtime_fp3
 def test_each_distinct_text_is_encoded_once_in_one_run(runtime_fp32, monkeypatch):
     calls = []
     run = runtime_fp32.sessions.text_encoder.run
-    monkeypatch.setattr(runtime_fp32.sessions.text_encoder, "run", lambda feed: calls.append(feed) or run(feed))
+    encoder = runtime_fp32.sessions.text_encoder
+    monkeypatch.setattr(encoder, "run", lambda feed, *output: calls.append(feed) or run(feed, *output))
     ours(runtime_fp32, "masterpiece, (cat:1.2), [dog]")
     ours(runtime_fp32, "[cat|dog] AND [a:b:3]")
     assert len(calls) == 2  # one text-encoder run per generation

@@ -314,7 +314,7 @@ BAD_BODIES = [
     ({"scheduler": "Sideways"}, 422, "scheduler"),
     ({"seed": -2}, 422, "seed"),
     ({"seed": 2**32}, 422, "seed"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 1}}, 422, "override_settings.CLIP_stop_at_last_layers"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 3}}, 422, "override_settings.CLIP_stop_at_last_layers"),
     ({"override_settings": {"randn_source": "TPU"}}, 422, "override_settings.randn_source"),
     ({"override_settings": {"sd_model_checkpoint": "other-model"}}, 422, "override_settings.sd_model_checkpoint"),
     ({"override_settings": []}, 422, "override_settings"),
