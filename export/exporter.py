@@ -3,6 +3,10 @@
 Everything is written into a staging folder beside the output and moved into place only when
 every graph has passed validation, so a failure (bad graph, full disk, Ctrl-C) never leaves a
 half-written folder that looks finished, and an existing output is replaced only when asked to.
+
+Over 500 lines on purpose: staging, each graph's fallbacks (fp16 to fp32, fusions turned off at
+the working size) and the manifest that records them are one transaction, read top to bottom;
+the graphs' own export, optimization and validation live in graphs.py and validate.py.
 """
 
 from __future__ import annotations

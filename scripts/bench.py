@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the ONNX Runtime pipeline against diffusers' torch StableDiffusionPipeline.
 
+(One file on purpose, over 500 lines: it is both the orchestrator and, with --worker, the fresh
+process each figure is measured in, and it must run from a checkout with nothing but the venv.)
+
     python scripts/bench.py --arch sd15|tiny [--height 512 --width 512] [--steps 28]
                             [--precision fp32|fp16] [--provider cpu|cuda] [--json FILE]
 
