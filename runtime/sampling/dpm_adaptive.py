@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .steps import notify
+
 __all__ = ["AdaptiveSettings", "PIDController", "sample_dpm_adaptive"]
 
 f32 = np.float32
@@ -119,7 +121,6 @@ def sample_dpm_adaptive(
             x_prev = low
             x = (high + up * noise()).astype(np.float32)
             t_now = t
-            replaced = callback(accepted, x) if callback is not None else None
-            x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+            x = notify(callback, accepted, x)
             accepted += 1
     return x

@@ -27,6 +27,7 @@ import numpy as np
 from .a1111_schedules import karras, sigma_to_t
 from .dpm_adaptive import sample_dpm_adaptive
 from .lcm import lcm_boundary, lcm_timestep, sample_lcm
+from .steps import NoiseSource, StepCallback, as_f32, notify
 
 if TYPE_CHECKING:
     from .schedules import Schedule
@@ -43,21 +44,10 @@ __all__ = [
 ]
 
 SigmaDenoiser = Callable[[np.ndarray, float], np.ndarray]
-NoiseSource = Callable[[], np.ndarray]
 # Restart's automatic restart_list: from this many steps, a restart from the level nearest
 # RESTART_FROM back up to the level nearest RESTART_TO.
 RESTART_MIN_STEPS, RESTART_FROM, RESTART_TO = 20, 0.1, 2.0
 BrownianSource = Callable[[float, float], np.ndarray]  # noise between two levels (runtime.sampling.brownian)
-StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _notify(callback: StepCallback | None, i: int, x: np.ndarray) -> np.ndarray:
-    replaced = callback(i, x) if callback is not None else None
-    return _f32(x if replaced is None else replaced)
 
 
 def _derivative(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
@@ -76,17 +66,17 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 def sample_euler(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
     """Karras et al. (2022) Algorithm 2 with Euler steps and no churn."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma = float(sigmas[i])
-        x = _f32(x + _derivative(x, sigma, denoise(x, sigma)) * np.float32(float(sigmas[i + 1]) - sigma))
-        x = _notify(callback, i, x)
+        x = as_f32(x + _derivative(x, sigma, denoise(x, sigma)) * np.float32(float(sigmas[i + 1]) - sigma))
+        x = notify(callback, i, x)
     return x
 
 
 def sample_euler_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
     """An Euler step down to sigma_down, then noise times sigma_up (none into the last level 0)."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
@@ -94,7 +84,7 @@ def sample_euler_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource
         x = x + _derivative(x, sigma, denoised) * np.float32(down - sigma)
         if sigma_next > 0:
             x = x + noise() * np.float32(up)
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
@@ -103,18 +93,18 @@ def heun_step(denoise: SigmaDenoiser, x: np.ndarray, sigma: float, sigma_next: f
     d = _derivative(x, sigma, denoise(x, sigma))
     dt = np.float32(sigma_next - sigma)
     if sigma_next == 0:
-        return _f32(x + d * dt)
-    x_2 = _f32(x + d * dt)
+        return as_f32(x + d * dt)
+    x_2 = as_f32(x + d * dt)
     d_2 = _derivative(x_2, sigma_next, denoise(x_2, sigma_next))
-    return _f32(x + (d + d_2) / np.float32(2) * dt)
+    return as_f32(x + (d + d_2) / np.float32(2) * dt)
 
 
 def sample_heun(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
     """Karras et al. (2022) Algorithm 2 with Heun steps and no churn (two model calls a step, one
     for the last step into 0)."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
-        x = _notify(callback, i, heun_step(denoise, x, float(sigmas[i]), float(sigmas[i + 1])))
+        x = notify(callback, i, heun_step(denoise, x, float(sigmas[i]), float(sigmas[i + 1])))
     return x
 
 
@@ -147,12 +137,12 @@ def sample_restart(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callba
     """Restart sampling (Xu et al. 2023) as A1111 runs it: Heun steps over `restart_segments`;
     where a step starts above the level the last one ended at, fresh noise brings x up to it
     (s_noise 1)."""
-    x = _f32(x)
+    x = as_f32(x)
     last: float | None = None
     for i, (sigma, sigma_next) in enumerate(restart_segments(sigmas)):
         if last is not None and last < sigma:
-            x = _f32(x + noise() * np.float32(math.sqrt(np.float32(sigma) ** 2 - np.float32(last) ** 2)))
-        x = _notify(callback, i, heun_step(denoise, x, sigma, sigma_next))
+            x = as_f32(x + noise() * np.float32(math.sqrt(np.float32(sigma) ** 2 - np.float32(last) ** 2)))
+        x = notify(callback, i, heun_step(denoise, x, sigma, sigma_next))
         last = sigma_next
     return x
 
@@ -165,37 +155,37 @@ def _log_midpoint(sigma: float, sigma_next: float) -> float:
 def _dpm2_step(denoise: SigmaDenoiser, x, sigma: float, target: float, d: np.ndarray) -> np.ndarray:
     """DPM-Solver-2's update from sigma to target, using the slope at their log midpoint."""
     sigma_mid = _log_midpoint(sigma, target)
-    x_2 = _f32(x + d * np.float32(sigma_mid - sigma))
+    x_2 = as_f32(x + d * np.float32(sigma_mid - sigma))
     d_2 = _derivative(x_2, sigma_mid, denoise(x_2, sigma_mid))
-    return _f32(x + d_2 * np.float32(target - sigma))
+    return as_f32(x + d_2 * np.float32(target - sigma))
 
 
 def sample_dpm_2(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
     """DPM2: DPM-Solver-2 steps, Euler into the last level 0."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _derivative(x, sigma, denoise(x, sigma))
         if sigma_next == 0:
-            x = _f32(x + d * np.float32(sigma_next - sigma))
+            x = as_f32(x + d * np.float32(sigma_next - sigma))
         else:
             x = _dpm2_step(denoise, x, sigma, sigma_next, d)
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
 def sample_dpm_2_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
     """DPM2 a: a DPM-Solver-2 step down to sigma_down, then noise times sigma_up."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _derivative(x, sigma, denoise(x, sigma))
         down, up = ancestral_step(sigma, sigma_next)
         if down == 0:
-            x = _f32(x + d * np.float32(down - sigma))
+            x = as_f32(x + d * np.float32(down - sigma))
         else:
-            x = _f32(_dpm2_step(denoise, x, sigma, down, d) + noise() * np.float32(up))
-        x = _notify(callback, i, x)
+            x = as_f32(_dpm2_step(denoise, x, sigma, down, d) + noise() * np.float32(up))
+        x = notify(callback, i, x)
     return x
 
 
@@ -214,51 +204,51 @@ def lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
 
 def sample_lms(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None, order: int = 4) -> np.ndarray:
     """Linear multistep: the slopes of the last `order` steps, integrated as a polynomial in sigma."""
-    x = _f32(x)
+    x = as_f32(x)
     slopes: list[np.ndarray] = []
     for i in range(len(sigmas) - 1):
         sigma = float(sigmas[i])
         slopes = [*slopes, _derivative(x, sigma, denoise(x, sigma))][-order:]
         current = min(i + 1, order)
         coefficients = [lms_coefficient(current, sigmas, i, j) for j in range(current)]
-        x = _f32(x + sum(np.float32(c) * d for c, d in zip(coefficients, reversed(slopes), strict=False)))
-        x = _notify(callback, i, x)
+        x = as_f32(x + sum(np.float32(c) * d for c, d in zip(coefficients, reversed(slopes), strict=False)))
+        x = notify(callback, i, x)
     return x
 
 
 def _exp_step(x: np.ndarray, sigma: float, sigma_next: float, denoised: np.ndarray) -> np.ndarray:
     """DPM-Solver++'s first-order update in t = -log(sigma): ``(s'/s) x - expm1(-h) D``."""
     h = math.log(sigma) - math.log(sigma_next)
-    return _f32(np.float32(sigma_next / sigma) * x - np.float32(math.expm1(-h)) * denoised)
+    return as_f32(np.float32(sigma_next / sigma) * x - np.float32(math.expm1(-h)) * denoised)
 
 
 def sample_dpmpp_2s_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
     """DPM-Solver++(2S) steps (midpoint r = 1/2) down to sigma_down, then noise times sigma_up."""
-    x = _f32(x)
+    x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
         down, up = ancestral_step(sigma, sigma_next)
         if down == 0:
-            x = _f32(x + _derivative(x, sigma, denoised) * np.float32(down - sigma))
+            x = as_f32(x + _derivative(x, sigma, denoised) * np.float32(down - sigma))
         else:
             sigma_mid = _log_midpoint(sigma, down)
             x_2 = _exp_step(x, sigma, sigma_mid, denoised)
             x = _exp_step(x, sigma, down, denoise(x_2, sigma_mid))
         if sigma_next > 0:
-            x = _f32(x + noise() * np.float32(up))
-        x = _notify(callback, i, x)
+            x = as_f32(x + noise() * np.float32(up))
+        x = notify(callback, i, x)
     return x
 
 
 def sample_dpmpp_2m(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
     """DPM-Solver++(2M): the first step and the step into 0 first order, the others blend the last
     two predictions (k-diffusion's ``denoised_d``; no lower-order final steps, unlike diffusers)."""
-    x = _f32(x)
+    x = as_f32(x)
     old_denoised: np.ndarray | None = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _f32(denoise(x, sigma))
+        denoised = as_f32(denoise(x, sigma))
         if sigma_next == 0:
             x = denoised  # the h -> infinity limit of the update
         elif old_denoised is None:
@@ -269,7 +259,7 @@ def sample_dpmpp_2m(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None
             blended = np.float32(1.0 + half_inv_r) * denoised - np.float32(half_inv_r) * old_denoised
             x = _exp_step(x, sigma, sigma_next, blended)
         old_denoised = denoised
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
@@ -289,26 +279,26 @@ def sample_dpmpp_sde(
     step in t = -log(sigma), then the whole step from the blend of both predictions; two model
     calls a step, Euler into 0. Its levels are k-diffusion's float32 ``exp(-(-log sigma))``
     round trips, which the Brownian noise is queried at, so they are kept in float32 here."""
-    x = _f32(x)
+    x = as_f32(x)
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _f32(denoise(x, sigma))
+        denoised = as_f32(denoise(x, sigma))
         if sigma_next == 0:
-            x = _f32(x + _derivative(x, sigma, denoised) * np.float32(sigma_next - sigma))
+            x = as_f32(x + _derivative(x, sigma, denoised) * np.float32(sigma_next - sigma))
         else:
             t, t_next = -_f32_log(sigma), -_f32_log(sigma_next)
             s = t + (t_next - t) * np.float32(r)
             level, level_s, level_next = _f32_exp(-t), _f32_exp(-s), _f32_exp(-t_next)
             down, up = ancestral_step(float(level), float(level_s), eta)
             x_2 = _exp_step(x, float(level), down, denoised)
-            x_2 = _f32(x_2 + noise(level, level_s) * np.float32(up))
-            denoised_2 = _f32(denoise(x_2, float(level_s)))
+            x_2 = as_f32(x_2 + noise(level, level_s) * np.float32(up))
+            denoised_2 = as_f32(denoise(x_2, float(level_s)))
             down, up = ancestral_step(float(level), float(level_next), eta)
             blended = np.float32(1 - fac) * denoised + np.float32(fac) * denoised_2
             x = _exp_step(x, float(level), down, blended)
-            x = _f32(x + noise(level, level_next) * np.float32(up))
-        x = _notify(callback, i, x)
+            x = as_f32(x + noise(level, level_next) * np.float32(up))
+        x = notify(callback, i, x)
     return x
 
 
@@ -318,12 +308,12 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE: the data-prediction SDE step with a second-order correction from the
     last prediction ("midpoint" or "heun" form), plus Brownian noise; the step into 0 returns the
     prediction."""
-    x = _f32(x)
+    x = as_f32(x)
     old_denoised: np.ndarray | None = None
     h_last = 0.0
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _f32(denoise(x, sigma))
+        denoised = as_f32(denoise(x, sigma))
         if sigma_next == 0:
             x = denoised
         else:
@@ -337,21 +327,21 @@ def sample_dpmpp_2m_sde(
             if eta:
                 scale = sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
                 x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
-            x = _f32(x)
+            x = as_f32(x)
             h_last = h
         old_denoised = denoised
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
 def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0):
     """DPM-Solver++(3M) SDE: the SDE step corrected by the first and second differences of the last
     three predictions (one and two after the first steps), plus Brownian noise."""
-    x = _f32(x)
+    x = as_f32(x)
     history: list[tuple[np.ndarray, float]] = []  # (prediction, its step in t), newest first
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _f32(denoise(x, sigma))
+        denoised = as_f32(denoise(x, sigma))
         h = math.log(sigma) - math.log(sigma_next) if sigma_next > 0 else 0.0
         if sigma_next == 0:
             x = denoised
@@ -373,9 +363,9 @@ def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource
             if eta:
                 scale = sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
                 x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
-            x = _f32(x)
+            x = as_f32(x)
         history = [(denoised, h), *history[:1]]
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
@@ -401,19 +391,19 @@ def _dpm_solver_step(denoise: SigmaDenoiser, x, t: float, t_next: float, order: 
     eps = eps_at(x, t)
     first = x - np.float32(sigma_next * math.expm1(h)) * eps
     if order == 1:
-        return _f32(first)
+        return as_f32(first)
     r1 = 0.5 if order == 2 else 1.0 / 3.0
     s1 = t + r1 * h
-    u1 = _f32(x - np.float32(math.exp(-s1) * math.expm1(r1 * h)) * eps)
+    u1 = as_f32(x - np.float32(math.exp(-s1) * math.expm1(r1 * h)) * eps)
     eps_r1 = eps_at(u1, s1)
     if order == 2:
-        return _f32(first - np.float32(sigma_next / (2 * r1) * math.expm1(h)) * (eps_r1 - eps))
+        return as_f32(first - np.float32(sigma_next / (2 * r1) * math.expm1(h)) * (eps_r1 - eps))
     r2 = 2.0 / 3.0
     s2 = t + r2 * h
     u2 = x - np.float32(math.exp(-s2) * math.expm1(r2 * h)) * eps
-    u2 = _f32(u2 - np.float32(math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - eps))
+    u2 = as_f32(u2 - np.float32(math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - eps))
     eps_r2 = eps_at(u2, s2)
-    return _f32(first - np.float32(sigma_next / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - eps))
+    return as_f32(first - np.float32(sigma_next / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - eps))
 
 
 def sample_dpm_fast(
@@ -422,7 +412,7 @@ def sample_dpm_fast(
     """DPM-Solver-Fast over the levels and orders of `dpm_fast_grid`. A1111 runs it with eta 1
     (``eta_ancestral``): each step aims at the ancestral sigma_down (not below the grid's end), then
     adds noise for the rest; the noise is drawn on every step, the last included."""
-    x = _f32(x)
+    x = as_f32(x)
     t_end = -math.log(float(sigmas[-1]))
     for i, order in enumerate(orders):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -433,8 +423,8 @@ def sample_dpm_fast(
         else:
             t_target, up = -math.log(sigma_next), 0.0
         x = _dpm_solver_step(denoise, x, -math.log(sigma), t_target, order)
-        x = _f32(x + np.float32(up) * noise())
-        x = _notify(callback, i, x)
+        x = as_f32(x + np.float32(up) * noise())
+        x = notify(callback, i, x)
     return x
 
 

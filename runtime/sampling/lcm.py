@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .steps import notify
+
 __all__ = ["LCM_ORIGINAL_STEPS", "lcm_boundary", "lcm_sigma_table", "lcm_timestep", "sample_lcm"]
 
 LCM_ORIGINAL_STEPS = 50  # "LCM Original Timesteps", A1111's constant
@@ -55,6 +57,5 @@ def sample_lcm(
         x = np.asarray(denoise(x, float(sigmas[i])), dtype=np.float32)
         if sigmas[i + 1] > 0:
             x = (x + np.float32(sigmas[i + 1]) * noise()).astype(np.float32)
-        replaced = callback(i, x) if callback is not None else None
-        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+        x = notify(callback, i, x)
     return x

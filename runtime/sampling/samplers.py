@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .schedules import Schedule
+from .steps import NoiseSource, StepCallback, as_f32, notify
 from .timestep_samplers import sample_ddim_cfgpp, sample_plms, sample_unipc
 
 __all__ = [
@@ -35,24 +36,10 @@ __all__ = [
 
 Denoiser = Callable[[np.ndarray, int], np.ndarray]
 """(x, step_index) -> denoised: the predicted clean sample (VE space) at ``sigmas[step_index]``."""
-NoiseSource = Callable[[], np.ndarray]
-"""A fresh standard-normal array shaped like x, drawn from the per-image seeded generators."""
-StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
-"""Called after each step with (step_index, x); may raise to stop the run, or return a new x."""
 
 # diffusers' DPMSolverMultistepScheduler with its default lower_order_final=True also takes a
 # first-order last step when the run is shorter than this, even if the schedule ends above 0.
 _DPM_LOWER_ORDER_FINAL_BELOW = 15
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _notify(callback: StepCallback | None, i: int, x: np.ndarray) -> np.ndarray:
-    """The callback may return a replacement for x (inpainting blends the known latents in)."""
-    replaced = callback(i, x) if callback is not None else None
-    return x if replaced is None else _f32(replaced)
 
 
 def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[np.float32, np.float32]:
@@ -78,8 +65,8 @@ def sample_euler_ancestral(
 ) -> np.ndarray:
     """Euler ancestral (eta = 1), as `EulerAncestralDiscreteScheduler.step` and k-diffusion's
     ``sample_euler_ancestral``: an Euler step down to sigma_down, then fresh noise times sigma_up."""
-    x = _f32(x)
-    sigmas = _f32(sigmas)
+    x = as_f32(x)
+    sigmas = as_f32(sigmas)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         denoised = denoise(x, i)
@@ -91,11 +78,11 @@ def sample_euler_ancestral(
         # sigma is 0). The image does not depend on that last draw, but the generator's position
         # does, and with one generator per image the following images of the same call draw from
         # where this one stopped.
-        fresh = _f32(noise())
+        fresh = as_f32(noise())
         if sigma_up > 0:
             x = x + fresh * sigma_up
-        x = _f32(x)
-        x = _notify(callback, i, x)
+        x = as_f32(x)
+        x = notify(callback, i, x)
     return x
 
 
@@ -108,13 +95,13 @@ def sample_euler(
 ) -> np.ndarray:
     """Euler (Karras et al. 2022, Algorithm 2 without churn), as `EulerDiscreteScheduler.step` with
     its default ``s_churn=0``: deterministic, so `noise` is never drawn from."""
-    x = _f32(x)
-    sigmas = _f32(sigmas)
+    x = as_f32(x)
+    sigmas = as_f32(sigmas)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         derivative = (x - denoise(x, i)) / sigma
-        x = _f32(x + derivative * (sigmas[i + 1] - sigma))
-        x = _notify(callback, i, x)
+        x = as_f32(x + derivative * (sigmas[i + 1] - sigma))
+        x = notify(callback, i, x)
     return x
 
 
@@ -142,12 +129,12 @@ def sample_dpmpp_2m(
     (there ``x' = denoised`` exactly, diffusers' ``final_sigmas_type="zero"``) or, following
     ``lower_order_final``, when the run has fewer than 15 steps.
     """
-    x = _f32(x)
-    sigmas = _f32(sigmas)
+    x = as_f32(x)
+    sigmas = as_f32(sigmas)
     steps = len(sigmas) - 1
     old_denoised: np.ndarray | None = None
     for i in range(steps):
-        denoised = _f32(denoise(x, i))
+        denoised = as_f32(denoise(x, i))
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if sigma_next == 0.0:
             x = denoised  # the h -> infinity limit of the first-order step
@@ -159,10 +146,10 @@ def sample_dpmpp_2m(
                 blended = denoised
             else:
                 half_inv_r = h / (2.0 * h_last)  # 1 / (2r)
-                blended = _f32((1.0 + half_inv_r) * denoised - half_inv_r * old_denoised)
-            x = _f32((sigma_next / sigma) * x - math.expm1(-h) * blended)
+                blended = as_f32((1.0 + half_inv_r) * denoised - half_inv_r * old_denoised)
+            x = as_f32((sigma_next / sigma) * x - math.expm1(-h) * blended)
         old_denoised = denoised
-        x = _notify(callback, i, x)
+        x = notify(callback, i, x)
     return x
 
 
@@ -187,20 +174,20 @@ def sample_ddim(
     ``sqrt(sigmas[i+1]**2 + 1) / sqrt(sigmas_to[i]**2 + 1)``. `clip_denoised` clamps the prediction
     as diffusers' ``clip_sample`` does, leaving the noise direction unclipped.
     """
-    x = _f32(x)
-    sigmas = _f32(sigmas)
+    x = as_f32(x)
+    sigmas = as_f32(sigmas)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         target = sigmas[i + 1] if sigmas_to is None else np.float32(sigmas_to[i])
-        denoised = _f32(denoise(x, i))
+        denoised = as_f32(denoise(x, i))
         eps = (x - denoised) / sigma
         if clip_denoised is not None:
             denoised = np.clip(denoised, -clip_denoised, clip_denoised)
-        x = _f32(denoised + eps * target)
+        x = as_f32(denoised + eps * target)
         if target != sigmas[i + 1]:
             scale = math.sqrt(float(sigmas[i + 1]) ** 2 + 1.0) / math.sqrt(float(target) ** 2 + 1.0)
-            x = _f32(x * np.float32(scale))
-        x = _notify(callback, i, x)
+            x = as_f32(x * np.float32(scale))
+        x = notify(callback, i, x)
     return x
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .steps import StepCallback, notify
+
 __all__ = [
     "CFGPP_SAMPLERS",
     "CFGPP_SCALE_DIVISOR",
@@ -39,7 +41,6 @@ CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR = ("ddim_cfgpp",), 12.5
 PLMS_COEFFICIENTS = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 StepDenoiser = Callable[[np.ndarray, int], np.ndarray]
-StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
 
 
 def unipc_times(steps: int, total: int) -> np.ndarray:
@@ -117,8 +118,7 @@ def sample_unipc(
             model_t = np.asarray(denoise(x, step), dtype=np.float32)
             x = correct(model_t)
             history = [*history, (model_t, -math.log(sigma))][-order:]
-        replaced = callback(step - 1, x) if callback is not None else None
-        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+        x = notify(callback, step - 1, x)
     return x
 
 
@@ -136,8 +136,7 @@ def sample_ddim_cfgpp(
     for i in range(len(sigmas) - 1):
         denoised, uncond = denoise(x, i)
         x = (denoised + np.float32(float(sigmas[i + 1]) / float(sigmas[i])) * (x - uncond)).astype(np.float32)
-        replaced = callback(i, x) if callback is not None else None
-        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+        x = notify(callback, i, x)
     return x
 
 
@@ -164,6 +163,5 @@ def sample_plms(
             blended = (eps + eps_at((x + dt * eps).astype(np.float32), i + 1)) / np.float32(2)
         x = (x + dt * blended).astype(np.float32)
         history = [eps, *history][:3]
-        replaced = callback(i, x) if callback is not None else None
-        x = np.asarray(x if replaced is None else replaced, dtype=np.float32)
+        x = notify(callback, i, x)
     return x
