@@ -42,6 +42,17 @@ UNET_SAMPLE, UNET_TIMESTEP, UNET_CONTEXT, UNET_OUTPUT = (
 )
 VAE_DECODER_INPUT, VAE_DECODER_OUTPUT = "latent_sample", "sample"
 VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUT = "sample", "latent_parameters"
+# ControlNet. The UNet graph takes the residuals a ControlNet adds to its skip connections and to its
+# middle block's output (zeros when no ControlNet runs), and a ControlNet graph gives them under the
+# same names. Their count follows the UNet's blocks (12 down + 1 mid for SD1.x): read it off a graph.
+CONTROL_COND = "controlnet_cond"  # the control image, (batch, 3, height, width) in [0, 1]
+CONTROL_MID_RESIDUAL = "mid_block_residual"
+CONTROLNETS_DIR = "controlnets"  # controlnets/<name>/model.onnx (or the OpenVINO IR), one per ControlNet
+
+
+def control_down_residual(index: int) -> str:
+    return f"down_block_residual_{index}"
+
 
 # Keys of the metadata the exporter writes into every graph (graph name, precision, compute dtype).
 METADATA_PREFIX = "acertain_onnx."
