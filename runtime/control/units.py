@@ -73,7 +73,9 @@ def detect(
     pixel_perfect_size: the first pass's (height, width) when the unit asks for pixel_perfect: the
     processor resolution then follows it (hires fix's pass reuses this map, as in the extension).
     seed: numpy's seed for shuffle (preprocessors.numpy_seed of the request; the extension's
-    /controlnet/detect has none and draws from numpy's unseeded state, where we take 0)."""
+    /controlnet/detect has none and draws from numpy's unseeded state, where we take 0).
+    For /controlnet/detect pass no mask: the extension ignores masks there for these modules
+    (none of them accepts_mask); the result's `image` is what that endpoint returns."""
     rgb = unit_input(image, mask, prefix)
     if pixel_perfect_size is not None:
         resolution = pixel_perfect_resolution(rgb, *pixel_perfect_size, plan.resize_mode)
