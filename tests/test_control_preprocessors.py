@@ -277,8 +277,9 @@ def test_bad_images_are_refused(bad):
 
 def test_a_thin_image_at_a_high_resolution_is_refused_before_the_resize():
     plan = plan_unit("canny", processor_res=2048)
-    with pytest.raises(InvalidRequestError, match="would be"):
-        detect(plan, np.zeros((1, 9000, 3), np.uint8))
+    with pytest.raises(InvalidRequestError, match="would be") as error:
+        detect(plan, np.zeros((1, 9000, 3), np.uint8), prefix="controlnet[2].")
+    assert error.value.field == "controlnet[2].image"
 
 
 @pytest.mark.parametrize("mode", MODES)
