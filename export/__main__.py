@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.choices import DEFAULT_MODEL, PRECISIONS, TARGETS
+from export.choices import DEFAULT_MODEL, PRECISIONS, QUANTIZE, TARGETS
 
 if TYPE_CHECKING:
     from export.exporter import ExportReport
@@ -42,6 +42,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cpu: fusions both providers run (default); cuda: adds GPU-only fusions (GroupNorm, packed attention); "
         "openvino: OpenVINO IR (plain graphs, fp16 = fp16-compressed weights) for --provider openvino",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="int8 (--target openvino, needs NNCF here only): the UNet in NNCF's hybrid mode (int8 weights, int8 "
+        "activations in convolutions and attention), the text encoder and VAE int8 weights only",
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=200,
+        metavar="N",
+        help="--quantize: UNet calls recorded from diffusers' pipeline on generated prompts (default 200, as "
+        "optimum-intel's hybrid mode)",
+    )
+    parser.add_argument(
+        "--calibration-steps", type=int, default=20, metavar="N", help="--quantize: steps per prompt (default 20)"
+    )
+    parser.add_argument(
+        "--calibration-size",
+        type=int,
+        metavar="PX",
+        help="--quantize: square image size the calibration runs at (default: the model's, 512 for SD1.x)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument(
@@ -118,6 +142,7 @@ def summary_table(report: ExportReport) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from export.exporter import ExportOptions, run_export  # torch, diffusers, onnx: only once arguments are fine
+    from export.quantize import Calibration
     from runtime.errors import UserError
 
     # Our progress at INFO; the libraries' (onnxruntime's optimizer logs every fusion) at WARNING.
@@ -146,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         vae_encoder=not args.no_vae_encoder,
         ema=args.ema,
         vae=args.vae,
+        quantize=args.quantize,
+        calibration=Calibration(args.calibration_samples, args.calibration_steps, args.calibration_size),
     )
 
     def progress(name: str, index: int, total: int) -> None:

@@ -5,4 +5,5 @@ from runtime.graphs.model_folder import PRECISIONS  # one list for the exporter 
 
 DEFAULT_MODEL = "JosephusCheung/ACertainThing"
 TARGETS = ("cpu", "cuda", "openvino")  # openvino: model_folder.OPENVINO_TARGET
-__all__ = ["DEFAULT_MODEL", "PRECISIONS", "TARGETS"]
+QUANTIZE = ("none", "int8")  # int8: --target openvino only (export/quantize.py)
+__all__ = ["DEFAULT_MODEL", "PRECISIONS", "QUANTIZE", "TARGETS"]

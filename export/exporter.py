@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from typing import Any
 import onnx
 import torch
 
-from export.choices import PRECISIONS, TARGETS
+from export.choices import PRECISIONS, QUANTIZE, TARGETS
+from export.quantize import Calibration
 from export.sources import LoadedSource, load_source
 from export.vae import load_vae, with_vae_weights
 from export.validate import (
@@ -45,7 +46,7 @@ from runtime.errors import UserError
 from runtime.graphs import model_folder as layout
 from runtime.text.tokenizer import ClipTokenizer, load_tokenizer_files
 
-from . import graphs, lora_map, openvino_ir
+from . import graphs, lora_map, openvino_ir, quantize
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class ExportOptions:
     vae_encoder: bool = True
     ema: bool = False  # a single file's EMA UNet weights (model_ema.*) instead of its trained ones
     vae: str | None = None  # a separate VAE (file or diffusers folder) used instead of the checkpoint's
+    quantize: str = "none"  # "int8" (--target openvino): NNCF, export/quantize.py
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 @dataclass
@@ -110,11 +113,28 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError(f"--clip-skip {clip_skip_text(options)} names a clip skip twice")
     if options.target == layout.OPENVINO_TARGET and importlib.util.find_spec("openvino") is None:
         raise ExportError("--target openvino needs OpenVINO: pip install 'acertain-onnx[openvino]'")
+    check_quantize(options)
     output = options.output
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; give a folder")
     if output.is_dir() and any(output.iterdir()) and not options.overwrite:
         raise ExportError(f"--output {output} is not empty; nothing was changed. Pass --overwrite to replace it")
+
+
+def check_quantize(options: ExportOptions) -> None:
+    if options.quantize not in QUANTIZE:
+        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {options.quantize!r}")
+    if options.quantize == "none":
+        return
+    if options.target != layout.OPENVINO_TARGET:
+        raise ExportError(f"--quantize {options.quantize} needs --target openvino (NNCF quantizes OpenVINO IR)")
+    if importlib.util.find_spec("nncf") is None:
+        raise ExportError("--quantize needs NNCF at export time: pip install nncf (the runtime does not)")
+    calibration = options.calibration
+    if calibration.samples < 1 or calibration.steps < 1:
+        raise ExportError("--calibration-samples and --calibration-steps must be at least 1")
+    if calibration.size is not None and (calibration.size < 64 or calibration.size % 8):
+        raise ExportError(f"--calibration-size must be a multiple of 8, at least 64, not {calibration.size}")
 
 
 def clip_skip_text(options: ExportOptions) -> str:
@@ -147,11 +167,16 @@ def graph_entry(
     note: str,
     target: str = "cpu",
     disabled: tuple[str, ...] = (),
+    quantization: tuple[str, quantize.Calibration | None] | None = None,
 ) -> dict[str, Any]:
+    """`quantization`: the graph's mode and (UNet) its calibration, summarized from the saved IR."""
     graph_file = folder / layout.graph_path(name, target)
+    extra = {}
     if target == layout.OPENVINO_TARGET:
         inputs, outputs, metadata = openvino_ir.describe(graph_file)
         compute = metadata["compute"]
+        if quantization is not None:
+            extra["quantization"] = quantize.summary(openvino_ir.read(graph_file), *quantization)
     else:
         model = onnx.load(str(graph_file), load_external_data=False)
         inputs, outputs = describe_values(model.graph.input), describe_values(model.graph.output)
@@ -174,6 +199,7 @@ def graph_entry(
             "disabled_fusions": list(disabled),
             "note": note,
         },
+        **extra,
     }
 
 
@@ -234,6 +260,9 @@ class _GraphJob:
     report: GraphReport
     lora_weights: dict[bytes, lora_map.Weight] | None = None  # fingerprints of the LoRA-targetable weights
     working: bool = False  # validate the spec's working-size cases too
+    quantization: str | None = None  # export/quantize.py's mode for this graph (--quantize)
+    calibration: quantize.Calibration | None = None  # the UNet's, with its size resolved
+    calibration_inputs: list[dict] | None = None  # the UNet's recorded inputs, for NNCF
 
     def build(self, precision: str, disabled: tuple[str, ...] = ()) -> tuple[list[str], ValidationResult]:
         """Optimize at `precision` without the `disabled` fusions, save, and validate (the twin when
@@ -289,13 +318,19 @@ class _GraphJob:
 
     def build_openvino(self, precision: str) -> tuple[list[str], ValidationResult]:
         """The plain exported graph as IR (no onnxruntime fusions: OpenVINO fuses at compile time);
-        the compute precision is the runtime's choice, so the graph records float32."""
+        the compute precision is the runtime's choice, so the graph records float32. A quantized
+        graph is validated against its mode's looser tolerance (quantize.TOLERANCE)."""
+        mode = self.quantization
+        step = None if mode is None else (mode, quantize.transform(mode, self.calibration_inputs))
         files = _timed(
             self.report,
             "optimize",
-            lambda: openvino_ir.convert(self.fp32_path, self.spec, precision, self.final_path, "float32"),
+            lambda: openvino_ir.convert(self.fp32_path, self.spec, precision, self.final_path, "float32", step),
         )
-        result = _timed(self.report, "validate", lambda: openvino_ir.validate(self.final_path, self.spec, precision))
+        tolerance = None if mode is None else quantize.TOLERANCE[mode]
+        result = _timed(
+            self.report, "validate", lambda: openvino_ir.validate(self.final_path, self.spec, precision, tolerance)
+        )
         return files, result
 
 
@@ -337,8 +372,9 @@ def finish_graph(job: _GraphJob, precision: str) -> tuple[list[str], ValidationR
         precision = "fp32"
         files, result, disabled = job.build_with_fallbacks(precision, notes)
     if not result.passed:
+        hint = "" if job.quantization is None else f" as {job.quantization}; export it without --quantize"
         raise ExportError(
-            f"graph {spec.name} failed validation against torch: relative error {result.relative_error:.3g} "
+            f"graph {spec.name} failed validation against torch{hint}: relative error {result.relative_error:.3g} "
             f"exceeds the tolerance {result.tolerance:.0e}{'' if result.finite else ' (non-finite output)'}"
         )
     note = "; ".join(notes)
@@ -382,7 +418,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda item: list(item) if isinstance(item, tuple) else str(item)))
 
 
-def library_versions(target: str = "cpu") -> dict[str, str]:
+def library_versions(target: str = "cpu", quantized: bool = False) -> dict[str, str]:
     import diffusers
     import numpy
     import onnxruntime
@@ -400,6 +436,10 @@ def library_versions(target: str = "cpu") -> dict[str, str]:
         import openvino
 
         versions["openvino"] = openvino.__version__
+    if quantized:
+        import nncf
+
+        versions["nncf"] = nncf.__version__
     return versions
 
 
@@ -414,6 +454,7 @@ def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, en
         "source": {"kind": source.kind, "model": options.model, "architecture": source.arch},
         "precision": options.precision,
         "target": options.target,
+        "quantize": options.quantize,
         "clip_skip": options.clip_skips[0],
         "clip_skips": list(options.clip_skips),
         "opset": graphs.OPSET,
@@ -424,7 +465,7 @@ def manifest(source: LoadedSource, facts: ModelFacts, options: ExportOptions, en
         "text_max_length": facts.text_max_length,
         "default_image_size": facts.default_image_size,
         "graphs": entries,
-        "library_versions": library_versions(options.target),
+        "library_versions": library_versions(options.target, options.quantize != "none"),
     }
 
 
@@ -466,11 +507,27 @@ def export_torch_graphs(
             job.lora_weights = lora_map.fingerprints(spec.name, lora_modules[spec.name])
         _timed(report, "export", lambda job=job: graphs.export_fp32(job.spec, job.fp32_path))
         jobs.append(job)
+    if options.quantize != "none":
+        plan_quantization(jobs, source.pipe, options)
     for spec in specs:
         spec.module = None
     source.pipe = None
     release_memory()
     return jobs
+
+
+def plan_quantization(jobs: list[_GraphJob], pipe, options: ExportOptions) -> None:
+    """Every graph's mode; the UNet's calibration inputs, recorded while the torch pipeline is
+    still loaded."""
+    for job in jobs:
+        job.quantization = quantize.mode_for(job.spec.name)
+        if job.quantization == quantize.HYBRID:
+            calibration = replace(options.calibration, size=options.calibration.size or quantize.default_size(pipe))
+            job.calibration = calibration
+            job.report.seconds["calibrate"] = -time.perf_counter()
+            job.calibration_inputs = quantize.collect_unet_inputs(pipe, calibration, options.clip_skips[0])
+            job.report.seconds["calibrate"] += time.perf_counter()
+            log.info("calibration inputs recorded in %.1f s", job.report.seconds["calibrate"])
 
 
 def release_memory() -> None:
@@ -509,7 +566,11 @@ def run_export(options: ExportOptions, progress: ProgressCallback | None = None)
             if progress:
                 progress(job.spec.name, index, len(jobs))
             files, result, note, disabled = finish_graph(job, options.precision)
-            entries[job.spec.name] = graph_entry(staging, job.spec.name, files, result, note, options.target, disabled)
+            quantization = None if job.quantization is None else (job.quantization, job.calibration)
+            entries[job.spec.name] = graph_entry(
+                staging, job.spec.name, files, result, note, options.target, disabled, quantization
+            )
+            job.calibration_inputs = None
             release_memory()
             log.info("%s done in %.1f s", job.spec.name, sum(job.report.seconds.values()))
         shutil.rmtree(staging / "_work")

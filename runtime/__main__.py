@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, int]]:
     pipe = Pipeline.from_pretrained(
         args.model, optimized_cache=args.optimized_cache, verify=args.verify, **load_options(args)
     )
+    print(f"running on {pipe.provider_choice}", file=sys.stderr)
     with tqdm(desc="sampling", unit="step") as bar:
 
         def progress(step: int, total: int, latents: object) -> None:

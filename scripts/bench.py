@@ -5,7 +5,8 @@
 process each figure is measured in, and it must run from a checkout with nothing but the venv.)
 
     python scripts/bench.py --arch sd15|tiny [--height 512 --width 512] [--steps 28]
-                            [--precision fp32|fp16] [--provider cpu|cuda] [--json FILE]
+                            [--precision fp32|fp16] [--provider cpu|cuda|openvino] [--quantize int8]
+                            [--json FILE]
 
 Both systems run the same random weights (built from the shipped configs in `models/`, exported
 once with `python -m export` and cached by config hash under ~/.cache/acertain-onnx/bench) and the
@@ -56,8 +57,12 @@ CFG = 11.0
 # "openvino": the CPU peer, OpenVINO's runtime on the same weights (IR from `--target openvino`) with
 # OpenVINO's own defaults (device CPU, its default precision, no model cache), driven by the same
 # Python loop (under 5 ms a generation) so that its figures are OpenVINO's.
-SYSTEMS = ("runtime", "diffusers", "openvino")
+# "runtime_int8" (--provider openvino --quantize int8): the runtime on the `--quantize int8` export of
+# the same weights, measured beside "runtime" (the unquantized export: bf16 arithmetic where the CPU
+# has it), so one run gives both rows against the same peers.
+SYSTEMS = ("runtime", "runtime_int8", "diffusers", "openvino")
 PEERS = ("diffusers", "openvino")
+OURS = ("runtime", "runtime_int8")
 FIGURES = ("text_encode", "unet_step", "vae_decode", "total", "peak_rss", "cold_start")
 RATIO_KEYS = {
     "unet_step": "unet_step_s",
@@ -97,11 +102,12 @@ def source_key(arch: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_key(arch: str, precision: str, target: str) -> str:
-    """An export also depends on the exporter's code and the libraries that ran it."""
-    digest = hashlib.sha256(f"{source_key(arch)} {precision} {target}".encode())
-    libraries = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino")
-    for name in libraries if target == "openvino" else libraries[:-1]:
+def export_key(arch: str, precision: str, target: str, quantize: tuple[str, ...] = ()) -> str:
+    """An export also depends on the exporter's code and the libraries that ran it. `quantize`: the
+    export's --quantize arguments (none: not quantized)."""
+    digest = hashlib.sha256(f"{source_key(arch)} {precision} {target}{' '.join(('', *quantize))}".encode())
+    libraries = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino", "nncf")
+    for name in libraries if quantize else libraries[:-1] if target == "openvino" else libraries[:-2]:
         digest.update(f"{name}={_version(name)}".encode())
     _hash_files(digest, REPO / "export", "*.py")
     return digest.hexdigest()[:16]
@@ -159,17 +165,18 @@ def build_source(arch: str) -> Path:
     return done
 
 
-def export_model(arch: str, source: Path, precision: str, target: str) -> Path:
+def export_model(arch: str, source: Path, precision: str, target: str, quantize: tuple[str, ...] = ()) -> Path:
     """`python -m export` of the source (staged and moved into place by the exporter). CUDA exports
-    keep the VAE encoder: scripts/cuda_parity.py runs img2img on the GPU from the same export."""
+    keep the VAE encoder: scripts/cuda_parity.py runs img2img on the GPU from the same export.
+    `quantize`: --quantize and --calibration-* arguments for the exporter."""
     encoder = target == "cuda"
-    key = export_key(arch, precision, target)
-    folder = source.parent / f"onnx-{precision}-{target}-{key}{'-enc' if encoder else ''}"
+    key = export_key(arch, precision, target, quantize)
+    folder = source.parent / f"onnx-{precision}-{target}{'-int8' if quantize else ''}-{key}{'-enc' if encoder else ''}"
     if (folder / "manifest.json").is_file():
         return folder
     argv = [
         "--model", str(source), "--output", str(folder), "--precision", precision, "--target", target,
-        *([] if encoder else ["--no-vae-encoder"]), "--overwrite",
+        *([] if encoder else ["--no-vae-encoder"]), *quantize, "--overwrite",
     ]  # fmt: skip
     run_checked([sys.executable, "-m", "export", *argv])
     return folder
@@ -646,46 +653,65 @@ def ratios(runtime: dict[str, Any], diffusers: dict[str, Any], env: dict[str, An
     return out
 
 
-def best_peer_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """runtime / the best (lowest) peer of each figure among diffusers and OpenVINO."""
+def best_peer_ratios(report: dict[str, Any], ours: str = "runtime") -> dict[str, dict[str, Any]]:
+    """`ours` / the best (lowest) peer of each figure among diffusers and OpenVINO."""
     out = {}
     for name, key in RATIO_KEYS.items():
-        ours = report["runtime"].get(key)
+        value = report.get(ours, {}).get(key)
         peers = {peer: report[peer][key] for peer in PEERS if report.get(peer, {}).get(key)}
-        if ours and peers:
+        if value and peers:
             best = min(peers, key=peers.get)
-            out[name] = {"ratio": round(ours / peers[best], 3), "peer": best}
+            out[name] = {"ratio": round(value / peers[best], 3), "peer": best}
     return out
 
 
 def table(report: dict[str, Any]) -> str:
+    """One row per figure, one column per system; ratios of ours (and of the int8 export, when it
+    ran) against diffusers and against the best peer."""
+    measured_int8 = bool(report.get("runtime_int8", {}).get("details"))
+    systems = [system for system in SYSTEMS if system != "runtime_int8" or measured_int8]
+    int8 = "runtime_int8" in systems
+    heads = {"runtime_int8": "int8"}
     rows = [
-        ("figure", "runtime", "diffusers", "openvino", "ratio", "vs best"),
-        ("-" * 22, "-" * 10, "-" * 10, "-" * 10, "-" * 6, "-" * 16),
-    ]
+        ("figure", *(heads.get(system, system) for system in systems), "ratio", "vs best",
+         *(("int8 ratio", "int8 vs best") if int8 else ())),
+        ("-" * 22, *("-" * 10 for _ in systems), "-" * 6, "-" * 16, *(("-" * 10, "-" * 16) if int8 else ())),
+    ]  # fmt: skip
     labels = {
         "cold_start": "cold start (s)", "text_encode": "text encode (s)", "unet_step": "UNet step, batch 2 (s)",
         "vae_decode": "VAE decode (s)", "total": f"total, {report['settings']['steps']} steps (s)",
         "peak_rss": "peak RSS (MB)",
     }  # fmt: skip
+
+    def ratio_cells(ratios: dict[str, float], best: dict[str, dict[str, Any]], name: str) -> tuple[str, str]:
+        ratio, peer = ratios.get(name), best.get(name)
+        return "" if ratio is None else f"{ratio:.2f}", "" if peer is None else f"{peer['ratio']:.2f} ({peer['peer']})"
+
     for name, key in RATIO_KEYS.items():
-        values = [report.get(system, {}).get(key) for system in SYSTEMS]
+        values = [report.get(system, {}).get(key) for system in systems]
         if all(value is None for value in values):
             continue
-        ratio = report["ratios"].get(name)
-        best = report["ratios_vs_best_peer"].get(name)
-        rows.append((
-            labels[name], *map(_fmt, values), "" if ratio is None else f"{ratio:.2f}",
-            "" if best is None else f"{best['ratio']:.2f} ({best['peer']})",
-        ))  # fmt: skip
+        cells = ratio_cells(report["ratios"], report["ratios_vs_best_peer"], name)
+        if int8:
+            cells += ratio_cells(report["ratios_int8"], report["ratios_int8_vs_best_peer"], name)
+        rows.append((labels[name], *map(_fmt, values), *cells))
     if report["runtime"].get("anon_rss_mb"):
-        anon = [report.get(system, {}).get("anon_rss_mb") for system in SYSTEMS]
-        rows.append(("anonymous RSS after (MB)", *map(_fmt, anon), "", ""))
+        anon = [report.get(system, {}).get("anon_rss_mb") for system in systems]
+        rows.append(("anonymous RSS after (MB)", *map(_fmt, anon), "", "", *(("", "") if int8 else ())))
     env = report.get("env_mb")
     if env:
+        sizes = {"runtime": env["runtime"], "runtime_int8": env["runtime"], "diffusers": env["diffusers"]}
         ratio = f"{report['ratios']['env_size']:.2f}"
-        rows.append(("installed env (MB)", _fmt(env["runtime"]), _fmt(env["diffusers"]), "-", ratio, ""))
-    return "\n".join(f"{a:<25}{b:>10}{c:>11}{d:>10}{e:>8}  {f}" for a, b, c, d, e, f in rows)
+        row = ("installed env (MB)", *(_fmt(sizes[system]) if system in sizes else "-" for system in systems))
+        rows.append((*row, ratio, "", *(("", "") if int8 else ())))
+    return "\n".join(_table_line(row, len(systems)) for row in rows)
+
+
+def _table_line(row: tuple[str, ...], systems: int) -> str:
+    """The label, one cell per system, then (ratio, vs best) pairs."""
+    ratios = row[systems + 1 :]
+    pairs = "".join(f"{ratios[i]:>8}  {ratios[i + 1]:<18}" for i in range(0, len(ratios), 2))
+    return f"{row[0]:<25}" + "".join(f"{cell:>11}" for cell in row[1 : systems + 1]) + pairs.rstrip()
 
 
 def _fmt(value: float | None) -> str:
@@ -723,6 +749,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--provider", choices=("cpu", "cuda", "openvino"), default="cpu")
     parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="with --provider openvino: also run the `python -m export --quantize int8` export (system runtime_int8)",
+    )
+    parser.add_argument(
+        "--calibration-samples", type=int, help="--quantize: the export's --calibration-samples (default: its own)"
+    )
+    parser.add_argument("--calibration-size", type=int, help="--quantize: the export's --calibration-size")
+    parser.add_argument(
         "--inference-precision", default="auto", help="provider openvino: auto (bf16 where the CPU has it), f32, bf16"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op and torch threads")
@@ -737,15 +773,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(args: argparse.Namespace, systems: list[str]) -> tuple[Path, Path, Path | None]:
-    """The diffusers source, the runtime's export and (when the OpenVINO peer runs) the IR export."""
+def prepare(args: argparse.Namespace, systems: list[str]) -> tuple[Path, Path, Path | None, Path | None]:
+    """The diffusers source, the runtime's export, (when the OpenVINO peer runs) the IR export and
+    (--quantize int8) the quantized IR export."""
     source = build_source(args.arch)
     target = {"cuda": "cuda", "openvino": "openvino"}.get(args.provider, "cpu")
     exported = args.export_dir or export_model(args.arch, source, args.precision, target)
+    int8 = None
+    if "runtime_int8" in systems:
+        int8 = export_model(args.arch, source, args.precision, "openvino", quantize_arguments(args))
     if "openvino" not in systems or args.provider == "cuda":
-        return source, exported, None
+        return source, exported, None, int8
     openvino = exported if target == "openvino" else export_model(args.arch, source, args.precision, "openvino")
-    return source, exported, openvino
+    return source, exported, openvino, int8
+
+
+def quantize_arguments(args: argparse.Namespace) -> tuple[str, ...]:
+    calibration = {"--calibration-samples": args.calibration_samples, "--calibration-size": args.calibration_size}
+    extra = [item for flag, value in calibration.items() if value is not None for item in (flag, str(value))]
+    return ("--quantize", args.quantize, *extra)
 
 
 def make_job(args: argparse.Namespace, system: str, figure: str, model: Path, images: Path) -> Job:
@@ -799,11 +845,12 @@ def run_plan(args: argparse.Namespace, models: dict[str, Path], images: Path) ->
     return measurements
 
 
-def image_parity(images: Path, system: str = "runtime") -> dict[str, Any] | None:
+def image_parity(images: Path, system: str = "runtime", reference: str = "diffusers") -> dict[str, Any] | None:
     """PSNR (dB, 8-bit RGB) between a system's image of the timed generation and diffusers' one
     (fp32 on the CPU, which our fp32 graphs reproduce at 87 dB; fp16 on CUDA): same seed, same
-    weights, so a large difference would mean the two are not doing the same work."""
-    ours, theirs = images / f"{system}.rgb", images / "diffusers.rgb"
+    weights, so a large difference would mean the two are not doing the same work. `reference`:
+    another image of the run (runtime_f32: ours at f32 arithmetic)."""
+    ours, theirs = images / f"{system}.rgb", images / f"{reference}.rgb"
     if not (ours.is_file() and theirs.is_file()):
         return None
     a, b = ours.read_bytes(), theirs.read_bytes()
@@ -832,14 +879,34 @@ def settings(args: argparse.Namespace, source: Path, exported: Path) -> dict[str
     }  # fmt: skip
 
 
+def module_missing(name: str) -> str | None:
+    """Why `name` does not import here (None: it does)."""
+    try:
+        __import__(name)
+    except ImportError as error:
+        return str(error)
+    return None
+
+
 def openvino_missing() -> str | None:
     """Why OpenVINO cannot run here (None: it can). Checked before anything is exported: the IR
     export would otherwise fail after the runtime's export, minutes in."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError as error:
-        return f"OpenVINO is not installed ({error}); pip install '.[openvino]' adds it"
-    return None
+    error = module_missing("openvino")
+    return None if error is None else f"OpenVINO is not installed ({error}); pip install '.[openvino]' adds it"
+
+
+def int8_parity(args: argparse.Namespace, exported: Path, images: Path) -> dict[str, Any]:
+    """The int8 image against diffusers fp32 and against ours at f32 arithmetic (the unquantized
+    export run with inference precision f32, one untimed generation): the first is the bar the
+    issue sets, the second what quantization alone costs."""
+    job = make_job(args, "runtime", "total", exported, images)
+    job = Job(**{**asdict(job), "repeats": 1, "warmup": 0, "inference_precision": "f32",
+                 "image_out": str(images / "runtime_f32.rgb")})  # fmt: skip
+    spawn(job)
+    return {
+        "diffusers_fp32": image_parity(images, "runtime_int8"),
+        "runtime_f32": image_parity(images, "runtime_int8", "runtime_f32"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -850,6 +917,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args.threads)
     systems = [name for name in SYSTEMS if name in args.systems.split(",")]
     skipped = {}
+    if args.quantize == "none":
+        systems.remove("runtime_int8")
+    elif args.provider != "openvino":
+        print("error: --quantize int8 goes with --provider openvino (NNCF quantizes OpenVINO IR)", file=sys.stderr)
+        return 2
+    elif (missing_nncf := module_missing("nncf")) is not None:
+        print(f"error: --quantize int8: the exporter needs NNCF ({missing_nncf})", file=sys.stderr)
+        return 2
     if args.provider == "openvino" or "openvino" in systems:
         missing = openvino_missing()
         if missing and args.provider == "openvino":
@@ -859,18 +934,22 @@ def main(argv: list[str] | None = None) -> int:
             systems.remove("openvino")
             skipped["openvino"] = missing
             print(f"note: the OpenVINO peer is skipped: {missing}", flush=True)
-    source, exported, openvino = prepare(args, systems)
+    source, exported, openvino, int8 = prepare(args, systems)
     print(f"diffusers source: {source}\nruntime export:   {exported}\nOpenVINO IR:      {openvino}", flush=True)
+    if int8 is not None:
+        print(f"int8 export:      {int8}", flush=True)
     if openvino is None and "openvino" in systems:
         systems.remove("openvino")  # a GPU bench has no CPU peer
-    models = {"runtime": exported, "diffusers": source, "openvino": openvino}
+    models = {"runtime": exported, "runtime_int8": int8, "diffusers": source, "openvino": openvino}
     models = {system: models[system] for system in systems}
     with tempfile.TemporaryDirectory(prefix="acertain-bench-") as images:
         loads = first_loads(args, models, Path(images)) if args.figures != "none" else {}
         measurements = run_plan(args, models, Path(images))
         parity = image_parity(Path(images))
         parity_openvino = image_parity(Path(images), "openvino")
+        parity_int8 = int8_parity(args, exported, Path(images)) if int8 is not None else None
     summaries = {system: system_summary(measurements, system) for system in SYSTEMS}
+    runtime_int8 = summaries["runtime_int8"]
     for system, summary in summaries.items():
         if system in loads:
             summary["first_load_s"] = loads[system]
@@ -884,18 +963,25 @@ def main(argv: list[str] | None = None) -> int:
         "runtime": runtime,
         "diffusers": diffusers,
         "openvino": summaries["openvino"],
+        "runtime_int8": runtime_int8,
+        "ratios_int8": ratios(runtime_int8, diffusers, None),
         "env_mb": env,
         "parity": parity,
         "parity_openvino": parity_openvino,
+        "parity_int8": parity_int8,
         "skipped": skipped,  # peers that could not run here, and why
         "machine": machine,
         "seconds": round(time.time() - started, 1),
     }
     report["ratios_vs_best_peer"] = best_peer_ratios(report)
+    report["ratios_int8_vs_best_peer"] = best_peer_ratios(report, "runtime_int8")
     print(table(report))
     for name, item in (("runtime", parity), ("openvino", parity_openvino)):
         if item:
             print(f"{name} image vs diffusers {_torch_precision(args)}: PSNR {item.get('psnr_db')} dB")
+    for reference, item in (parity_int8 or {}).items():
+        if item:
+            print(f"int8 image vs {reference}: PSNR {item.get('psnr_db')} dB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

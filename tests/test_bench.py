@@ -87,3 +87,27 @@ def test_environment_sizes_and_machine_are_recorded(report):
     machine = report["machine"]
     assert machine["threads"] >= 1 and len(machine["loadavg_start"]) == 3
     assert report["settings"]["steps"] == 2 and report["settings"]["unet_batch"] == 2
+
+
+def test_int8_export_is_a_column_beside_the_unquantized_one(tmp_path):
+    """--provider openvino --quantize int8: the runtime_int8 system runs the int8 export beside the
+    runtime's own, and its image is compared with diffusers fp32 and with ours at f32."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    out = tmp_path / "out.json"
+    args = ["--provider", "openvino", "--quantize", "int8", "--calibration-samples", "8", "--calibration-size", "64",
+            "--steps", "2", "--height", "64", "--width", "64", "--repeats", "1", "--retries", "0", "--figures",
+            "total,peak_rss", "--systems", "runtime,runtime_int8,diffusers", "--json", str(out)]  # fmt: skip
+    done = bench(tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1"}, *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["runtime_int8"]["total_s"] > 0 and report["runtime_int8"]["peak_rss_mb"] > 0
+    assert report["ratios_int8"]["total"] > 0 and "int8 ratio" in done.stdout
+    for reference in ("diffusers_fp32", "runtime_f32"):
+        assert report["parity_int8"][reference]["psnr_db"] > 0, reference
+
+
+def test_quantize_without_the_openvino_provider_is_one_line(tmp_path):
+    done = bench(tmp_path, dict(os.environ), "--quantize", "int8")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "--quantize int8 goes with --provider openvino" in done.stderr

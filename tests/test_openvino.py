@@ -4,6 +4,7 @@ errors a user can run into (bad device, wrong provider for a folder)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,44 @@ def test_providers_refuse_folders_of_the_other_target(tiny_openvino, tiny_fp32):
         Pipeline.from_pretrained(tiny_openvino, provider="cpu")
     with pytest.raises(ModelFolderError, match="re-export it with --target openvino"):
         Pipeline.from_pretrained(tiny_fp32, provider="openvino")
+
+
+def resident_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of `path` (Linux smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", fields[0]):  # a mapping's first line; no path: anonymous
+            current = fields[5] if len(fields) >= 6 else None
+        elif fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_release_gives_back_the_pages_of_a_mapped_file_and_keeps_its_bytes(tmp_path):
+    import mmap
+    import os
+
+    from runtime.graphs import mapped_files
+
+    path = (tmp_path / "weights.bin").resolve()
+    data = os.urandom(4 * 2**20)
+    path.write_bytes(data)
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert bytes(view) == data  # every page read: resident
+        assert resident_kb(path) * 1024 >= len(data)
+        assert mapped_files.mapped_files((tmp_path,)) == {str(path)}
+        assert mapped_files.release({str(path)}) >= len(data)
+        assert resident_kb(path) == 0
+        assert bytes(view) == data  # read back from the file, unchanged
+
+
+def test_generations_after_the_mapped_weights_went_back_are_unchanged(tiny_openvino, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_openvino, provider="openvino", cache_dir=tmp_path)
+    first = pipe("1girl, cherry blossoms", **GENERATION).images[0]
+    sessions = pipe.sessions
+    assert all(
+        graph._mapped and graph._released for graph in (sessions.text_encoder, sessions.unet, sessions.vae_decoder)
+    )
+    assert np.array_equal(pipe("1girl, cherry blossoms", **GENERATION).images[0], first)

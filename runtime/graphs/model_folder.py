@@ -89,6 +89,7 @@ class GraphInfo:
     outputs: dict[str, str]
     sha256: str
     files: dict[str, str]  # file name in the graph's folder -> sha256 (model.onnx and its weights)
+    quantization: str | None = None  # "int8-hybrid" | "int8-weights" (python -m export --quantize int8)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def graph_info(folder: Path, name: str, entry: Any) -> GraphInfo:
             outputs={item["name"]: item["dtype"] for item in entry["outputs"]},
             sha256=entry["sha256"],
             files=dict(entry.get("files") or {Path(entry["path"]).name: entry["sha256"]}),
+            quantization=(entry.get("quantization") or {}).get("mode"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"manifest entry for graph {name!r} is incomplete (missing {error})") from None

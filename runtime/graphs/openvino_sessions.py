@@ -6,6 +6,9 @@ Inference precision: bf16 where the CPU reports BF16 among its optimization capa
 own default there), f32 otherwise; other devices keep their default (GPU: f16). OpenVINO's model
 cache (CACHE_DIR) keeps each compiled graph so that later loads skip compilation; it lives under the
 same folder as onnxruntime's saved optimized graphs (see sessions.cache_root).
+
+Memory: after a graph's first inference the pages of its mapped IR (or cache blob) are given back,
+so that one copy of the weights stays resident, OpenVINO's own (mapped_files.py says why).
 """
 
 from __future__ import annotations
@@ -21,14 +24,24 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError, ModelFolderError
+from . import mapped_files
 from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, GraphInfo
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "f16", "f32")
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # OpenVINO's device combinators, passed through
-RT_INFO_TAIL_BYTES = 8192  # our rt_info block sits at the end of the IR's XML
+RT_INFO_TAILS = (8192, 2**20)  # bytes read from the end of the IR's XML, where our rt_info block sits
 _RT_INFO = re.compile(r"<(\w+) value=\"([^\"]*)\" />")
+
+
+def openvino_available() -> bool:
+    """Whether the openvino package imports (a broken or shadowed install counts as missing)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def import_openvino() -> Any:
@@ -66,14 +79,22 @@ def resolve_precision(core: Any, device: str, requested: str) -> str | None:
 
 
 def read_graph_metadata(path: Path) -> dict[str, str]:
-    """Our rt_info entries (graph, precision, compute) from the tail of the IR's XML, without
-    parsing the whole graph (a full-size UNet's XML is megabytes)."""
-    with path.open("rb") as handle:
-        handle.seek(max(0, path.stat().st_size - RT_INFO_TAIL_BYTES))
-        tail = handle.read().decode("utf-8", errors="replace")
+    """Our rt_info entries (graph, precision, compute, quantization) from the tail of the IR's XML,
+    without parsing the whole graph (a full-size UNet's XML is megabytes). OpenVINO writes rt_info
+    last, its sections in name order, so NNCF's (after ours; tens of KB for a quantized UNet, it
+    lists the layers it skipped) can push ours out of a short tail: then a longer one is read."""
     root = METADATA_PREFIX.rstrip(".")
-    block = re.search(rf"<{root}>(.*?)</{root}>", tail, re.DOTALL)
-    return dict(_RT_INFO.findall(block.group(1))) if block else {}
+    size = path.stat().st_size
+    for tail in RT_INFO_TAILS:
+        with path.open("rb") as handle:
+            handle.seek(max(0, size - tail))
+            text = handle.read().decode("utf-8", errors="replace")
+        block = re.search(rf"<{root}>(.*?)</{root}>", text, re.DOTALL)
+        if block:
+            return dict(_RT_INFO.findall(block.group(1)))
+        if tail >= size:
+            break
+    return {}
 
 
 class OpenVINOGraph:
@@ -82,10 +103,15 @@ class OpenVINOGraph:
     def __init__(self, core: Any, info: GraphInfo, device: str, properties: dict[str, Any]) -> None:
         self.info = info
         self._check_metadata()
+        # What compiling maps of the weights: the IR's .bin, or the model-cache blob it imports instead.
+        folders = (info.path.parent, *([Path(properties["CACHE_DIR"])] if "CACHE_DIR" in properties else []))
+        before = mapped_files.mapped_files(folders)
         try:
             self.compiled = core.compile_model(str(info.path), device, properties)
         except RuntimeError as error:
             raise ModelFolderError(f"{info.path} could not be compiled by OpenVINO for {device}: {error}") from None
+        self._mapped = mapped_files.mapped_files(folders) - before
+        self._released = False
         self.request = self.compiled.create_infer_request()
         self.input_types = {
             name: port.get_element_type().to_dtype() for port in self.compiled.inputs for name in port.get_names()
@@ -105,6 +131,12 @@ class OpenVINOGraph:
                 f"{self.info.path} is an {written['precision']} graph but the manifest says {self.info.precision}: "
                 "the folder mixes graphs of different exports; re-export it"
             )
+        if written.get("quantization") != self.info.quantization:
+            written_mode, manifest_mode = written.get("quantization", "unquantized"), self.info.quantization
+            raise ModelFolderError(
+                f"{self.info.path} is {written_mode} but the manifest says {manifest_mode or 'unquantized'}: "
+                "the folder mixes graphs of different exports; re-export it"
+            )
 
     def _check_inputs(self) -> None:
         for name, dtype in self.info.inputs.items():
@@ -121,6 +153,9 @@ class OpenVINOGraph:
     def infer(self, feed: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
         """The output named `output` (None: the first)."""
         self.request.infer(feed, share_inputs=True)
+        if not self._released:  # the plugin has its own copy of the weights now
+            mapped_files.release(self._mapped)
+            self._released = True
         tensor = self.request.get_output_tensor(0) if output is None else self.request.get_tensor(output)
         return np.array(tensor.data, dtype=np.float32, copy=True)
 
@@ -128,8 +163,10 @@ class OpenVINOGraph:
         return self.infer(self.feed(inputs), output)
 
     def release_memory(self, inputs: dict[str, np.ndarray], device_id: int = 0) -> None:
-        """Nothing to shrink: OpenVINO keeps no growing arena like onnxruntime's (the server's
-        memory release after large jobs calls this on every graph)."""
+        """OpenVINO keeps no growing arena like onnxruntime's (the server's memory release after
+        large jobs calls this on every graph); what a new input shape read again of the mapped
+        weights goes back."""
+        mapped_files.release(self._mapped)
 
 
 class OpenVINOUNet(OpenVINOGraph):

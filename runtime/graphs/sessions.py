@@ -58,7 +58,6 @@ FP16_WEIGHT_FOLDS = ("FuseFp16InitializerToFp32NodeTransformer", "ConstantFoldin
 # fp16 graphs whose weights stay fp16 on the CPU provider: the big-weight, low-arithmetic ones. The
 # VAE decoder (95 MB in fp16) runs image-sized convolutions and is faster with fp32 copies.
 LEAN_FP16_GRAPHS = ("text_encoder", "unet")
-_warned_cpu_fallback = False
 
 
 @dataclass
@@ -100,9 +99,9 @@ class SessionConfig:
 
 
 def resolve_provider(requested: str) -> str:
-    """ "auto" takes CUDA when onnxruntime-gpu can use it and falls back to the CPU (with one
-    warning, see warn_cpu_fallback); an explicit "cuda" that cannot be had is an error rather than
-    a silently slow run. "openvino" needs the `openvino` package (the openvino extra)."""
+    """ "auto" takes CUDA when onnxruntime-gpu can use it and falls back to the CPU (which
+    choose_provider's line says); an explicit "cuda" that cannot be had is an error rather than a
+    silently slow run. "openvino" needs the `openvino` package (the openvino extra)."""
     if requested not in PROVIDERS:
         raise InvalidRequestError("provider", f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
     if requested == "openvino":
@@ -124,12 +123,28 @@ def resolve_provider(requested: str) -> str:
     return CPU
 
 
-def warn_cpu_fallback(requested: str, provider: str) -> None:
-    """Once per process, after the model loaded (so a bad folder's error stays the only line)."""
-    global _warned_cpu_fallback
-    if requested == "auto" and provider == CPU and not _warned_cpu_fallback:
-        log.warning("CUDA execution provider not available; running on the CPU (much slower)")
-        _warned_cpu_fallback = True
+def choose_provider(requested: str, target: str) -> tuple[str, str]:
+    """The provider for an export of `target`, and why (the line the CLI and server print at start).
+    "auto" on an OpenVINO export (its IR runs on OpenVINO alone) means OpenVINO, whose package must
+    then be installed; on an ONNX export it means CUDA where onnxruntime-gpu can use it, else
+    onnxruntime's CPU provider. So on a CPU the fast path is the export's choice: `--target openvino`
+    with the openvino extra installed (README, "Which CPU path")."""
+    if requested == "auto" and target == OPENVINO_TARGET:
+        from .openvino_sessions import openvino_available
+
+        if not openvino_available():
+            raise InvalidRequestError(
+                "provider",
+                "this export is OpenVINO IR (--target openvino) and OpenVINO is not installed: "
+                "pip install 'acertain-onnx[openvino]', or export with --target cpu for onnxruntime",
+            )
+        return resolve_provider("openvino"), "auto: an OpenVINO export, and the openvino package is installed"
+    provider = resolve_provider(requested)
+    if requested != "auto":
+        return provider, "asked for"
+    if provider == CUDA:
+        return provider, "auto: onnxruntime-gpu can use a GPU"
+    return provider, "auto: an ONNX export and no GPU (a --target openvino export runs faster on CPUs; README)"
 
 
 def session_options(config: SessionConfig, provider: str, fp16_weights: bool = False) -> ort.SessionOptions:
@@ -449,6 +464,7 @@ class Sessions:
     provider: str
     vae_encoder: GraphSession | OpenVINOGraph | None = None  # img2img and inpainting only
     config: SessionConfig = SessionConfig()  # how these were made: LoRA sets rebuild sessions the same way
+    choice: str = ""  # what runs the graphs and why, in one line (the CLI and server print it at start)
 
     def release_memory(self, manifest: Manifest, device_id: int = 0) -> None:
         """Give back the memory a large generation left in onnxruntime's arenas (a 512x512 run
@@ -473,16 +489,16 @@ def trim_c_heap() -> None:
 
 def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
     target = manifest.target
-    # An OpenVINO export runs on OpenVINO only, so "auto" means OpenVINO for it.
-    requested = "openvino" if config.provider == "auto" and target == OPENVINO_TARGET else config.provider
-    provider = resolve_provider(requested)
+    provider, why = choose_provider(config.provider, target)
     if (provider == OPENVINO) != (target == OPENVINO_TARGET):
         raise ModelFolderError(
             f"{manifest.folder} was exported with --target {target}, which provider {config.provider!r} cannot run; "
             + ("use provider 'openvino'" if target == OPENVINO_TARGET else "re-export it with --target openvino")
         )
     if provider == OPENVINO:
-        return load_openvino_sessions(manifest, config)
+        sessions = load_openvino_sessions(manifest, config)
+        sessions.choice = f"{sessions.choice} ({why})"
+        return sessions
     if target == "cuda" and provider == CPU:
         raise ModelFolderError(
             f"{manifest.folder} was exported with --target cuda (GPU-only fused ops) and cannot run on the CPU "
@@ -499,8 +515,8 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
         if "vae_encoder" in manifest.graphs
         else None,
         config=config,
+        choice=f"onnxruntime {provider}, {manifest.precision} graphs ({why})",
     )
-    warn_cpu_fallback(config.provider, provider)
     return sessions
 
 
@@ -511,8 +527,9 @@ def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Session
     core = make_core(config.device)
     precision = openvino_precision(core, config.device, config.inference_precision)
     properties = compile_properties(config.threads, precision, cache_folder(cache_root(config)), config.device)
-    log.info("OpenVINO on %s, inference precision %s", config.device, precision or "device default")
     graphs = manifest.graphs
+    quantized = f", UNet {graphs['unet'].quantization}" if graphs["unet"].quantization else ""
+    choice = f"OpenVINO on {config.device}, inference precision {precision or 'device default'}{quantized}"
     return Sessions(
         text_encoder=OpenVINOGraph(core, graphs["text_encoder"], config.device, properties),
         unet=OpenVINOUNet(core, graphs["unet"], config.device, properties),
@@ -522,4 +539,5 @@ def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Session
         if "vae_encoder" in graphs
         else None,
         config=config,
+        choice=choice,
     )

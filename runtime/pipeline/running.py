@@ -144,6 +144,12 @@ class Pipeline(Planner):
     def provider(self) -> str:
         return self.sessions.provider
 
+    @property
+    def provider_choice(self) -> str:
+        """What runs the graphs and why, in one line (e.g. OpenVINO's precision, an int8 UNet, and
+        what "auto" saw); the CLI and server print it at start."""
+        return self.sessions.choice
+
     def release_memory(self) -> None:
         """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
         self.sessions.release_memory(self.manifest)

@@ -146,7 +146,7 @@ def serve(config: ServerConfig) -> None:
     from .protocol import protocol_with_timeout
 
     models = load_models(config)
-    log.info("loaded %s on %s", models.current, models.provider())
+    log.info("loaded %s; running on %s", models.current, models.provider_choice())
     if not _is_loopback(config.host) and not config.credentials:
         log.warning("listening on %s without --api-auth: anyone who reaches this port can use the GPU", config.host)
     # No limit_concurrency: uvicorn counts open connections against it, so idle sockets would lock

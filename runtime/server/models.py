@@ -265,6 +265,11 @@ class ModelSet:
         loaded = self.pool.peek(self.current) if self.pool is not None else None
         return loaded.provider if loaded is not None else "none loaded"
 
+    def provider_choice(self) -> str:
+        """What runs the current checkpoint and why (Pipeline.provider_choice): the line at start."""
+        loaded = self.pool.peek(self.current) if self.pool is not None else None
+        return loaded.provider_choice if loaded is not None else "none loaded"
+
 
 def default_vae(manifest: Manifest, vae: str | None) -> str | None:
     """--vae for the checkpoints that have it; the others decode with their own VAE."""
