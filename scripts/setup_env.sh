@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,server,cluster,openvino,quantize,test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,server,cluster,openvino,quantize,controlnet,test]"
 # The samplers' reference: k-diffusion's sampling code only (tests/kdiffusion_reference.py). Its
 # declared requirements (torchvision, clip, wandb...) are never used by that code and would replace
 # the CPU torch, hence --no-deps; what the code does need is in the test extra.
