@@ -81,6 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--upscaler-name",
         help="with one --add-upscaler: the name to select it by (default: A1111's name for the file, else its stem)",
     )
+    parser.add_argument(
+        "--add-controlnet",
+        metavar="FILE|FOLDER",
+        help="add this SD1.x ControlNet (lllyasviel's .pth/.safetensors, e.g. control_v11p_sd15_canny; pickles need "
+        "--allow-pickle; or a diffusers ControlNetModel folder) to the existing export in --output, for ControlNet "
+        "units; stored under controlnets/<name>/",
+    )
+    parser.add_argument(
+        "--controlnet-name", help="with --add-controlnet: the name to select it by (default: its file or folder name)"
+    )
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder graph (img2img only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -128,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         return add_vae_main(args)
     if args.add_upscaler:
         return add_upscaler_main(args)
+    if args.add_controlnet is not None:
+        return add_controlnet_main(args)
+    if args.controlnet_name is not None:
+        print("error: --controlnet-name goes with --add-controlnet", file=sys.stderr)
+        return 2
     if args.upscaler_name is not None:
         print("error: --upscaler-name goes with --add-upscaler", file=sys.stderr)
         return 2
@@ -199,6 +214,27 @@ def add_upscaler_main(args: argparse.Namespace) -> int:
     for report in reports:
         print(f"added upscaler {report.name} to {args.output} ({report.precision}, relative error "
               f"{report.validation.relative_error:.2e}, tolerance {report.validation.tolerance:.0e})")  # fmt: skip
+    return 0
+
+
+def add_controlnet_main(args: argparse.Namespace) -> int:
+    from export.add_controlnet import AddControlNetOptions, add_controlnet, default_name
+    from runtime.errors import UserError
+
+    if args.output is None:
+        print("error: --add-controlnet needs --output, the existing export folder", file=sys.stderr)
+        return 2
+    options = AddControlNetOptions(
+        args.add_controlnet, args.output, args.controlnet_name, args.overwrite, args.allow_pickle
+    )
+    try:
+        report = add_controlnet(options)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    name, result = options.name or default_name(args.add_controlnet), report.validation
+    print(f"added ControlNet {name} to {args.output} ({report.precision}, relative error "
+          f"{result.relative_error:.2e}, tolerance {result.tolerance:.0e})")  # fmt: skip
     return 0
 
 

@@ -217,7 +217,11 @@ def build_specs(
         raise ExportError(f"--clip-skip {clip_skip_text(options)}: {error}") from None
     # Realistic UNet conditioning: the text encoder's own output for real prompts.
     context = torch.from_numpy(specs[0].cases[0].reference)
-    specs += [graphs.unet_spec(pipe, context, working), graphs.vae_decoder_spec(pipe, working)]
+    try:
+        specs.append(graphs.unet_spec(pipe, context, working))
+    except ValueError as error:  # a UNet whose skip connections a ControlNet's residuals could not fill
+        raise ExportError(f"unet: {error}") from None
+    specs.append(graphs.vae_decoder_spec(pipe, working))
     if options.vae_encoder:
         specs.append(graphs.vae_encoder_spec(pipe, working))
     return specs

@@ -22,8 +22,17 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from export.modules import ClipSkipTextEncoder, UNetForOnnx, VaeDecoder, VaeEncoder, clip_skip_reference, text_model
+from export.modules import (
+    ClipSkipTextEncoder,
+    ControlNetForOnnx,
+    UNetForOnnx,
+    VaeDecoder,
+    VaeEncoder,
+    clip_skip_reference,
+    text_model,
+)
 from runtime.graphs.model_folder import (
+    CONTROL_COND,
     METADATA_PREFIX,
     TEXT_EXTRA,
     TEXT_INPUT,
@@ -35,6 +44,8 @@ from runtime.graphs.model_folder import (
     VAE_DECODER_OUTPUT,
     VAE_ENCODER_INPUT,
     VAE_ENCODER_OUTPUT,
+    ControlResidual,
+    control_residuals,
     text_output_name,
 )
 
@@ -94,6 +105,11 @@ def _run(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> np.ndarray:
         return fn(*args).float().numpy()
 
 
+def _run_all(fn: Callable[..., tuple[torch.Tensor, ...]], *args: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [output.float().numpy() for output in fn(*args)]
+
+
 def text_encoder_spec(pipe, clip_skips: tuple[int, ...], prompt_ids: torch.Tensor) -> GraphSpec:
     """input_ids, and extra_embeddings for ids past the vocabulary; one output per clip skip (the
     first is the default). Each output is validated on transformers' output for plain ids, and for
@@ -128,31 +144,80 @@ def text_encoder_spec(pipe, clip_skips: tuple[int, ...], prompt_ids: torch.Tenso
     )
 
 
+def residual_axes(residual: ControlResidual) -> dict[int, str]:
+    """Dynamic axes of a ControlNet residual: the latents' own names at full size, else per level."""
+    if residual.downscale == 1:
+        return {0: "batch", 2: "height", 3: "width"}
+    return {0: "batch", 2: f"height_{residual.downscale}x_down", 3: f"width_{residual.downscale}x_down"}
+
+
+@torch.no_grad()
+def measured_residual_shapes(unet, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> list:
+    """The shapes of the UNet's skip connections and middle block output on these inputs, read
+    with forward hooks: what a ControlNet's residuals must match."""
+    shapes: list[tuple[int, ...]] = []
+    hooks = [unet.conv_in.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda _m, _i, out: shapes.extend(tuple(x.shape) for x in out[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape))))
+    try:
+        unet(sample, timestep, context, return_dict=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def unet_residuals(unet, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> tuple:
+    """control_residuals of the UNet's config, checked against the shapes the UNet produces (a
+    layout that the runtime would size its zeros for wrongly is refused here, at export)."""
+    residuals = control_residuals(dict(unet.config))
+    expected = [residual.shape(tuple(sample.shape)) for residual in residuals]
+    measured = measured_residual_shapes(unet, sample, timestep, context)
+    if measured != expected:
+        raise ValueError(f"the UNet's skip connections have shapes {measured}, not the SD1.x layout's {expected}")
+    return residuals
+
+
+def random_residuals(residuals: tuple, sample_shape: tuple[int, ...], scale: float = 0.0) -> list[torch.Tensor]:
+    """Residuals for the UNet's inputs: zeros (scale 0, the plain UNet) or N(0, scale^2) values."""
+    return [torch.randn(residual.shape(sample_shape)) * scale for residual in residuals]
+
+
 def unet_spec(pipe, context: torch.Tensor, working: int | None = None) -> GraphSpec:
     """Traced on a latent size that is not a multiple of 8 so that diffusers takes its general
     upsampling path (sizes read from the skip connections): the graph then serves every size.
-    `working` (a latent size) adds cases at that size, batch 2 (CFG), with the text of one and of
-    two 75-token chunks (77 and 154 tokens)."""
+    The ControlNet residual inputs are validated both zero (no ControlNet: the plain UNet) and
+    random. `working` (a latent size) adds cases at that size, batch 2 (CFG), with the text of one
+    and of two 75-token chunks (77 and 154 tokens)."""
     module = UNetForOnnx(pipe.unet).eval()
     channels = pipe.unet.config.in_channels
     batch = context.shape[0]
+    sample = torch.randn(batch, channels, 9, 7)
+    residuals = unet_residuals(pipe.unet, sample, torch.tensor([500.0] * batch), context)
     trace = {
-        UNET_SAMPLE: torch.randn(batch, channels, 9, 7),
+        UNET_SAMPLE: sample,
         UNET_TIMESTEP: torch.tensor([500.0] * batch),
         UNET_CONTEXT: torch.cat([context, context], dim=1),
+        **dict(zip((r.name for r in residuals), random_residuals(residuals, sample.shape, 0.5), strict=True)),
     }
-    cases = []
-    for sample, timestep, ctx in (
-        (torch.randn(batch, channels, 8, 8), torch.tensor([961.5] * batch), context),
-        (torch.randn(1, channels, 6, 10), torch.tensor([21.0]), torch.cat([context[:1], context[1:]], dim=1)),
-    ):
+
+    def case(sample: torch.Tensor, timestep: torch.Tensor, ctx: torch.Tensor, scale: float) -> ValidationCase:
+        added = random_residuals(residuals, tuple(sample.shape), scale)
         inputs = {UNET_SAMPLE: sample.numpy(), UNET_TIMESTEP: timestep.numpy(), UNET_CONTEXT: ctx.numpy()}
-        cases.append(ValidationCase(inputs, _run(module, sample, timestep, ctx)))
+        inputs.update({residual.name: value.numpy() for residual, value in zip(residuals, added, strict=True)})
+        return ValidationCase(inputs, _run(module, sample, timestep, ctx, *added))
+
+    cases = [
+        case(torch.randn(batch, channels, 8, 8), torch.tensor([961.5] * batch), context, 0.0),
+        case(torch.randn(1, channels, 6, 10), torch.tensor([21.0]), torch.cat([context[:1], context[1:]], dim=1), 0.0),
+        case(torch.randn(batch, channels, 10, 6), torch.tensor([500.0] * batch), context, 1.0),
+    ]
     working_cases = []
-    for ctx in () if working is None else (context, torch.cat([context, context.flip(0)], dim=1)):
-        sample, timestep = torch.randn(batch, channels, working, working), torch.tensor([961.5] * batch)
-        inputs = {UNET_SAMPLE: sample.numpy(), UNET_TIMESTEP: timestep.numpy(), UNET_CONTEXT: ctx.numpy()}
-        working_cases.append(ValidationCase(inputs, _run(module, sample, timestep, ctx)))
+    if working is not None:
+        for ctx, scale in ((context, 0.0), (torch.cat([context, context.flip(0)], dim=1), 1.0)):
+            sample, timestep = torch.randn(batch, channels, working, working), torch.tensor([961.5] * batch)
+            working_cases.append(case(sample, timestep, ctx, scale))
     return GraphSpec(
         name="unet",
         module=module,
@@ -162,12 +227,62 @@ def unet_spec(pipe, context: torch.Tensor, working: int | None = None) -> GraphS
             UNET_SAMPLE: {0: "batch", 2: "height", 3: "width"},
             UNET_TIMESTEP: {0: "batch"},
             UNET_CONTEXT: {0: "batch", 1: "sequence"},
+            **{residual.name: residual_axes(residual) for residual in residuals},
             UNET_OUTPUT: {0: "batch", 2: "height", 3: "width"},
         },
         optimizer_type="unet",
         # timesteps such as 961.5 are not representable in float16; diffusers keeps them float32.
         keep_fp32_io=[UNET_TIMESTEP],
         cases=cases,
+        working_cases=working_cases,
+    )
+
+
+def controlnet_spec(
+    module: ControlNetForOnnx, name: str, residuals: tuple, context: torch.Tensor, working: int | None = None
+) -> GraphSpec:
+    """(sample, timestep, text, control image at 8x the latent size) -> one output per UNet residual
+    input. Traced like the UNet on latents that are no multiple of 8; validated on every output at
+    two other sizes (and at the working size, batch 2, where the target's provider runs)."""
+    config = module.controlnet.config
+    channels, hint = config.in_channels, config.conditioning_channels
+    factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)  # its stride-2 convolutions
+    batch = context.shape[0]
+
+    def inputs(latents: tuple[int, int, int], ctx: torch.Tensor, timestep: float) -> dict[str, torch.Tensor]:
+        count, height, width = latents
+        return {
+            UNET_SAMPLE: torch.randn(count, channels, height, width),
+            UNET_TIMESTEP: torch.tensor([timestep] * count),
+            UNET_CONTEXT: ctx,
+            CONTROL_COND: torch.rand(count, hint, height * factor, width * factor),
+        }
+
+    def cases(values: dict[str, torch.Tensor]) -> list[ValidationCase]:
+        outputs = _run_all(module, *values.values())
+        fed = {key: value.numpy() for key, value in values.items()}
+        return [ValidationCase(fed, output, residual.name) for residual, output in zip(residuals, outputs, strict=True)]
+
+    found = cases(inputs((batch, 8, 8), context, 961.5))
+    found += cases(inputs((1, 6, 10), torch.cat([context[:1], context[1:]], dim=1), 21.0))
+    working_cases = [] if working is None else cases(inputs((batch, working, working), context, 500.0))
+    names = [residual.name for residual in residuals]
+    return GraphSpec(
+        name=name,
+        module=module,
+        trace_inputs=inputs((batch, 9, 7), torch.cat([context, context], dim=1), 500.0),
+        output_name=names[0],
+        extra_outputs=names[1:],
+        dynamic_axes={
+            UNET_SAMPLE: {0: "batch", 2: "height", 3: "width"},
+            UNET_TIMESTEP: {0: "batch"},
+            UNET_CONTEXT: {0: "batch", 1: "sequence"},
+            CONTROL_COND: {0: "batch", 2: "image_height", 3: "image_width"},
+            **{residual.name: residual_axes(residual) for residual in residuals},
+        },
+        optimizer_type="unet",
+        keep_fp32_io=[UNET_TIMESTEP],
+        cases=found,
         working_cases=working_cases,
     )
 
@@ -400,16 +515,16 @@ def add_input_defaults(model: onnx.ModelProto, spec: GraphSpec) -> None:
 
 def set_output_shape(model: onnx.ModelProto, spec: GraphSpec) -> None:
     """Shape inference names every axis it cannot prove constant (a text encoder's 77 becomes
-    "LayerNormalizationlast_hidden_state_dim_1"); state the output shape plainly: our dynamic
+    "LayerNormalizationlast_hidden_state_dim_1"); state each output's shape plainly: our dynamic
     axis names, and the sizes seen in validation for the fixed axes."""
-    sizes = spec.cases[0].reference.shape  # every output of a graph has the same shape (the clip skips')
+    sizes = {case.output or spec.output_name: case.reference.shape for case in reversed(spec.cases)}
     for value in model.graph.output:
         if value.name not in spec.output_names:
             continue
         names = spec.dynamic_axes.get(value.name, {})
         shape = value.type.tensor_type.shape
         shape.ClearField("dim")
-        for axis, size in enumerate(sizes):
+        for axis, size in enumerate(sizes.get(value.name, spec.cases[0].reference.shape)):
             dim = shape.dim.add()
             if axis in names:
                 dim.dim_param = names[axis]

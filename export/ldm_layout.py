@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 UNET_PREFIX = "model.diffusion_model."
+CONTROLNET_PREFIX = "control_model."  # lllyasviel's ControlNet files (ControlNet 1.0 files hold the whole model too)
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 
@@ -125,3 +126,31 @@ def to_ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder:
     for key, value in text_encoder.state_dict().items():
         state[TEXT_PREFIX + text_key(key)] = value
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def controlnet_key(key: str, layers_per_block: int, hint_blocks: int) -> str:
+    """One diffusers ControlNetModel key to its name in lllyasviel's layout (without the prefix): the
+    UNet's encoder half as in unet_key, the zero convolutions `zero_convs.i.0`, the middle block's
+    `middle_block_out.0`, and the control image embedding `input_hint_block` (convolutions at even
+    positions, SiLUs between them; `hint_blocks` of diffusers' blocks between its first and last)."""
+    if match := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+        return f"zero_convs.{match[1]}.0.{match[2]}"
+    if key.startswith("controlnet_mid_block."):
+        return "middle_block_out.0." + key.removeprefix("controlnet_mid_block.")
+    if key.startswith("controlnet_cond_embedding.conv_in."):
+        return "input_hint_block.0." + key.removeprefix("controlnet_cond_embedding.conv_in.")
+    if match := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.*)", key):
+        return f"input_hint_block.{2 * (int(match[1]) + 1)}.{match[2]}"
+    if key.startswith("controlnet_cond_embedding.conv_out."):
+        return f"input_hint_block.{2 * (hint_blocks + 1)}." + key.removeprefix("controlnet_cond_embedding.conv_out.")
+    return unet_key(key, layers_per_block, set())
+
+
+def to_ldm_controlnet_state_dict(controlnet: torch.nn.Module, prefix: str = CONTROLNET_PREFIX) -> dict:
+    """A ControlNetModel's weights as lllyasviel's files hold them (control_v11p_sd15_canny.pth)."""
+    hint_blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    layers = controlnet.config.layers_per_block
+    return {
+        prefix + controlnet_key(key, layers, hint_blocks): value.contiguous()
+        for key, value in controlnet.state_dict().items()
+    }

@@ -72,16 +72,58 @@ def clip_skip_reference(text_encoder: torch.nn.Module, input_ids: torch.Tensor, 
 
 
 class UNetForOnnx(torch.nn.Module):
-    """noise prediction from (sample, timestep per batch item, text embeddings of any length)."""
+    """noise prediction from (sample, timestep per batch item, text embeddings of any length, and
+    the ControlNet residuals: one per skip connection, then the middle block's). The residuals are
+    added as diffusers adds a ControlNet's (down_block_additional_residuals /
+    mid_block_additional_residual); zeros give the plain UNet, so one graph serves both."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *residuals: torch.Tensor,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class ControlNetForOnnx(torch.nn.Module):
+    """A ControlNet's residuals at conditioning scale 1 (the runtime scales them per unit) from the
+    UNet's inputs and the control image (batch, channels, height, width) in [0, 1] at pixel size,
+    one output per UNet residual input, in that order. `pooled` (A1111's global_average_pooling,
+    the shuffle models): each residual is its spatial mean, broadcast back to the full size so that
+    every ControlNet's outputs have the shapes of the UNet's inputs."""
+
+    def __init__(self, controlnet: torch.nn.Module, pooled: bool = False) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.pooled = pooled
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, return_dict=False
+        )
+        residuals = (*down, mid)
+        if self.pooled:
+            residuals = tuple(item.mean(dim=(2, 3), keepdim=True).expand_as(item) for item in residuals)
+        return residuals
 
 
 class VaeDecoder(torch.nn.Module):

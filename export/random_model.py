@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from export.ldm_layout import to_ldm_state_dict
+from export.ldm_layout import to_ldm_controlnet_state_dict, to_ldm_state_dict
 from export.shipped import config_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -89,3 +89,37 @@ def build_and_save(arch: str, out_dir: Path, seed: int = 0, single_file: bool = 
     if single_file:
         paths["single_file"] = save_single_file(pipe, out_dir / f"{arch}.safetensors")
     return paths
+
+
+# The parts of a ControlNet that training starts at zero: its residuals are zero until they learn.
+CONTROLNET_ZERO_PARTS = ("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.conv_out.")
+
+
+@torch.no_grad()
+def build_random_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet for `unet` (diffusers' from_unet: the UNet's encoder weights copied). Its
+    zero-initialised parts get seeded random values of unit gain, so that its residuals are not
+    zero, and every other weight a little noise, so that it is not the UNet's copy."""
+    controlnet = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in controlnet.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator)
+        if name.startswith(CONTROLNET_ZERO_PARTS):
+            fan_in = parameter[0].numel() if parameter.ndim > 1 else 1
+            parameter.copy_(noise / fan_in**0.5)
+        else:
+            parameter.add_(0.05 * parameter.abs().mean() * noise)
+    return controlnet.eval()
+
+
+def build_and_save_controlnet(unet_folder: Path, out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """A random ControlNet for the diffusers UNet in `unet_folder`, saved as a diffusers folder and as
+    one lllyasviel-layout `.safetensors` file (`control_model.` keys, as control_v11p_sd15_canny has):
+    {'diffusers': folder, 'single_file': file}."""
+    controlnet = build_random_controlnet(UNet2DConditionModel.from_pretrained(str(unet_folder)), seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = out_dir / "control_tiny-diffusers"
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    single = out_dir / "control_tiny.safetensors"
+    save_file(to_ldm_controlnet_state_dict(controlnet), str(single), metadata={"format": "pt"})
+    return {"diffusers": folder, "single_file": single}

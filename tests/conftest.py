@@ -46,3 +46,40 @@ def tiny_fp32(tiny_source, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp16(tiny_source, tmp_path_factory) -> Path:
     return _export(tiny_source["single_file"], tmp_path_factory.mktemp("export") / "tiny-fp16", "fp16")
+
+
+TINY_CONTROLNET = "control_tiny"  # the name the tiny ControlNet is added under in the *_controlnet exports
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_source, tmp_path_factory) -> dict[str, Path]:
+    """A random-weight ControlNet for the tiny model, seed 1, with nonzero residuals: {'diffusers':
+    ControlNetModel folder, 'single_file': lllyasviel-layout .safetensors (`control_model.` keys)}."""
+    pytest.importorskip("torch")
+    from export.random_model import build_and_save_controlnet
+
+    return build_and_save_controlnet(tiny_source["diffusers"] / "unet", tmp_path_factory.mktemp("tiny-controlnet"), 1)
+
+
+def _with_controlnet(export: Path, source: Path, output: Path) -> Path:
+    import shutil
+
+    from export.add_controlnet import AddControlNetOptions, add_controlnet
+
+    shutil.copytree(export, output)
+    add_controlnet(AddControlNetOptions(str(source), output, TINY_CONTROLNET))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_controlnet(tiny_fp32, tiny_controlnet, tmp_path_factory) -> Path:
+    """A copy of tiny_fp32 with the tiny ControlNet added from its single file as TINY_CONTROLNET."""
+    output = tmp_path_factory.mktemp("export") / "tiny-fp32-controlnet"
+    return _with_controlnet(tiny_fp32, tiny_controlnet["single_file"], output)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_controlnet(tiny_fp16, tiny_controlnet, tmp_path_factory) -> Path:
+    """A copy of tiny_fp16 with the tiny ControlNet added from its single file as TINY_CONTROLNET."""
+    output = tmp_path_factory.mktemp("export") / "tiny-fp16-controlnet"
+    return _with_controlnet(tiny_fp16, tiny_controlnet["single_file"], output)

@@ -22,7 +22,12 @@ transformers = pytest.importorskip("transformers")
 from conftest import REPO  # noqa: E402
 from export.exporter import ExportError, ExportOptions, run_export  # noqa: E402
 from export.sources import SourceError  # noqa: E402
-from runtime.graphs.model_folder import read_manifest  # noqa: E402
+from runtime.graphs.model_folder import (  # noqa: E402
+    CONTROL_MID_RESIDUAL,
+    control_down_residual,
+    control_residuals,
+    read_manifest,
+)
 
 # Tolerances of this test file (max abs difference / max(1, max |reference|)):
 FP32_TOLERANCE = 1e-4
@@ -100,14 +105,10 @@ def test_unet_and_vae_graphs_match_diffusers(request, tiny_source, precision):
     context = torch.randn(3, 231, 32, generator=generator)
     with torch.no_grad():
         noise = unet(sample, timestep, context).sample.numpy()
-    ours = session(folder, "unet").run(
-        None,
-        {
-            "sample": sample.numpy().astype(dtype),
-            "timestep": timestep.numpy(),
-            "encoder_hidden_states": context.numpy().astype(dtype),
-        },
-    )[0]
+    # No ControlNet: its residual inputs are zeros (the UNet's skip connections as they are).
+    zeros = {item.name: np.zeros(item.shape(tuple(sample.shape)), dtype) for item in control_residuals(unet.config)}
+    inputs = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
+    ours = session(folder, "unet").run(None, {**inputs, **zeros})[0]
     assert relative_error(ours, noise) <= tolerance
 
     latents = torch.randn(2, 4, 10, 6, generator=generator) / 0.18215
@@ -484,7 +485,8 @@ def test_cuda_target_fp16_computes_in_fp16_and_is_validated_on_a_twin(tiny_sourc
         assert entry["compute_dtype"] == "float16" and "twin" in entry["validation"]["note"]
         assert entry["validation"]["relative_error"] <= FP16_TOLERANCE
     unet_inputs = {item["name"]: item["dtype"] for item in raw["graphs"]["unet"]["inputs"]}
-    assert unet_inputs == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
+    residuals = {name: "float16" for name in [*map(control_down_residual, range(8)), CONTROL_MID_RESIDUAL]}
+    assert unet_inputs == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16", **residuals}
     ops = {node.op_type for node in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node}
     assert "GroupNorm" in ops
     with pytest.raises(ModelFolderError, match="--target cpu"):

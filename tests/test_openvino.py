@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import REPO  # noqa: E402
 from runtime import InvalidRequestError, ModelFolderError, Pipeline  # noqa: E402
-from runtime.graphs.model_folder import read_manifest  # noqa: E402
+from runtime.graphs.model_folder import control_residuals, read_manifest  # noqa: E402
 
 # fp16-compressed weights, f32 arithmetic: the same rounding as the CPU target's fp16 graphs
 # (max abs difference / max(1, max |reference|)).
@@ -73,7 +73,8 @@ def test_unet_ir_matches_diffusers(tiny_openvino, tiny_source):
         str(tiny_openvino / "unet" / "openvino_model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
     inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-    output = compiled({name: value.numpy() for name, value in inputs.items()})
+    zeros = {item.name: np.zeros(item.shape(sample.shape), np.float32) for item in control_residuals(unet.config)}
+    output = compiled({**{name: value.numpy() for name, value in inputs.items()}, **zeros})
     error = np.abs(output[0] - reference).max() / max(1.0, np.abs(reference).max())
     assert error <= FP16_WEIGHTS_TOLERANCE
 

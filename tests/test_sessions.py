@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_saved_optimized_graphs_are_read_back_and_give_the_same_output(tiny_fp32, tmp_path, monkeypatch):
     """The opt-in cold-start lever (Pipeline.from_pretrained(optimized_cache=True)): the first load saves each
@@ -71,13 +73,15 @@ def cpu_bound_unet(folder, monkeypatch, cuda_graph: bool = False):
     return unet, manifest
 
 
-def plain_run(unet, context, sample, timestep):
+def plain_run(unet, context, sample, timestep, residuals=None):
     """The reference: one plain session.run on the same inputs."""
     import numpy as np
 
     from runtime.graphs.model_folder import UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP
 
-    feed = unet.feed({UNET_CONTEXT: context, UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
+    feed = unet.feed({UNET_CONTEXT: context, UNET_SAMPLE: sample, UNET_TIMESTEP: timestep, **(residuals or {})})
+    for residual in unet.residuals:  # no ControlNet: zeros
+        feed.setdefault(residual.name, np.zeros(residual.shape(sample.shape), dtype=feed[UNET_SAMPLE].dtype))
     return unet.session.run(None, feed)[0].astype(np.float32)
 
 
@@ -108,6 +112,34 @@ def test_io_bound_unet_replays_changing_inputs_like_plain_runs(tiny_fp16, monkey
     for out, expected in kept:
         np.testing.assert_array_equal(out, expected)
     assert len(unet._bindings.plain) == 1 and not unet._bindings.graphs
+
+
+def test_io_bound_unet_takes_controlnet_residuals_and_puts_the_zeros_back(tiny_fp32, monkeypatch):
+    """A ControlNet that stops before the last step: steps given residuals, then steps without, on
+    the same bound buffers. Each equals a plain session.run with those residuals or with zeros;
+    a new generation that binds the same shapes after a ControlNet's last step starts from zeros."""
+    import numpy as np
+
+    copies = DeferredCopies(monkeypatch)
+    unet, manifest = cpu_bound_unet(tiny_fp32, monkeypatch)
+    assert unet.takes_residuals and len(unet.residuals) == 9  # the tiny UNet: 8 skip connections + middle
+    rng = np.random.default_rng(2)
+    shape = (2, manifest.latent_channels, 8, 6)
+    context = rng.standard_normal((2, 77, manifest.text_width), dtype=np.float32)
+    residuals = [rng.standard_normal(item.shape(shape), dtype=np.float32) for item in unet.residuals]
+    named = {item.name: value for item, value in zip(unet.residuals, residuals, strict=True)}
+    sample, steps = rng.standard_normal(shape, dtype=np.float32), np.full((2,), 500.0, dtype=np.float32)
+    step = unet.bind(context, shape)
+    controlled = step(sample, steps, residuals)
+    np.testing.assert_array_equal(controlled, plain_run(unet, context, sample, steps, named))
+    plain = step(sample, steps)
+    np.testing.assert_array_equal(plain, plain_run(unet, context, sample, steps))
+    assert not np.allclose(controlled, plain, atol=1e-3)  # the residuals do reach the output
+    step(sample, steps, residuals)
+    np.testing.assert_array_equal(unet.bind(context, shape)(sample, steps), plain)
+    assert not copies.pending
+    with pytest.raises(ValueError, match="down_block_residual_0 has shape"):
+        step(sample, steps, [residuals[-1], *residuals[1:]])
 
 
 def test_cuda_graphs_get_one_binding_per_shape(tiny_fp32, monkeypatch):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .model_folder import UNET_OUTPUT, UNET_SAMPLE, UNET_TIMESTEP
+from .model_folder import UNET_OUTPUT
 
 GRAPH_ID = "gpu_graph_id"  # ORT run config entry: which captured CUDA graph a run uses
 NO_GRAPH = -1  # ORT's "run without a CUDA graph" id
@@ -50,6 +50,7 @@ class Binding:
     values: dict[str, ort.OrtValue]  # the device buffers bound to the inputs and the output
     graph_id: int | None  # None: CUDA graphs are off for the session
     run_options: ort.RunOptions | None
+    control: bool = False  # the ControlNet residual buffers hold a ControlNet's values, not zeros
 
 
 class BindingPool:
@@ -112,10 +113,11 @@ def make_binding(
 def run_bound(
     session: ort.InferenceSession, bound: Binding, inputs: dict[str, np.ndarray], guard: Callable
 ) -> np.ndarray:
-    """Copy the step's inputs into the bound buffers, run, and read the output, each ordered with
-    ORT's compute stream (see the module's docstring). `guard` maps allocation failures."""
-    for name in (UNET_SAMPLE, UNET_TIMESTEP):
-        bound.values[name].update_inplace(inputs[name])
+    """Copy the step's inputs (sample, timestep, and ControlNet residuals when they change) into the
+    bound buffers, run, and read the output, each ordered with ORT's compute stream (see the
+    module's docstring). `guard` maps allocation failures."""
+    for name, value in inputs.items():
+        bound.values[name].update_inplace(value)
     with guard():
         bound.binding.synchronize_inputs()  # also orders a new conditioning, copied by UNetSession.bind
         session.run_with_iobinding(bound.binding, bound.run_options)

@@ -54,6 +54,38 @@ def control_down_residual(index: int) -> str:
     return f"down_block_residual_{index}"
 
 
+@dataclass(frozen=True)
+class ControlResidual:
+    """One ControlNet residual: a UNet input and a ControlNet output of the same name and shape."""
+
+    name: str
+    channels: int
+    downscale: int  # the latents' height and width divided by this, rounded up, are the residual's
+
+    def shape(self, sample_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(batch, channels, height, width) for UNet latents of `sample_shape`. Each stride-2
+        downsampling convolution (kernel 3, padding 1) turns a size n into ceil(n / 2)."""
+        batch, _, height, width = sample_shape
+        return (batch, self.channels, -(-height // self.downscale), -(-width // self.downscale))
+
+
+def control_residuals(unet_config: dict[str, Any]) -> tuple[ControlResidual, ...]:
+    """The residuals of a diffusers UNet2DConditionModel's config (unet/config.json), in the order
+    of its skip connections, then the middle block's: conv_in's output, then per level one per
+    resnet layer and one for the level's downsampler (every level but the last). SD1.x: 12 + 1;
+    the exporter checks this against the shapes the UNet itself produces."""
+    widths = list(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    per_level = list(layers) if isinstance(layers, list | tuple) else [layers] * len(widths)
+    found = [(widths[0], 1)]
+    for level, width in enumerate(widths):
+        found += [(width, 2**level)] * per_level[level]
+        if level < len(widths) - 1:
+            found.append((width, 2 ** (level + 1)))
+    down = [ControlResidual(control_down_residual(index), width, scale) for index, (width, scale) in enumerate(found)]
+    return (*down, ControlResidual(CONTROL_MID_RESIDUAL, widths[-1], 2 ** (len(widths) - 1)))
+
+
 # Keys of the metadata the exporter writes into every graph (graph name, precision, compute dtype).
 METADATA_PREFIX = "acertain_onnx."
 
@@ -251,11 +283,13 @@ def read_manifest(folder: str | Path) -> Manifest:
             raise ModelFolderError(f"{folder / relative} is missing: the model folder has no {what}")
     _check_fields(raw, folder / MANIFEST_FILE)
     manifest = Manifest(folder=folder, raw=raw, graphs=graphs)
+    from .controlnets import controlnet_models  # the added ControlNets' section, checked the same way
     from .upscalers import upscaler_models  # the added upscalers' section, checked the same way
     from .vaes import vae_choices  # the added VAEs' section: types, names, files inside the folder
 
     vae_choices(manifest)
     upscaler_models(manifest)
+    controlnet_models(manifest)
     return manifest
 
 
@@ -280,12 +314,14 @@ def sha256_of_file(path: Path) -> str:
 def verify_files(manifest: Manifest) -> None:
     """Check every graph file against the sha256 the exporter wrote: weights changed on disk
     (bit rot, a bad copy) otherwise give black or noisy images without any error."""
+    from .controlnets import controlnet_graphs
     from .upscalers import upscaler_models
     from .vaes import vae_choices
 
     added = [choice for choice in vae_choices(manifest).values() if choice.name is not None]
     extra = [info for choice in added for info in (choice.decoder, choice.encoder) if info is not None]
     extra += [model.graph for model in upscaler_models(manifest).values()]
+    extra += list(controlnet_graphs(manifest).values())
     for info in [*manifest.graphs.values(), *extra]:
         for name, expected in info.files.items():
             path = info.path.parent / name

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError, ModelFolderError
-from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, GraphInfo
+from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, ControlResidual, GraphInfo
+from .residuals import ResidualInputs
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,35 @@ class OpenVINOGraph:
 
 
 class OpenVINOUNet(OpenVINOGraph):
-    """The per-step call: the conditioning is fed once per generation, each step only the latents."""
+    """The per-step call: the conditioning is fed once per generation, each step only the latents
+    (and a ControlNet's residuals, else the zeros kept per shape: see residuals.py)."""
 
-    def bind(
-        self, context: np.ndarray, sample_shape: tuple[int, ...]
-    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def __init__(self, core: Any, info: GraphInfo, device: str, properties: dict[str, Any]) -> None:
+        super().__init__(core, info, device, properties)
+        self.residual_inputs = ResidualInputs(info, self.input_types)
+
+    @property
+    def residuals(self) -> tuple[ControlResidual, ...]:
+        return self.residual_inputs.residuals
+
+    @property
+    def takes_residuals(self) -> bool:
+        return bool(self.residuals)
+
+    def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> Callable[..., np.ndarray]:
         """The step function for this conditioning (see UNetSession.bind)."""
         return partial(self._run, self.feed({UNET_CONTEXT: context})[UNET_CONTEXT])
 
-    def _run(self, context: np.ndarray, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def _run(
+        self,
+        context: np.ndarray,
+        sample: np.ndarray,
+        timestep: np.ndarray,
+        residuals: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
         feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
         feed[UNET_CONTEXT] = context
+        feed.update(self.residual_inputs.feed(residuals, sample.shape))
         return self.infer(feed)
 
 

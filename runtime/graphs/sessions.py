@@ -17,11 +17,11 @@ import logging
 import os
 import platform
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -37,9 +37,11 @@ from .model_folder import (
     UNET_SAMPLE,
     UNET_TIMESTEP,
     VAE_DECODER_INPUT,
+    ControlResidual,
     GraphInfo,
     Manifest,
 )
+from .residuals import ResidualInputs
 
 if TYPE_CHECKING:
     from .openvino_sessions import OpenVINOGraph, OpenVINOUNet
@@ -246,6 +248,7 @@ class GraphSession:
     """One graph: checks its input dtypes against the manifest, casts inputs, returns float32."""
 
     use_cuda_graph = False  # CUDA graphs need IO binding and fixed shapes: the UNet session only
+    lean_fp16 = False  # keep fp16 weights fp16 on the CPU provider whatever the graph's name (LEAN_FP16_GRAPHS)
 
     def __init__(
         self, info: GraphInfo, provider: str, config: SessionConfig, overrides: InitializerOverrides | None = None
@@ -261,7 +264,7 @@ class GraphSession:
             kind: {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in values.items()}
             for kind, values in (("external", overrides.external), ("inline", overrides.inline))
         }
-        fp16_weights = info.precision == "fp16" and info.name in LEAN_FP16_GRAPHS
+        fp16_weights = info.precision == "fp16" and (self.lean_fp16 or info.name in LEAN_FP16_GRAPHS)
         providers = provider_list(provider, config, self.use_cuda_graph and config.cuda_graph)
         wanted = not len(overrides) and OptimizedCache.wanted(info, config, provider, fp16_weights)
         cache = OptimizedCache(info, config) if wanted else None
@@ -381,14 +384,21 @@ class GraphSession:
         self.session.run(None, self.feed(inputs), options)
 
 
-UNetStep = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample, timestep) -> noise prediction
+class UNetStep(Protocol):
+    """(sample, timestep, ControlNet residuals or None: zeros) -> noise prediction."""
+
+    def __call__(
+        self, sample: np.ndarray, timestep: np.ndarray, residuals: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray: ...
 
 
 class UNetSession(GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
     output buffer is preallocated on the device (IO binding), so each step moves only the small
     latent tensor; with CUDA graphs on, each distinct shape keeps fixed buffers and its own captured
-    graph (io_binding.py: how copies are ordered with ORT's stream, and the graph limit)."""
+    graph (io_binding.py: how copies are ordered with ORT's stream, and the graph limit).
+    ControlNet residuals (residuals.py) are further inputs: zeros unless a step is given a
+    ControlNet's; bound once per shape on the device, copied only while a ControlNet runs."""
 
     use_cuda_graph = True
 
@@ -398,6 +408,17 @@ class UNetSession(GraphSession):
         super().__init__(info, provider, config, overrides)
         self.cuda_graph = config.cuda_graph and provider == CUDA
         self._bindings = BindingPool(self.cuda_graph)
+        self.residual_inputs = ResidualInputs(info, self.input_types)
+
+    @property
+    def residuals(self) -> tuple[ControlResidual, ...]:
+        """The ControlNet residual inputs in the order a step takes them; () for older exports."""
+        return self.residual_inputs.residuals
+
+    @property
+    def takes_residuals(self) -> bool:
+        """False for exports from before ControlNet support (see residuals.no_controlnet_error)."""
+        return bool(self.residuals)
 
     def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> UNetStep:
         """The step function for this conditioning and latent shape. A step that needs two calls
@@ -420,6 +441,7 @@ class UNetSession(GraphSession):
             UNET_CONTEXT: context,
             UNET_SAMPLE: np.zeros(sample_shape, dtype=self.input_types[UNET_SAMPLE]),
             UNET_TIMESTEP: np.zeros((sample_shape[0],), dtype=self.input_types[UNET_TIMESTEP]),
+            **self.residual_inputs.new_zeros(sample_shape),  # on the device once, for every step without a ControlNet
         }
         output = (sample_shape, self.input_types[UNET_SAMPLE])
         return make_binding(self.session, arrays, output, ("cuda", self.device_id), self._bindings.next_graph_id())
@@ -428,16 +450,31 @@ class UNetSession(GraphSession):
         self._bindings.release()  # the next bind() of those shapes allocates anew
         if self.cuda_graph:
             return  # the captured graphs own their buffers (and ORT's arena) for the session's lifetime
-        super().release_memory(inputs, device_id)
+        zeros = self.residual_inputs.zeros(inputs[UNET_SAMPLE].shape)
+        super().release_memory({**inputs, **zeros}, device_id)
 
-    def _run(self, context: np.ndarray, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def _run(
+        self,
+        context: np.ndarray,
+        sample: np.ndarray,
+        timestep: np.ndarray,
+        residuals: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
         feed = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
         feed[UNET_CONTEXT] = context
+        feed.update(self.residual_inputs.feed(residuals, sample.shape))
         with self.memory_errors():
             return self.session.run(None, feed)[0].astype(np.float32, copy=False)
 
-    def _run_bound(self, bound: Binding, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def _run_bound(
+        self, bound: Binding, sample: np.ndarray, timestep: np.ndarray, residuals: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         inputs = self.feed({UNET_SAMPLE: sample, UNET_TIMESTEP: timestep})
+        # The bound residual buffers hold zeros until a ControlNet's are copied in; the first step
+        # without one after that puts the zeros back.
+        if residuals is not None or bound.control:
+            inputs.update(self.residual_inputs.feed(residuals, sample.shape))
+            bound.control = residuals is not None
         return run_bound(self.session, bound, inputs, self.memory_errors)
 
 
@@ -504,14 +541,22 @@ def load_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
     return sessions
 
 
-def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
-    from .openvino_sessions import OpenVINOGraph, OpenVINOUNet, cache_folder, compile_properties, make_core
+def openvino_setup(config: SessionConfig) -> tuple[Any, dict[str, Any]]:
+    """(OpenVINO core, compile properties) for the graphs of one SessionConfig."""
+    from .openvino_sessions import cache_folder, compile_properties, make_core
     from .openvino_sessions import resolve_precision as openvino_precision
 
     core = make_core(config.device)
     precision = openvino_precision(core, config.device, config.inference_precision)
     properties = compile_properties(config.threads, precision, cache_folder(cache_root(config)), config.device)
     log.info("OpenVINO on %s, inference precision %s", config.device, precision or "device default")
+    return core, properties
+
+
+def load_openvino_sessions(manifest: Manifest, config: SessionConfig) -> Sessions:
+    from .openvino_sessions import OpenVINOGraph, OpenVINOUNet
+
+    core, properties = openvino_setup(config)
     graphs = manifest.graphs
     return Sessions(
         text_encoder=OpenVINOGraph(core, graphs["text_encoder"], config.device, properties),
