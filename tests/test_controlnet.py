@@ -13,9 +13,15 @@ The tiny model exported fp32 with a random tiny ControlNet added; 64 px, a few s
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from conftest import TINY_CONTROLNET
+from runtime import Pipeline
 from runtime.control.injection import PassControl, PassUnit, control_scales, in_window
 from runtime.control.request import ControlUnit, check_unit, enabled_units, find_model
 from runtime.errors import InvalidRequestError
@@ -161,3 +167,288 @@ def test_cfg_injection_runs_the_controlnet_on_the_conditional_rows_only():
     windowed = PassControl([PassUnit(run, hint, 1.0, False, False, 0.0, 0.5)], "diffusers", 4)
     windowed.step_done(1)  # step 2 of 4: (2 + 1) / 4 > 0.5, off
     assert windowed.residuals(sample, timestep, context, 0) is None
+
+
+def test_the_hires_pass_softens_canny_units_as_the_extension_does():
+    """hook.py: in the hires pass a unit of a canny (or mlsd) module gets soft injection."""
+    from runtime.control.injection import pass_unit
+
+    canny = check_unit(ControlUnit(model="canny", image=IMAGE, module="canny"), MODELS, "controlnet[0]", False)
+    plain = check_unit(ControlUnit(model="canny", image=IMAGE), MODELS, "controlnet[0]", False)
+    maps = np.zeros((8, 8, 3), np.uint8)
+    assert pass_unit(canny, maps, None, hires_pass=True).soft and not pass_unit(canny, maps, None, False).soft
+    assert not pass_unit(plain, maps, None, hires_pass=True).soft
+    assert pass_unit(plain, maps, None, False, pooled=True).cond_only
+
+
+# -- the exported ControlNet: the library against diffusers and the extension ----------------------------
+
+PROMPT, NEGATIVE, SIZE, CFG = "masterpiece, best quality, 1girl", "lowres", 64, 7.0
+SECOND = "control_tiny_b"
+
+
+def control_image(seed: int = 3, size: int = SIZE) -> np.ndarray:
+    """A structured control map (shapes on a dark ground), uint8 (H, W, 3)."""
+    y, x = np.mgrid[0:size, 0:size]
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), np.uint8)
+    for _ in range(4):
+        (cx, cy), r = rng.integers(8, size - 8, 2).tolist(), int(rng.integers(5, 14))
+        image[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(80, 256, 3)
+    image[size // 4 : size // 4 + 3, :] = 255
+    return image
+
+
+def pixels(out) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float32) for image in out.images])
+
+
+def worst(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() * 255)
+
+
+@pytest.fixture(scope="module")
+def second_controlnet(tiny_source, tmp_path_factory) -> Path:
+    """Another random tiny ControlNet (seed 2), as a diffusers folder, for two-unit runs."""
+    from export.random_model import build_and_save_controlnet
+
+    return build_and_save_controlnet(tiny_source["diffusers"] / "unet", tmp_path_factory.mktemp("cn2"), 2)["diffusers"]
+
+
+@pytest.fixture(scope="module")
+def export_two(tiny_fp32_controlnet, second_controlnet, tmp_path_factory) -> Path:
+    """tiny_fp32_controlnet with the second ControlNet added as control_tiny_b."""
+    from export.add_controlnet import AddControlNetOptions, add_controlnet
+
+    output = tmp_path_factory.mktemp("export") / "tiny-fp32-two"
+    shutil.copytree(tiny_fp32_controlnet, output)
+    add_controlnet(AddControlNetOptions(str(second_controlnet), output, SECOND))
+    return output
+
+
+@pytest.fixture(scope="module")
+def pipe(export_two) -> Pipeline:
+    return Pipeline.from_pretrained(export_two, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def hook():
+    """The references (tests/controlnet_hook_reference.py), which need torch and diffusers."""
+    pytest.importorskip("diffusers")
+    import controlnet_hook_reference
+
+    return controlnet_hook_reference
+
+
+@pytest.fixture(scope="module")
+def base(hook, tiny_source):
+    return hook.reference.load(tiny_source["diffusers"])
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_controlnet, second_controlnet) -> dict:
+    from diffusers import ControlNetModel
+
+    folders = {TINY_CONTROLNET: tiny_controlnet["diffusers"], SECOND: second_controlnet}
+    return {name: ControlNetModel.from_pretrained(str(folder)).eval() for name, folder in folders.items()}
+
+
+def ours(pipe: Pipeline, units: list, seed: int = 11, steps: int = 6, sampler: str = "euler_a", **kwargs):
+    return pipe(PROMPT, NEGATIVE, steps, CFG, width=SIZE, height=SIZE, seed=seed, sampler=sampler, output_type="np",
+                controlnet=units, **kwargs)  # fmt: skip
+
+
+def test_one_unit_equals_diffusers(hook, pipe, base, controlnets):
+    image = control_image()
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [image], [0.8], PROMPT, NEGATIVE, [11],
+                                         6, CFG)  # fmt: skip
+    out = ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, weight=0.8)])
+    assert worst(pixels(out), expected) <= 1.0
+    assert worst(pixels(ours(pipe, [])), expected) > 5  # the ControlNet does change the image
+    entry = 'ControlNet 0: "Module: none, Model: control_tiny, Weight: 0.8, Resize Mode: Crop and Resize'
+    assert entry in out.infotexts[0]
+    assert len(out.detected_maps) == 1 and np.array_equal(out.detected_maps[0], image)
+
+
+def test_two_units_equal_multicontrolnet(hook, pipe, base, controlnets):
+    images, scales = [control_image(3), control_image(4)], [0.6, 1.3]
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET], controlnets[SECOND]], images, scales,
+                                         PROMPT, NEGATIVE, [21, 22], 5, CFG, sampler="euler")  # fmt: skip
+    units = [ControlUnit(model=TINY_CONTROLNET, image=images[0], weight=0.6),
+             {"model": SECOND, "image": images[1], "weight": 1.3}]  # fmt: skip
+    out = ours(pipe, units, seed=21, steps=5, sampler="euler", num_images_per_prompt=2)
+    assert worst(pixels(out), expected) <= 1.0
+    assert "ControlNet 1: " in out.infotexts[1]
+
+
+def test_a_partial_guidance_window_equals_diffusers(hook, pipe, base, controlnets):
+    image = control_image(5)
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [image], [1.5], PROMPT, NEGATIVE, [31],
+                                         8, CFG, start=[0.25], end=[0.6])  # fmt: skip
+    out = ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, weight=1.5, guidance_start=0.25,
+                                  guidance_end=0.6)], seed=31, steps=8)  # fmt: skip
+    assert worst(pixels(out), expected) <= 1.0
+    assert "ControlNet rule: diffusers" in out.infotexts[0]
+    full = ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, weight=1.5)], seed=31, steps=8)
+    assert worst(pixels(full), expected) > 1.0  # the window matters
+
+
+def test_img2img_equals_diffusers_controlnet_img2img(hook, pipe, base, controlnets):
+    init, image = control_image(8), control_image(9)
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [image], [0.9], PROMPT, NEGATIVE, [41],
+                                         10, CFG, init_image=init, strength=0.6)  # fmt: skip
+    out = ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, weight=0.9)], seed=41, steps=10, image=init,
+               strength=0.6)  # fmt: skip
+    assert worst(pixels(out), expected) <= 1.0
+
+
+MODES = [("Balanced", 1.0, 0.25, 0.75), ("My prompt is more important", 1.2, 0.0, 1.0),
+         (2, 1.3, 0.0, 1.0), ("ControlNet is more important", 0.7, 0.2, 0.9)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "weight", "start", "end"), MODES)
+def test_control_modes_and_windows_equal_the_extension(
+    hook, pipe, base, controlnets, raw_config, monkeypatch, mode, weight, start, end
+):
+    """The extension's soft and cfg injection and its guidance rule (step_rule "a1111"), under
+    k-diffusion's Euler on A1111's schedule, against its hook math on diffusers' modules."""
+    image, steps = control_image(6), 7
+    soft, cfg = mode != "Balanced", mode in (2, "ControlNet is more important")
+    params = [hook.ControlParams(controlnets[TINY_CONTROLNET], hook.hint_tensor(image), weight, start, end, soft, cfg)]
+    expected = hook.a1111_controlnet_image(base, raw_config, params, PROMPT, NEGATIVE, 51, steps, CFG, SIZE, "euler",
+                                           monkeypatch)  # fmt: skip
+    unit = ControlUnit(model=TINY_CONTROLNET, image=image, weight=weight, guidance_start=start, guidance_end=end,
+                       control_mode=mode)  # fmt: skip
+    out = ours(pipe, [unit], seed=51, steps=steps, sampler="euler", schedule="a1111", step_rule="a1111")
+    assert worst(pixels(out), expected) <= 1.0
+    assert "ControlNet rule" not in out.infotexts[0]
+
+
+def first_and_last(pipe: Pipeline, units: list, **kwargs) -> tuple[np.ndarray, np.ndarray, list]:
+    """(the first pass's last latents, the final image, the detected maps) of a hires run."""
+    first = {}
+
+    def callback(step: int, total: int, latents: np.ndarray) -> None:
+        if latents.shape[-1] == SIZE // 8:
+            first["latents"] = latents.copy()
+
+    hires = {"hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 3}
+    out = ours(pipe, units, steps=4, enable_hr=True, hires_options=hires, callback=callback, **kwargs)
+    return first["latents"], pixels(out), out.detected_maps
+
+
+def test_hires_options_pick_the_passes_and_the_maps_fit_each_size(pipe):
+    image = control_image(7)
+    runs = {option: first_and_last(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, hr_option=option)])
+            for option in ("Both", "Low res only", 2)}  # fmt: skip
+    plain = first_and_last(pipe, [])
+    assert np.array_equal(runs["Low res only"][0], runs["Both"][0])
+    assert not np.array_equal(runs["Both"][0], plain[0])
+    assert np.array_equal(runs[2][0], plain[0])  # "High res only": the first pass is unguided
+    # The first passes being equal, any difference is the second pass's guidance.
+    assert not np.array_equal(runs["Low res only"][1], runs["Both"][1])
+    assert not np.array_equal(runs[2][1], plain[1])
+    assert [item.shape for item in runs["Both"][2]] == [(96, 96, 3), (64, 64, 3)]  # the hires pass's map first
+
+
+def test_img2img_takes_the_init_image_and_only_masked_crops_it(pipe):
+    """No unit image in img2img: the init image, fitted by the extension's detectmap_proc in img2img's
+    resize mode. Inpainting "only masked": the control input cut to the inpainted box as the
+    extension's try_crop_image_with_a1111_mask does (A1111's resize_image per channel: the unit's mode
+    to the mask's size, the box, then mode 2), then fitted (here: already the size)."""
+    from PIL import Image
+
+    from controlnet_reference import detectmap_proc, resize_mode_from_value
+    from runtime.images.inputs import resize_image
+
+    init = control_image(10, 80)
+    out = ours(pipe, [ControlUnit(model=TINY_CONTROLNET)], image=init, strength=0.5, resize_mode=1)
+    expected = detectmap_proc(init, "none", resize_mode_from_value(1), SIZE, SIZE)
+    assert np.array_equal(out.detected_maps[0], expected)
+    mask = np.zeros((80, 80), np.uint8)
+    mask[20:44, 30:60] = 255
+    control = control_image(11, 96)
+    inpaint = {"image": init, "mask_image": mask, "strength": 0.7, "inpaint_full_res": True,
+               "inpaint_full_res_padding": 4, "mask_blur": 0}  # fmt: skip
+    out = ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=control, resize_mode="Just Resize")], **inpaint)
+    box = pipe.prepare(prompt=PROMPT, width=SIZE, height=SIZE, **inpaint).init.overlay.paste_box  # A1111's crop region
+    assert box == (26, 13, 64, 51)  # the mask's box plus 4 px, grown to the output's aspect
+    channels = [resize_image(0, Image.fromarray(control[:, :, c]), 80, 80).crop(box) for c in range(3)]
+    expected = np.stack([np.asarray(resize_image(2, channel, SIZE, SIZE)) for channel in channels], axis=2)
+    assert np.array_equal(out.detected_maps[0], expected)
+
+
+IMG = control_image(12)
+
+
+@pytest.mark.parametrize(
+    ("controlnet", "field"),
+    [
+        ("control_tiny", "controlnet"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, weight=2.5)], "controlnet[0].weight"),
+        ([{"model": TINY_CONTROLNET, "image": IMG, "guidance_start": 0.9, "guidance_end": 0.1}],
+         "controlnet[0].guidance_start"),
+        ([{"model": TINY_CONTROLNET, "image": IMG, "guidance_end": 1.5}], "controlnet[0].guidance_end"),
+        ([ControlUnit(enabled=False), ControlUnit(model="control_nothing", image=IMG)], "controlnet[1].model"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, module="openpose")], "controlnet[0].module"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, control_mode="Balance")], "controlnet[0].control_mode"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, hr_option=3)], "controlnet[0].hr_option"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, resize_mode=7)], "controlnet[0].resize_mode"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, processor_res="512")], "controlnet[0].processor_res"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=b"not an image")], "controlnet[0].image"),
+        ([ControlUnit(model=TINY_CONTROLNET)], "controlnet[0].image"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG, mask=np.zeros((8, 8), np.uint8))], "controlnet[0].mask"),
+        ([ControlUnit(model=TINY_CONTROLNET, image=IMG)] * 4, "controlnet"),
+        ([{"model": TINY_CONTROLNET, "image": IMG, "input_image": IMG}], "controlnet[0].input_image"),
+    ],
+)  # fmt: skip
+def test_bad_units_are_one_error_naming_the_field_before_any_work(pipe, controlnet, field):
+    with pytest.raises(InvalidRequestError) as error:
+        pipe.prepare(prompt=PROMPT, width=SIZE, height=SIZE, controlnet=controlnet)
+    assert error.value.field == field, error.value
+
+
+def test_an_export_without_residual_inputs_names_the_re_export(export_two, tmp_path):
+    """Exports from before ControlNet support: their UNet takes no residuals (checked without sessions,
+    as a cluster's ingress plans)."""
+    from runtime.pipeline import Planner
+
+    old = tmp_path / "old"
+    shutil.copytree(export_two, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    unet = manifest["graphs"]["unet"]
+    unet["inputs"] = [item for item in unet["inputs"] if "residual" not in item["name"]]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequestError) as error:
+        Planner.from_folder(old).prepare(prompt=PROMPT, controlnet=[ControlUnit(model=TINY_CONTROLNET, image=IMG)])
+    assert error.value.field == "controlnet"
+    assert f"python -m export --model SOURCE --output {old} --overwrite" in error.value.message
+    Planner.from_folder(old).prepare(prompt=PROMPT)  # without units it still serves
+
+
+def test_cli_runs_units_and_refuses_bad_ones_in_one_line(export_two, tmp_path):
+    from PIL import Image
+    from test_cli import assert_clean_refusal, run_cli
+
+    from runtime.images.metadata import read_infotext
+
+    control = tmp_path / "control.png"
+    Image.fromarray(IMG).save(control)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "out.png"
+    common = ("--model", str(export_two), "--prompt", PROMPT, "--steps", "2", "--width", "64", "--height", "64")
+    unit = f"model={TINY_CONTROLNET},image={control},module=canny,weight=0.8,guidance_end=0.5,control_mode=1"
+    result = run_cli(*common, "--controlnet", unit, "--controlnet", f"model={SECOND},image={control}",
+                     "--output", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = read_infotext(out)
+    assert 'ControlNet 0: "Module: canny, Model: control_tiny, Weight: 0.8' in text and "ControlNet 1: " in text
+    out.unlink()
+    for args, message in (
+        (("--controlnet", f"model={TINY_CONTROLNET},image={control},weight=heavy"), "controlnet[0].weight"),
+        (("--controlnet", f"model={TINY_CONTROLNET},picture={control}"), "is not KEY=VALUE"),
+        (("--controlnet", f"model={TINY_CONTROLNET}"), "controlnet[0].image"),
+        (("--controlnet", f"model={TINY_CONTROLNET},image={control}", "--controlnet",
+          f"model={TINY_CONTROLNET},image={control}", "--max-controlnet-units", "1"), "limit of 1"),
+    ):  # fmt: skip
+        assert_clean_refusal(run_cli(*common, *args, "--output", str(out)), message, out)

@@ -110,7 +110,7 @@ def plan_control(
         detected = detect(plan, rgb, None, (height, width) if unit.pixel_perfect else None, seed, f"{unit.field}.")
         first = detected.control(height, width)[1]
         hires = detected.control(hires_size[1], hires_size[0])[1] if hires_size is not None else None
-        planned.append(UnitMaps(unit, first, hires))
+        planned.append(UnitMaps(replace(unit, image=None), first, hires))  # the input is done with: not carried
     return ControlPlan(tuple(planned), rule)
 
 

@@ -19,7 +19,10 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__, registry
+from ..control.injection import PassControl, pass_unit
+from ..control.planning import ControlPlan
 from ..errors import InvalidRequestError
+from ..graphs.controlnets import ControlNetGraph, load_controlnet
 from ..graphs.lora import LoraLibrary, LoraSessions
 from ..graphs.model_folder import (
     TEXT_EXTRA,
@@ -65,6 +68,9 @@ class PipelineOutput:
     seeds: list[int]
     interrupted: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    # ControlNet units' detected maps, as the extension shows them after the images (PIL, or uint8
+    # (H, W, 3) arrays for output_type="np"): per unit, the hires pass's then the first pass's
+    detected_maps: list = field(default_factory=list)
 
 
 class Pipeline(Planner):
@@ -86,6 +92,7 @@ class Pipeline(Planner):
         loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir), check_lora_cache_mb(lora_cache_mb) * 2**20)
         super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
+        self._controlnets: dict[str, ControlNetGraph] = {}  # loaded ControlNets, by name
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
         self.upscaler_sessions = UpscalerSessions(manifest, sessions.provider, sessions.config)
@@ -189,7 +196,9 @@ class Pipeline(Planner):
             pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+        maps = prepared.control.detected_maps if prepared.control is not None else []
+        maps = maps if output_type == "np" else [Image.fromarray(item) for item in maps]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy(), maps)
 
     def model_resize(self, name: str) -> ImageResize:
         """A1111's resize_image with the model upscaler `name` (hires fix: decode, this, encode)."""
@@ -207,6 +216,25 @@ class Pipeline(Planner):
             log.info("loaded VAE %s", name)
         decoder, encoder = self._vae_sessions[name]
         return replace(sessions, vae_decoder=decoder, vae_encoder=encoder)
+
+    def controlnet(self, name: str) -> ControlNetGraph:
+        """The export's ControlNet `name` on the pipeline's provider; it loads on first use and stays
+        loaded, as the VAEs do (an SD1.x ControlNet holds about 360 M parameters: 1.4 GB in fp32)."""
+        if name not in self._controlnets:
+            self._controlnets[name] = load_controlnet(self.manifest, name, self.sessions)
+            log.info("loaded ControlNet %s", name)
+        return self._controlnets[name]
+
+    def pass_control(self, plan: ControlPlan | None, hires_pass: bool, steps: int) -> PassControl | None:
+        """The ControlNet units guiding one pass (hr_option), their sessions loaded; `steps`: the
+        pass's step count as the plan's step rule counts it."""
+        if plan is None:
+            return None
+        units = []
+        for unit, detected in plan.pass_units(hires_pass):
+            graph = self.controlnet(unit.model)
+            units.append(pass_unit(unit, detected, graph.run, hires_pass, graph.model.global_average_pooling))
+        return PassControl(units, plan.rule, steps) if units else None
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -261,6 +289,7 @@ class Pipeline(Planner):
             "Pad conds": True if prepared.padded else None,
             **(prepared.init.infotext if prepared.init is not None else {}),
             **(prepared.hires.infotext if prepared.hires is not None else {}),
+            **(prepared.control.infotext() if prepared.control is not None else {}),
             "Lora hashes": self.loras.hashes(list(prepared.loras)),
             "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
             "Version": f"acertain-onnx {__version__}",
@@ -278,7 +307,9 @@ class Pipeline(Planner):
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
         pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
-        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        # A1111 counts a txt2img pass in requested steps, an img2img one in the steps that run.
+        control = self._controls(prepared, False, request.steps if prepared.init is None else None)
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event, control)
         if prepared.hires is None or interrupted:
             return latents, interrupted
         x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
@@ -288,7 +319,21 @@ class Pipeline(Planner):
         x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
         hires = prepared.hires
         pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
-        return self._loop(request, pass_, x, generators, callback, cancel_event)
+        return self._loop(request, pass_, x, generators, callback, cancel_event, self._controls(prepared, True, None))
+
+    def _controls(
+        self, prepared: Prepared, hires_pass: bool, requested_steps: int | None
+    ) -> Callable[[int], PassControl | None]:
+        """The pass's ControlNet units for its step count (`total`, what its sampler runs). The
+        extension's rule counts a txt2img first pass in `requested_steps` (A1111's
+        sampling_steps), diffusers' the steps that run."""
+        plan = prepared.control
+
+        def make(total: int) -> PassControl | None:
+            a1111 = plan is not None and plan.rule == "a1111" and requested_steps is not None
+            return self.pass_control(plan, hires_pass, requested_steps if a1111 else total)
+
+        return make
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         factor = self.manifest.vae_scale_factor
@@ -302,11 +347,14 @@ class Pipeline(Planner):
         generators: list[NoiseGenerator],
         callback: StepCallback | None,
         cancel_event: threading.Event | None,
+        controls: Callable[[int], PassControl | None] | None = None,
     ) -> tuple[np.ndarray, bool]:
         """One sampling pass from x. An interrupted pass returns the last prediction of the
-        clean image, as the A1111 web UI shows on Interrupt."""
+        clean image, as the A1111 web UI shows on Interrupt. `controls` gives the pass's ControlNet
+        units for its step count."""
         schedule, shape = pass_.schedule, (1, *x.shape[1:])
         total = sampler_steps(pass_.sampler, schedule)
+        control = controls(total) if controls is not None else None
         if request.eta_noise_seed_delta > 0:
             # A1111 1.10 (ImageRNG.first) re-seeds the generators with seed + ENSD once the initial
             # noise is drawn, whatever the sampler: every later draw (ancestral noise, Restart's
@@ -316,8 +364,9 @@ class Pipeline(Planner):
         cfgpp = pass_.sampler in CFGPP_SAMPLERS
         scale = request.guidance_scale / CFGPP_SCALE_DIVISOR if cfgpp else request.guidance_scale
         denoise = make_denoiser(
-            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp
-        )
+            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp,
+            control=control,
+        )  # fmt: skip
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> Any:
@@ -327,6 +376,8 @@ class Pipeline(Planner):
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
             latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
+            if control is not None:
+                control.step_done(step)
             # DPM adaptive picks its own steps: its total grows past the estimate if it must.
             stop = callback is not None and callback(step + 1, max(total, step + 1), latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):
