@@ -452,3 +452,158 @@ def test_cli_runs_units_and_refuses_bad_ones_in_one_line(export_two, tmp_path):
           f"model={TINY_CONTROLNET},image={control}", "--max-controlnet-units", "1"), "limit of 1"),
     ):  # fmt: skip
         assert_clean_refusal(run_cli(*common, *args, "--output", str(out)), message, out)
+
+
+# -- over HTTP: the extension's API ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(export_two, tmp_path_factory):
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastapi")
+    from test_server import CLEAN_ENV, LAUNCHER, REPO, Server, _free_port, _wait_healthy
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-c", LAUNCHER, "--model", str(export_two), "--port", str(port), "--provider", "cpu",
+               "--threads", "1", "--max-controlnet-units", "2"]  # fmt: skip
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=CLEAN_ENV, stdout=sink, stderr=subprocess.STDOUT)
+    started = Server(f"http://127.0.0.1:{port}", process, log)
+    _wait_healthy(started, None)
+    yield started
+    process.terminate()
+    process.wait(20)
+
+
+def b64(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def opencv_canny(image: np.ndarray, low: int, high: int) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(cv2.Canny(image, low, high), cv2.COLOR_GRAY2RGB)
+
+
+JOB = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 4, "width": SIZE, "height": SIZE, "seed": 71,
+       "sampler_name": "Euler", "cfg_scale": CFG}  # fmt: skip
+
+
+def job(*units: dict, **extra) -> dict:
+    return {**JOB, "alwayson_scripts": {"controlnet": {"args": list(units)}}, **extra}
+
+
+def test_webuiapi_canny_unit_equals_diffusers_on_opencvs_map(hook, server, base, controlnets):
+    """webuiapi 0.9.17's ControlNetUnit through txt2img: the generated image equals diffusers given
+    OpenCV's canny map of the image (processor_res 64: the image's own size), and the map comes back
+    after it, as the extension appends it."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from PIL import Image
+
+    host, port = server.url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    source = control_image(13)
+    unit = webuiapi.ControlNetUnit(image=Image.fromarray(source), module="canny", model=TINY_CONTROLNET,
+                                   processor_res=64, threshold_a=100, threshold_b=200)  # fmt: skip
+    result = api.txt2img(
+        prompt=PROMPT, negative_prompt=NEGATIVE, seed=61, steps=6, cfg_scale=CFG, width=SIZE, height=SIZE,
+        sampler_name="Euler a", scheduler="Diffusers", controlnet_units=[unit],
+        override_settings={"randn_source": "CPU", "CLIP_stop_at_last_layers": 2},
+    )  # fmt: skip
+    canny = opencv_canny(source, 100, 200)
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [canny], [1.0], PROMPT, NEGATIVE, [61],
+                                         6, CFG)  # fmt: skip
+    assert len(result.images) == 2
+    assert worst(np.asarray(result.images[0], dtype=np.float32)[None] / 255, expected) <= 1.0
+    assert np.array_equal(np.asarray(result.images[1].convert("RGB")), canny)
+    assert (
+        "Module: canny, Model: control_tiny, Weight: 1.0, Resize Mode: Resize and Fill" in result.info["infotexts"][0]
+    )
+    assert api.controlnet_version() == 3
+
+
+def test_the_extensions_endpoints_answer(server, export_two):
+    from test_server import decode_png
+
+    from runtime.control.modules import module_list
+    from runtime.graphs.controlnets import controlnet_models
+    from runtime.graphs.model_folder import read_manifest
+
+    titles = sorted(model.title for model in controlnet_models(read_manifest(export_two)).values())
+    assert len(titles) == 2 and all(title.count("[") == 1 for title in titles)
+    source = control_image(14)
+    with server.client() as client:
+        assert client.get("/controlnet/version").json() == {"version": 3}
+        assert client.get("/controlnet/model_list", params={"update": True}).json() == {"model_list": titles}
+        assert client.get("/controlnet/module_list").json() == module_list()
+        assert client.get("/controlnet/module_list", params={"alias_names": True}).json() == module_list(True)
+        assert client.get("/controlnet/settings").json()["control_net_unit_count"] == 2
+        for key, image in (
+            ("controlnet_input_images", b64(source)),
+            ("controlnet_images", "data:image/png;base64," + b64(source)),
+        ):
+            answer = client.post(
+                "/controlnet/detect",
+                json={
+                    "controlnet_module": "canny",
+                    key: [image, image],
+                    "controlnet_processor_res": 64,
+                    "controlnet_threshold_a": 50,
+                },
+            )
+            assert answer.status_code == 200 and answer.json()["info"] == "Success", answer.text
+            maps = [decode_png(item)[0] for item in answer.json()["images"]]
+            assert len(maps) == 2 and np.array_equal(maps[0], opencv_canny(source, 50, 200))  # threshold_b: default
+        for body, field in (
+            ({"controlnet_module": "openpose", "controlnet_input_images": [b64(source)]}, "controlnet_module"),
+            ({"controlnet_module": "canny"}, "controlnet_input_images"),
+            ({"controlnet_input_images": ["!!"]}, "controlnet_input_images.0"),
+        ):
+            answer = client.post("/controlnet/detect", json=body)
+            assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
+
+
+def test_units_over_http_as_the_extension_reads_them(server):
+    from test_server import decode_png
+
+    image = b64(control_image(15))
+    unit = {"enabled": True, "model": TINY_CONTROLNET, "image": image, "weight": 1.2}
+    with server.client() as client:
+        plain = client.post("/sdapi/v1/txt2img", json=JOB).json()["images"]
+        off = client.post("/sdapi/v1/txt2img", json=job({**unit, "enabled": False}, {"model": "whatever"})).json()
+        assert off["images"] == plain  # off units (and units without "enabled": true) are skipped unread
+        on = client.post("/sdapi/v1/txt2img", json=job(unit, n_iter=2)).json()
+        assert len(on["images"]) == 3 and on["images"][0] != plain[0]  # two images, then the one map
+        assert decode_png(on["images"][2])[1] is None and "ControlNet 0" in decode_png(on["images"][0])[1]
+        assert json.loads(on["info"])["extra_generation_params"]["ControlNet 0"].startswith("Module: none")
+        legacy = {key: value for key, value in unit.items() if key != "image"} | {"input_image": image, "lowvram": 1}
+        again = client.post("/sdapi/v1/txt2img", json=job({**legacy, "save_detected_map": False})).json()
+        assert again["images"] == on["images"][:1]  # the legacy names read; no map kept
+        pair = client.post("/sdapi/v1/txt2img", json=job({**unit, "image": {"image": image, "mask": None}})).json()
+        assert pair["images"][0] == on["images"][0]
+        img2img = client.post("/sdapi/v1/img2img", json=job({"enabled": True, "model": "tiny"}, init_images=[image]))
+        assert img2img.status_code == 200 and len(img2img.json()["images"]) == 2  # the init image as control
+        prefix = "alwayson_scripts.controlnet.args"
+        for units, field in (
+            ([{**unit, "weight": 3}], f"{prefix}.0.weight"),
+            ([unit, unit, unit], prefix),
+            ([{**unit, "image": "not base64!"}], f"{prefix}.0.image"),
+            ([{**unit, "image": 7}], f"{prefix}.0.image"),
+            ([{**unit, "model": "control_v11p_sd15_canny"}], f"{prefix}.0.model"),
+            ([{**unit, "module": "depth_midas"}], f"{prefix}.0.module"),
+            ([{**unit, "control_mode": "Strong"}], f"{prefix}.0.control_mode"),
+            ([{**unit, "image": ""}], f"{prefix}.0.image"),
+            (["unit"], f"{prefix}.0"),
+        ):
+            answer = client.post("/sdapi/v1/txt2img", json=job(*units))
+            assert answer.status_code == 422 and answer.json()["field"] == field, (units, answer.text)
