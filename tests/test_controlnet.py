@@ -270,6 +270,17 @@ def test_one_unit_equals_diffusers(hook, pipe, base, controlnets):
     assert len(out.detected_maps) == 1 and np.array_equal(out.detected_maps[0], image)
 
 
+def test_fp16_graphs_stay_close_to_diffusers(hook, tiny_fp16_controlnet, base, controlnets):
+    """fp16 UNet and ControlNet graphs: the tolerance of the other fp16 tests (max 3/255, mean 0.5/255)."""
+    image = control_image()
+    expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [image], [0.8], PROMPT, NEGATIVE, [11],
+                                         6, CFG)  # fmt: skip
+    out = ours(Pipeline.from_pretrained(tiny_fp16_controlnet, provider="cpu"),
+               [ControlUnit(model=TINY_CONTROLNET, image=image, weight=0.8)])  # fmt: skip
+    difference = np.abs(pixels(out) - expected) * 255
+    assert difference.max() <= 3.0 and difference.mean() <= 0.5
+
+
 def test_two_units_equal_multicontrolnet(hook, pipe, base, controlnets):
     images, scales = [control_image(3), control_image(4)], [0.6, 1.3]
     expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET], controlnets[SECOND]], images, scales,
