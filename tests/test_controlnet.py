@@ -268,6 +268,10 @@ def test_one_unit_equals_diffusers(hook, pipe, base, controlnets):
     entry = 'ControlNet 0: "Module: none, Model: control_tiny, Weight: 0.8, Resize Mode: Crop and Resize'
     assert entry in out.infotexts[0]
     assert len(out.detected_maps) == 1 and np.array_equal(out.detected_maps[0], image)
+    pipe.release_memory()  # the loaded ControlNet's arena too; it stays loaded and gives the same image
+    assert np.array_equal(
+        pixels(ours(pipe, [ControlUnit(model=TINY_CONTROLNET, image=image, weight=0.8)])), pixels(out)
+    )
 
 
 def test_fp16_graphs_stay_close_to_diffusers(hook, tiny_fp16_controlnet, base, controlnets):

@@ -19,10 +19,8 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__, registry
-from ..control.injection import PassControl, pass_unit
-from ..control.planning import ControlPlan
+from ..control.injection import PassControl
 from ..errors import InvalidRequestError
-from ..graphs.controlnets import ControlNetGraph, load_controlnet
 from ..graphs.lora import LoraLibrary, LoraSessions
 from ..graphs.model_folder import (
     TEXT_EXTRA,
@@ -51,6 +49,7 @@ from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
+from .control import ControlNets
 from .denoising import Denoiser, brownian_noise, make_denoiser, per_image_noise
 from .planning import Planner, positional_parameters
 from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
@@ -92,7 +91,7 @@ class Pipeline(Planner):
         loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir), check_lora_cache_mb(lora_cache_mb) * 2**20)
         super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
-        self._controlnets: dict[str, ControlNetGraph] = {}  # loaded ControlNets, by name
+        self.controlnets = ControlNets(manifest)
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
         self.upscaler_sessions = UpscalerSessions(manifest, sessions.provider, sessions.config)
@@ -152,8 +151,10 @@ class Pipeline(Planner):
         return self.sessions.provider
 
     def release_memory(self) -> None:
-        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
+        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory),
+        the loaded ControlNets' too (one small run each, with arena shrinkage on)."""
         self.sessions.release_memory(self.manifest)
+        self.controlnets.release_memory()
 
     # -- prepare and run ------------------------------------------------------------------------
 
@@ -216,25 +217,6 @@ class Pipeline(Planner):
             log.info("loaded VAE %s", name)
         decoder, encoder = self._vae_sessions[name]
         return replace(sessions, vae_decoder=decoder, vae_encoder=encoder)
-
-    def controlnet(self, name: str) -> ControlNetGraph:
-        """The export's ControlNet `name` on the pipeline's provider; it loads on first use and stays
-        loaded, as the VAEs do (an SD1.x ControlNet holds about 360 M parameters: 1.4 GB in fp32)."""
-        if name not in self._controlnets:
-            self._controlnets[name] = load_controlnet(self.manifest, name, self.sessions)
-            log.info("loaded ControlNet %s", name)
-        return self._controlnets[name]
-
-    def pass_control(self, plan: ControlPlan | None, hires_pass: bool, steps: int) -> PassControl | None:
-        """The ControlNet units guiding one pass (hr_option), their sessions loaded; `steps`: the
-        pass's step count as the plan's step rule counts it."""
-        if plan is None:
-            return None
-        units = []
-        for unit, detected in plan.pass_units(hires_pass):
-            graph = self.controlnet(unit.model)
-            units.append(pass_unit(unit, detected, graph.run, hires_pass, graph.model.global_average_pooling))
-        return PassControl(units, plan.rule, steps) if units else None
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -308,7 +290,9 @@ class Pipeline(Planner):
         x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
         pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
         # A1111 counts a txt2img pass in requested steps, an img2img one in the steps that run.
-        control = self._controls(prepared, False, request.steps if prepared.init is None else None)
+        control = self.controlnets.for_pass(
+            prepared.control, self.sessions, False, request.steps if prepared.init is None else None
+        )
         latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event, control)
         if prepared.hires is None or interrupted:
             return latents, interrupted
@@ -319,21 +303,8 @@ class Pipeline(Planner):
         x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
         hires = prepared.hires
         pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
-        return self._loop(request, pass_, x, generators, callback, cancel_event, self._controls(prepared, True, None))
-
-    def _controls(
-        self, prepared: Prepared, hires_pass: bool, requested_steps: int | None
-    ) -> Callable[[int], PassControl | None]:
-        """The pass's ControlNet units for its step count (`total`, what its sampler runs). The
-        extension's rule counts a txt2img first pass in `requested_steps` (A1111's
-        sampling_steps), diffusers' the steps that run."""
-        plan = prepared.control
-
-        def make(total: int) -> PassControl | None:
-            a1111 = plan is not None and plan.rule == "a1111" and requested_steps is not None
-            return self.pass_control(plan, hires_pass, requested_steps if a1111 else total)
-
-        return make
+        control = self.controlnets.for_pass(prepared.control, self.sessions, True, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event, control)
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         factor = self.manifest.vae_scale_factor
