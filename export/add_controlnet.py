@@ -178,7 +178,7 @@ def architecture_problem(state: dict[str, torch.Tensor], unet_config: dict[str, 
     """How diffusers-named ControlNet weights do not fit the export's UNet, in words; None if they fit
     as far as the widths tell (the fill checks every tensor after)."""
     if any(key.startswith(("add_embedding.", "class_embedding.")) for key in state):
-        return "an SDXL ControlNet (it has SDXL's added size and text embedding); this export's UNet is SD1.x"
+        return "a ControlNet with added class or size embeddings (SDXL's kind); this export's UNet is SD1.x"
     conv_in = state.get("conv_in.weight")
     width, latents = unet_config["block_out_channels"][0], unet_config["in_channels"]
     if conv_in is not None and (conv_in.shape[0], conv_in.shape[1]) != (width, latents):

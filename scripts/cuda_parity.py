@@ -117,7 +117,10 @@ def raw_unet_session(export: Path, provider: str, level: str = "all", cuda_optio
     return ort.InferenceSession(str(export / "unet" / "model.onnx"), options, providers=providers)
 
 
-def run_raw(session: Any, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
+def run_raw(session: Any, export: Path, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
+    """One run without a ControlNet: its residual inputs (exports since ControlNet support) zeros."""
+    from runtime.graphs.model_folder import control_residuals
+
     types = {item.name: item.type for item in session.get_inputs()}
     half = {name: np.float16 if "float16" in kind else np.float32 for name, kind in types.items()}
     feed = {
@@ -125,6 +128,10 @@ def run_raw(session: Any, sample: np.ndarray, timestep: float, context: np.ndarr
         "timestep": np.full((len(sample),), timestep, dtype=half["timestep"]),
         "encoder_hidden_states": context.astype(half["encoder_hidden_states"]),
     }
+    config = json.loads((export / "unet" / "config.json").read_text())
+    for residual in control_residuals(config):
+        if residual.name in types:
+            feed[residual.name] = np.zeros(residual.shape(sample.shape), dtype=half[residual.name])
     return session.run(None, feed)[0].astype(np.float32)
 
 
@@ -137,7 +144,8 @@ def unet_kernels(args: argparse.Namespace, refs: dict[str, DiffusersSystem], pip
     result: dict[str, Any] = {}
     for name, (level, cuda_options) in variants.items():
         session = raw_unet_session(args.export, args.provider, level, cuda_options)
-        result[f"{name}_vs_diffusers_fp32"] = relative_error(run_raw(session, sample, 500.0, context), reference)
+        ours = run_raw(session, args.export, sample, 500.0, context)
+        result[f"{name}_vs_diffusers_fp32"] = relative_error(ours, reference)
         del session
     if "diffusers_fp16" in refs:
         fp16 = diffusers_unet(refs["diffusers_fp16"], sample, 500.0, context)
@@ -157,6 +165,7 @@ def replay(args: argparse.Namespace, graphs: Any, plain: Any) -> dict[str, Any]:
         sample = rng.standard_normal(shape, dtype=np.float32)
         steps = np.full((2,), timestep, dtype=np.float32)
         feed = reference.feed({"sample": sample, "timestep": steps, "encoder_hidden_states": context})
+        feed.update(reference.residual_inputs.zeros(shape))  # no ControlNet
         expected = reference.session.run(None, feed)[0].astype(np.float32)
         errors.append(relative_error(step(sample, steps), expected))
     return {"per_call_relative_error": errors, "worst": max(errors)}

@@ -309,3 +309,16 @@ def test_exports_from_before_controlnet_support_run_and_refuse_controlnets(
         load_controlnet(read_manifest(folder), TINY_CONTROLNET, sessions)
     with pytest.raises(ControlNetError, match=r"before ControlNet support.*--overwrite"):
         add_controlnet(AddControlNetOptions(str(tiny_controlnet["single_file"]), folder, "another"))
+
+
+def test_verify_checks_the_controlnet_files(tiny_fp32_controlnet, tmp_path):
+    from runtime.graphs.model_folder import verify_files
+
+    folder = shutil.copytree(tiny_fp32_controlnet, tmp_path / "export")
+    verify_files(read_manifest(folder))
+    graph = folder / "controlnets" / TINY_CONTROLNET / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-100] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match="does not match its sha256"):
+        verify_files(read_manifest(folder))

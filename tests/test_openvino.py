@@ -126,3 +126,46 @@ def test_providers_refuse_folders_of_the_other_target(tiny_openvino, tiny_fp32):
         Pipeline.from_pretrained(tiny_openvino, provider="cpu")
     with pytest.raises(ModelFolderError, match="re-export it with --target openvino"):
         Pipeline.from_pretrained(tiny_fp32, provider="openvino")
+
+
+def test_controlnet_ir_and_the_unet_with_its_residuals_match_diffusers(
+    tiny_openvino, tiny_source, tiny_controlnet, tmp_path
+):
+    """--add-controlnet into an OpenVINO export writes IR; the runtime's OpenVINO ControlNet call
+    and the UNet step given its residuals against diffusers' ControlNetModel and UNet (f32 inference,
+    as the export validates)."""
+    import shutil
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from conftest import TINY_CONTROLNET
+    from export.add_controlnet import AddControlNetOptions, add_controlnet
+    from runtime.graphs.controlnets import load_controlnet
+    from runtime.graphs.sessions import SessionConfig, load_sessions
+
+    folder = shutil.copytree(tiny_openvino, tmp_path / "export")
+    add_controlnet(AddControlNetOptions(str(tiny_controlnet["single_file"]), folder, TINY_CONTROLNET))
+    manifest = read_manifest(folder)
+    entry = manifest.raw["controlnets"][TINY_CONTROLNET]["graph"]
+    assert entry["path"] == f"controlnets/{TINY_CONTROLNET}/openvino_model.xml"
+    assert entry["validation"]["provider"].startswith("OpenVINO")
+    config = SessionConfig(provider="openvino", inference_precision="f32", cache_dir=tmp_path / "cache")
+    sessions = load_sessions(manifest, config)
+    generator = torch.Generator().manual_seed(8)
+    sample, timestep = torch.randn(2, 4, 8, 6, generator=generator), torch.tensor([700.0, 700.0])
+    context, cond = torch.randn(2, 77, 32, generator=generator), torch.rand(2, 3, 64, 48, generator=generator)
+    ours = load_controlnet(manifest, TINY_CONTROLNET, sessions).run(
+        sample.numpy(), timestep.numpy(), context.numpy(), cond.numpy()
+    )
+    controlnet = ControlNetModel.from_pretrained(str(tiny_controlnet["diffusers"])).eval()
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_source["diffusers"] / "unet")).eval()
+    with torch.no_grad():
+        down, mid = controlnet(sample, timestep, context, cond, return_dict=False)
+        noise = unet(sample, timestep, context, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid).sample.numpy()  # fmt: skip
+    for output, reference in zip(ours, [*down, mid], strict=True):
+        reference = reference.numpy()
+        assert np.abs(output - reference).max() / max(1.0, np.abs(reference).max()) <= FP16_WEIGHTS_TOLERANCE
+    step = sessions.unet.bind(context.numpy(), tuple(sample.shape))
+    output = step(sample.numpy(), timestep.numpy(), ours)
+    assert np.abs(output - noise).max() / max(1.0, np.abs(noise).max()) <= FP16_WEIGHTS_TOLERANCE
