@@ -29,7 +29,7 @@ from runtime.control import (  # noqa: E402
     resolve_params,
     run_module,
 )
-from runtime.control.hints import high_quality_resize, unit_input  # noqa: E402
+from runtime.control.hints import high_quality_resize, image_array, unit_input  # noqa: E402
 from runtime.control.modules import ModuleParams  # noqa: E402
 from runtime.errors import InvalidRequestError  # noqa: E402
 
@@ -247,6 +247,18 @@ def test_unit_input_and_mask_as_the_extension(mask_name):
     np.testing.assert_array_equal(unit_input(image, mask), ref.unit_input(image, mask))
 
 
+def test_image_array_keeps_what_the_extension_reads_and_repairs_the_rest():
+    from PIL import Image
+
+    for mode in ("RGB", "RGBA", "L"):
+        image = Image.fromarray(IMAGES["rgba"]).convert(mode)
+        np.testing.assert_array_equal(image_array(image), np.array(image))  # to_base64_nparray
+    la = Image.fromarray(IMAGES["rgba"]).convert("LA")
+    np.testing.assert_array_equal(image_array(la), np.array(la.convert("RGBA")))
+    palette = Image.fromarray(IMAGES["odd_rgb"]).convert("P")
+    np.testing.assert_array_equal(image_array(palette), np.array(palette.convert("RGB")))
+
+
 def test_a_mask_of_another_size_is_refused():
     with pytest.raises(InvalidRequestError) as error:
         unit_input(IMAGES["odd_rgb"], scribble_mask(10, 10), "unit.")
@@ -265,8 +277,9 @@ def test_bad_images_are_refused(bad):
 
 def test_a_thin_image_at_a_high_resolution_is_refused_before_the_resize():
     plan = plan_unit("canny", processor_res=2048)
-    with pytest.raises(InvalidRequestError, match="would be"):
-        detect(plan, np.zeros((1, 9000, 3), np.uint8))
+    with pytest.raises(InvalidRequestError, match="would be") as error:
+        detect(plan, np.zeros((1, 9000, 3), np.uint8), prefix="controlnet[2].")
+    assert error.value.field == "controlnet[2].image"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -5,7 +5,14 @@ modes and hint preparation (hints.py), and one unit start to end (units.py).
 
 OpenCV is the optional `controlnet` extra, imported on first use (opencv.py)."""
 
-from .hints import RESIZE_MODES, fit_detected_map, hint_from_map, pixel_perfect_resolution, resize_mode_from_value
+from .hints import (
+    RESIZE_MODES,
+    fit_detected_map,
+    hint_from_map,
+    image_array,
+    pixel_perfect_resolution,
+    resize_mode_from_value,
+)
 from .modules import MODULES, ModuleInfo, ModuleParams, find_module, module_list, resolve_params
 from .preprocessors import numpy_seed, run_module
 from .units import DetectedMap, UnitPlan, detect, plan_unit
@@ -21,6 +28,7 @@ __all__ = [
     "find_module",
     "fit_detected_map",
     "hint_from_map",
+    "image_array",
     "module_list",
     "numpy_seed",
     "pixel_perfect_resolution",

@@ -12,6 +12,7 @@ resize_mode aliases, parse_image, combine_image_and_mask), internal_controlnet/e
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InvalidRequestError
 from .opencv import opencv
@@ -48,6 +49,17 @@ def aligned(size: int) -> int:
     """The extension's align_dim_latent: a generation dimension down to a multiple of 8 (the hint
     matches the latent's pixel size)."""
     return (int(size) // 8) * 8
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """A decoded unit image or mask as the extension holds it (np.array of the decoded file): RGB,
+    RGBA and L as they are, so that transparency is later composited over white (hwc3) as there.
+    Modes np.array cannot give as 1, 3 or 4 channels (LA, P, I;16, CMYK...) go to RGBA when they
+    carry transparency, else RGB; the extension would misread or refuse those."""
+    if image.mode not in ("RGB", "RGBA", "L"):
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    return np.asarray(image, dtype=np.uint8)
 
 
 def unit_input(image: np.ndarray, mask: np.ndarray | None = None, field: str = "") -> np.ndarray:

@@ -47,18 +47,17 @@ def _pad64(size: int) -> int:
     return int(np.ceil(float(size) / 64.0) * 64 - size)
 
 
-def resize_with_pad(image: np.ndarray, resolution: float, field: str = "image") -> tuple[np.ndarray, int, int]:
+def _resized_size(raw_h: int, raw_w: int, resolution: float) -> tuple[float, int, int]:
+    """(scale, height, width) of an image whose short side goes to `resolution`."""
+    k = float(resolution) / float(min(raw_h, raw_w))
+    return k, max(1, int(np.round(float(raw_h) * k))), max(1, int(np.round(float(raw_w) * k)))
+
+
+def resize_with_pad(image: np.ndarray, resolution: float) -> tuple[np.ndarray, int, int]:
     """(image resized so that its short side is `resolution` and edge-padded to multiples of 64,
     the resized height, the resized width): the padding is cut off with [:height, :width]."""
     cv2 = opencv()
-    raw_h, raw_w = image.shape[:2]
-    k = float(resolution) / float(min(raw_h, raw_w))
-    height = max(1, int(np.round(float(raw_h) * k)))
-    width = max(1, int(np.round(float(raw_w) * k)))
-    if (height + _pad64(height)) * (width + _pad64(width)) > MAX_INPUT_PIXELS:
-        raise InvalidRequestError(
-            field, f"a {raw_w}x{raw_h} image at processor resolution {resolution} would be {width}x{height} pixels"
-        )
+    k, height, width = _resized_size(*image.shape[:2], resolution)
     # Cubic to enlarge, area to shrink: the extension's choice (k == 1 counts as shrinking).
     interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
     resized = cv2.resize(image, (width, height), interpolation=interpolation)
@@ -157,6 +156,10 @@ def _shuffle(image: np.ndarray, params: ModuleParams, seed: int) -> np.ndarray:
     return cv2.remap(img, flow, None, cv2.INTER_LINEAR)
 
 
+# The modules that resize the image to the processor resolution first (resize_with_pad).
+AT_PROCESSOR_RESOLUTION = frozenset(
+    ("canny", "threshold", "blur_gaussian", "scribble_xdog", "lineart_standard", "shuffle")
+)
 PREPROCESSORS: dict[str, Preprocessor] = {
     "none": _none,
     "invert": _invert,
@@ -177,6 +180,14 @@ def run_module(
     first as the extension reads unit images). `seed` is the numpy seed shuffle draws from
     (see numpy_seed); the other modules ignore it."""
     rgb = np.ascontiguousarray(hwc3(image, field))
+    if module.name in AT_PROCESSOR_RESOLUTION:
+        _, height, width = _resized_size(*rgb.shape[:2], params.processor_res)
+        if (height + _pad64(height)) * (width + _pad64(width)) > MAX_INPUT_PIXELS:
+            raise InvalidRequestError(
+                field,
+                f"a {rgb.shape[1]}x{rgb.shape[0]} image at processor resolution {params.processor_res} "
+                f"would be {width}x{height} pixels",
+            )
     return np.ascontiguousarray(PREPROCESSORS[module.name](rgb, params, seed))
 
 
