@@ -10,16 +10,22 @@ import argparse
 import logging
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from .control.request import ControlUnit
 from .errors import InvalidRequestError, UserError
 from .images.metadata import save_png
-from .limits import MAX_PIXELS
+from .limits import MAX_CONTROLNET_UNITS, MAX_PIXELS
 from .options import Parser, add_addon_options, add_session_options, load_options, positive
 from .registry import RNG_LABELS, SAMPLERS, SCHEDULE_LABELS
+
+# ControlUnit's fields that --controlnet takes: all but the server's (enabled, save_detected_map, low_vram).
+UNIT_KEYS = tuple(item.name for item in fields(ControlUnit) if item.name not in ("enabled", "save_detected_map",
+                                                                                 "low_vram"))  # fmt: skip
 
 if TYPE_CHECKING:
     from .pipeline import Planner, Prepared
@@ -86,6 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hires denoising strength (0.7); img2img strength if no --strength",
     )
     parser.add_argument("--vae-tiling", default="auto", help="auto, on or off: tiled VAE decode/encode")
+    control = parser.add_argument_group("ControlNet")
+    control.add_argument(
+        "--controlnet", action="append", default=[], metavar="KEY=VALUE,...",
+        help="a ControlNet unit (repeat for several), e.g. model=control_canny,image=edges.png,module=canny,"
+        f"weight=0.8; keys: {', '.join(UNIT_KEYS)}",
+    )  # fmt: skip
+    control.add_argument(
+        "--max-controlnet-units", type=positive, default=MAX_CONTROLNET_UNITS,
+        help="enabled ControlNet units per run (%(default)s)",
+    )  # fmt: skip
     add_session_options(parser)
     parser.add_argument(
         "--max-pixels", type=positive, default=MAX_PIXELS,
@@ -134,12 +150,14 @@ def check_writable(paths: list[Path]) -> None:
 def prepare_from_args(args: argparse.Namespace, planner: Planner) -> Prepared:
     """The generation the arguments ask for, checked and planned as the server plans it, before any
     graph loads."""
+    units = [parse_unit(text, f"controlnet[{index}]") for index, text in enumerate(args.controlnet)]
     return planner.prepare(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.cfg_scale, width=args.width, height=args.height, seed=args.seed,
         num_images_per_prompt=args.batch_size, sampler=args.sampler, schedule=args.schedule, rng=args.rng,
         eta_noise_seed_delta=args.eta_noise_seed_delta, pad_conds=args.pad_conds, vae_tiling=args.vae_tiling,
         max_pixels=args.max_pixels, prompt_comments=args.prompt_comments, clip_skip=args.clip_skip,
+        controlnet=units, max_controlnet_units=args.max_controlnet_units,
         **mode_options(args),
     )  # fmt: skip
 
@@ -170,6 +188,35 @@ def mode_options(args: argparse.Namespace) -> dict[str, Any]:
         "hr_sampler_name": args.hires_sampler,
     }  # fmt: skip
     return {"enable_hr": True, "hires_options": hires}
+
+
+def parse_unit(text: str, field: str = "controlnet") -> ControlUnit:
+    """--controlnet's KEY=VALUE,KEY=VALUE: ControlUnit's fields, each value typed as the field wants
+    (numbers, true/false, an index or a word for the modes; image and mask are paths)."""
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in UNIT_KEYS:
+            keys = ", ".join(UNIT_KEYS)
+            raise InvalidRequestError(field, f"{item.strip()!r} is not KEY=VALUE with a key of {keys}")
+        values[key] = _unit_value(key, value.strip(), f"{field}.{key}")
+    return ControlUnit(**values)
+
+
+def _unit_value(key: str, value: str, field: str) -> Any:
+    if key == "pixel_perfect":
+        if value.lower() not in ("true", "false"):
+            raise InvalidRequestError(field, f"must be true or false, not {value!r}")
+        return value.lower() == "true"
+    if key in ("weight", "guidance_start", "guidance_end", "processor_res", "threshold_a", "threshold_b"):
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidRequestError(field, f"must be a number, not {value!r}") from None
+    if key in ("control_mode", "resize_mode", "hr_option") and value.isdigit():
+        return int(value)
+    return Path(value) if key in ("image", "mask") else value
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -220,8 +220,11 @@ def test_the_rest_of_the_api_answers_a1111_shapes(server: Server) -> None:
         assert (
             ram["used"] > 0 and ram["free"] + ram["used"] == ram["total"] and memory["cuda"] == {"error": "unavailable"}
         )
-        assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
-        assert client.get("/sdapi/v1/script-info").json() == []
+        assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        assert [
+            (item["name"], item["is_alwayson"], item["is_img2img"])
+            for item in client.get("/sdapi/v1/script-info").json()
+        ] == [("controlnet", True, False), ("controlnet", True, True)]
         assert client.get("/sdapi/v1/face-restorers").json() == []
         assert client.get("/sdapi/v1/hypernetworks").json() == []
         flags = client.get("/sdapi/v1/cmd-flags").json()
@@ -340,7 +343,16 @@ def test_openoutpaint_and_webuiapi_request_shapes(server: Server) -> None:
     ("change", "field", "words"),
     [
         ({"script_name": "X/Y/Z plot"}, "script_name", "Script 'X/Y/Z plot' not found"),
-        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts.controlnet", "Script 'controlnet'"),
+        (
+            {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "model": "canny"}]}}},
+            "alwayson_scripts.ControlNet.args.0.model",
+            "unknown ControlNet model 'canny'; this model has: none",
+        ),
+        (
+            {"alwayson_scripts": {"controlnet": {"args": []}, "Dynamic Prompts v2": {"args": []}}},
+            "alwayson_scripts.Dynamic Prompts v2",
+            "Script 'Dynamic Prompts v2' not found",
+        ),
         ({"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint", "Could not find checkpoint with name"),
         ({"refiner_checkpoint": "nested/tiny-b"}, "refiner_checkpoint", "switching checkpoints during sampling"),
         ({"disable_extra_networks": True}, "disable_extra_networks", "always applied"),

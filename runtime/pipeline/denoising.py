@@ -14,6 +14,7 @@ from ..text.conditioning import unet_contexts
 from .request import CondPiece
 
 if TYPE_CHECKING:
+    from ..control.injection import PassControl
     from ..graphs.openvino_sessions import OpenVINOUNet
     from ..graphs.sessions import UNetSession
     from ..sampling.schedules import Schedule
@@ -30,6 +31,7 @@ def make_denoiser(
     latent_shape: tuple,
     pad_conds: bool = False,
     with_uncond: bool = False,
+    control: PassControl | None = None,
 ) -> Denoiser:
     """The model as samplers see it: x in VE space, its noise level and the UNet timestep for that
     level -> predicted clean x.
@@ -38,7 +40,9 @@ def make_denoiser(
     guidance one UNet call runs the uncond half first (as diffusers does), then one half per
     AND part; parts and uncond of different lengths run as two calls, as in A1111
     (conditioning.unet_contexts). `with_uncond` makes it return (guided, uncond) predictions, for
-    DDIM CFG++ (A1111's need_last_noise_uncond)."""
+    DDIM CFG++ (A1111's need_last_noise_uncond). `control`: the pass's ControlNet units, whose
+    summed residuals each UNet call adds (runtime.control.injection), run on the call's own
+    sample, timestep and context."""
     batch = latent_shape[0]
     bound: dict[str, Any] = {"calls": 0}
 
@@ -51,9 +55,11 @@ def make_denoiser(
             uncond = states[piece.uncond] if piece.uncond is not None else None
             contexts = unet_contexts([states[text] for text in piece.conds], uncond, pad_conds, states.get(""))
             bound["steps"] = []
-            for context in contexts:
+            for call, context in enumerate(contexts):
                 context = np.repeat(context, batch, axis=0)  # each half once per image
-                bound["steps"].append((unet.bind(context, (len(context), *latent_shape[1:])), len(context) // batch))
+                step = unet.bind(context, (len(context), *latent_shape[1:]))
+                uncond_rows = batch if call == 0 and piece.uncond is not None else 0  # the uncond half comes first
+                bound["steps"].append((step, len(context) // batch, context, uncond_rows))
             bound["piece"] = index
         return conditioning[index]
 
@@ -62,9 +68,12 @@ def make_denoiser(
         sigma = np.float32(sigma)
         scaled = x / np.sqrt(sigma * sigma + np.float32(1.0))
         outputs = []
-        for unet_step, halves in bound["steps"]:
+        for unet_step, halves, context, uncond_rows in bound["steps"]:
             timesteps = np.full((batch * halves,), timestep, dtype=np.float32)
-            outputs.append(unet_step(np.concatenate([scaled] * halves), timesteps))
+            sample = np.concatenate([scaled] * halves)
+            residuals = control.residuals(sample, timesteps, context, uncond_rows) if control is not None else None
+            extra = () if residuals is None else (residuals,)  # no unit guides this call: the UNet's zeros
+            outputs.append(unet_step(sample, timesteps, *extra))
         eps = np.concatenate(outputs)
         if piece.uncond is None:
             return x - sigma * eps

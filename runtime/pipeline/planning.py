@@ -13,16 +13,27 @@ from typing import Any
 import numpy as np
 
 from .. import registry
+from ..control.planning import plan_control
+from ..control.request import CheckedUnit, check_unit, enabled_units
 from ..errors import InvalidRequestError
+from ..graphs.controlnets import controlnet_models
 from ..graphs.lora import LoraLibrary, LoraResolver
-from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_scheduler_config, text_vocab_size
+from ..graphs.model_folder import (
+    CONTROL_MID_RESIDUAL,
+    TEXT_EXTRA,
+    Manifest,
+    read_manifest,
+    read_scheduler_config,
+    text_vocab_size,
+)
+from ..graphs.residuals import no_controlnet_error
 from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
 from ..images.img2img import STEP_RULES, check_denoise_sampler, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
-from ..limits import MAX_PIXELS
+from ..limits import MAX_CONTROLNET_UNITS, MAX_PIXELS
 from ..registry import UpscalerInfo
 from ..sampling.schedules import make_schedule
 from ..sampling.timestep_samplers import CFGPP_SAMPLERS
@@ -85,6 +96,8 @@ def prepare(
     upscalers: tuple[UpscalerInfo, ...] = (),
     prompt_comments: bool = True,
     clip_skip: int | None = None,
+    controlnet: Any = None,
+    max_controlnet_units: int | None = MAX_CONTROLNET_UNITS,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -116,6 +129,11 @@ def prepare(
 
     `clip_skip` is A1111's CLIP_stop_at_last_layers (1 = last layer): one the text encoder was
     exported with (manifest.clip_skips); None is the export's default (its first).
+
+    `controlnet`: ControlNet units (runtime.control.request.ControlUnit, or the extension's API dicts)
+    of the export's ControlNets, in txt2img, img2img, inpainting and hires fix; at most
+    `max_controlnet_units` enabled (None: no bound). `step_rule` also says how their guidance_start
+    and guidance_end count steps (runtime.control.injection).
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -169,6 +187,7 @@ def prepare(
         raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
     if step_rule not in STEP_RULES:
         raise InvalidRequestError("step_rule", f"must be one of {', '.join(STEP_RULES)}, not {step_rule!r}")
+    units = check_controlnet(manifest, controlnet, max_controlnet_units, image is not None)
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
     init = None
     if image is not None:
@@ -210,9 +229,13 @@ def prepare(
         padded = padded or padded_hr
         counts = {name: max(count, counts.get(name, 0)) for name, count in {**counts, **hr_counts}.items()}
     rows = embeddings.rows if embeddings is not None else None
+    hires_size = (hires.width, hires.height) if hires is not None else None
+    control = plan_control(
+        units, width, height, hires_size, init, image, init_options.get("resize_mode", 0), seeds[0], step_rule
+    )
     return Prepared(
         request, plan, pieces, chunks, padded, counts, init, hires, hires_conditioning, hires_chunks, vae_tiling,
-        tuple(loras), rows, vae,
+        tuple(loras), rows, vae, control,
     )  # fmt: skip
 
 
@@ -231,6 +254,20 @@ def positional_parameters(args: tuple[Any, ...], keywords: dict[str, Any]) -> di
     if twice:
         raise TypeError(f"got multiple values for {', '.join(sorted(twice))}")
     return {**named, **keywords}
+
+
+def check_controlnet(
+    manifest: Manifest, controlnet: Any, max_units: int | None, init_image: bool
+) -> tuple[CheckedUnit, ...]:
+    """The enabled ControlNet units, checked. An export whose UNet takes no ControlNet residuals
+    (made before ControlNet support) is one error saying how to export it again."""
+    enabled = enabled_units(controlnet, max_units)
+    if not enabled:
+        return ()
+    if CONTROL_MID_RESIDUAL not in manifest.graphs["unet"].inputs:
+        raise InvalidRequestError("controlnet", str(no_controlnet_error(manifest.folder)))
+    models = {name: model.hash for name, model in controlnet_models(manifest).items()}
+    return tuple(check_unit(unit, models, field, init_image) for field, unit in enabled)
 
 
 def check_clip_skip(manifest: Manifest, clip_skip: Any) -> int:

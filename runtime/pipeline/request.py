@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import registry
+from ..control.planning import ControlPlan
 from ..errors import InvalidRequestError, NonFiniteError
 from ..images.hires import HiresPlan
 from ..images.img2img import InitPlan
@@ -96,6 +97,7 @@ class Prepared:
     loras: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags (removed from the encoded text)
     extra: ExtraRows | None = None  # the embeddings the prompts name: text-encoder extra_embeddings rows
     vae: str | None = None  # an added VAE by name (runtime.graphs.vaes); None: the export's own
+    control: ControlPlan | None = None  # ControlNet units and their detected maps (runtime.control.planning)
 
     @property
     def seeds(self) -> list[int]:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__, registry
+from ..control.injection import PassControl
 from ..errors import InvalidRequestError
 from ..graphs.lora import LoraLibrary, LoraSessions
 from ..graphs.model_folder import (
@@ -48,6 +49,7 @@ from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
 from ..text.conditioning import PromptChunks, encode_chunks
 from ..text.embeddings import ti_hashes
 from ..text.tokenizer import ClipTokenizer
+from .control import ControlNets
 from .denoising import Denoiser, brownian_noise, make_denoiser, per_image_noise
 from .planning import Planner, positional_parameters
 from .request import CondPiece, GenerationRequest, Prepared, check_finite, check_lora_cache_mb, uses_ensd
@@ -65,6 +67,9 @@ class PipelineOutput:
     seeds: list[int]
     interrupted: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    # ControlNet units' detected maps, as the extension shows them after the images (PIL, or uint8
+    # (H, W, 3) arrays for output_type="np"): per unit, the hires pass's then the first pass's
+    detected_maps: list = field(default_factory=list)
 
 
 class Pipeline(Planner):
@@ -86,6 +91,7 @@ class Pipeline(Planner):
         loras = LoraSessions(manifest, sessions, LoraLibrary(lora_dir), check_lora_cache_mb(lora_cache_mb) * 2**20)
         super().__init__(manifest, tokenizer, scheduler_config, loras, embeddings_dir, vae)
         self._vae_sessions = {None: (sessions.vae_decoder, sessions.vae_encoder)}  # loaded VAEs, by name
+        self.controlnets = ControlNets(manifest)
         self.sessions = sessions  # the running generation's (LoRA-patched or plain) sessions
         self._extra: np.ndarray | None = None  # the running generation's extra_embeddings rows
         self.upscaler_sessions = UpscalerSessions(manifest, sessions.provider, sessions.config)
@@ -151,8 +157,10 @@ class Pipeline(Planner):
         return self.sessions.choice
 
     def release_memory(self) -> None:
-        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory)."""
+        """Give back what a large generation left in onnxruntime's arenas (see Sessions.release_memory),
+        the loaded ControlNets' too (one small run each, with arena shrinkage on)."""
         self.sessions.release_memory(self.manifest)
+        self.controlnets.release_memory()
 
     # -- prepare and run ------------------------------------------------------------------------
 
@@ -195,7 +203,9 @@ class Pipeline(Planner):
             pixels = np.stack([apply_overlay(image, prepared.init.overlay) for image in pixels])
         images = list(pixels) if output_type == "np" else [to_pil(image) for image in pixels]
         infotexts = [self.infotext(prepared, seed) for seed in request.seeds]
-        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy())
+        maps = prepared.control.detected_maps if prepared.control is not None else []
+        maps = maps if output_type == "np" else [Image.fromarray(item) for item in maps]
+        return PipelineOutput(images, infotexts, request.seeds, interrupted, request.__dict__.copy(), maps)
 
     def model_resize(self, name: str) -> ImageResize:
         """A1111's resize_image with the model upscaler `name` (hires fix: decode, this, encode)."""
@@ -267,6 +277,7 @@ class Pipeline(Planner):
             "Pad conds": True if prepared.padded else None,
             **(prepared.init.infotext if prepared.init is not None else {}),
             **(prepared.hires.infotext if prepared.hires is not None else {}),
+            **(prepared.control.infotext() if prepared.control is not None else {}),
             "Lora hashes": self.loras.hashes(list(prepared.loras)),
             "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
             "Version": f"acertain-onnx {__version__}",
@@ -284,7 +295,11 @@ class Pipeline(Planner):
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
         pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
-        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event)
+        # A1111 counts a txt2img pass in requested steps, an img2img one in the steps that run.
+        control = self.controlnets.for_pass(
+            prepared.control, self.sessions, False, request.steps if prepared.init is None else None
+        )
+        latents, interrupted = self._loop(request, pass_, x, generators, callback, cancel_event, control)
         if prepared.hires is None or interrupted:
             return latents, interrupted
         x0 = self._upscale(latents, prepared.hires, prepared.vae_tiling)
@@ -294,7 +309,8 @@ class Pipeline(Planner):
         x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
         hires = prepared.hires
         pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
-        return self._loop(request, pass_, x, generators, callback, cancel_event)
+        control = self.controlnets.for_pass(prepared.control, self.sessions, True, None)
+        return self._loop(request, pass_, x, generators, callback, cancel_event, control)
 
     def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         factor = self.manifest.vae_scale_factor
@@ -308,11 +324,14 @@ class Pipeline(Planner):
         generators: list[NoiseGenerator],
         callback: StepCallback | None,
         cancel_event: threading.Event | None,
+        controls: Callable[[int], PassControl | None] | None = None,
     ) -> tuple[np.ndarray, bool]:
         """One sampling pass from x. An interrupted pass returns the last prediction of the
-        clean image, as the A1111 web UI shows on Interrupt."""
+        clean image, as the A1111 web UI shows on Interrupt. `controls` gives the pass's ControlNet
+        units for its step count."""
         schedule, shape = pass_.schedule, (1, *x.shape[1:])
         total = sampler_steps(pass_.sampler, schedule)
+        control = controls(total) if controls is not None else None
         if request.eta_noise_seed_delta > 0:
             # A1111 1.10 (ImageRNG.first) re-seeds the generators with seed + ENSD once the initial
             # noise is drawn, whatever the sampler: every later draw (ancestral noise, Restart's
@@ -322,8 +341,9 @@ class Pipeline(Planner):
         cfgpp = pass_.sampler in CFGPP_SAMPLERS
         scale = request.guidance_scale / CFGPP_SCALE_DIVISOR if cfgpp else request.guidance_scale
         denoise = make_denoiser(
-            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp
-        )
+            self.sessions.unet, pass_.conditioning, states, scale, x.shape, request.pad_conds, with_uncond=cfgpp,
+            control=control,
+        )  # fmt: skip
         last_denoised: dict[str, np.ndarray] = {}
 
         def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> Any:
@@ -333,6 +353,8 @@ class Pipeline(Planner):
 
         def on_step(step: int, latents: np.ndarray) -> np.ndarray | None:
             latents = pass_.after_step(step, latents) if pass_.after_step is not None else latents
+            if control is not None:
+                control.step_done(step)
             # DPM adaptive picks its own steps: its total grows past the estimate if it must.
             stop = callback is not None and callback(step + 1, max(total, step + 1), latents) is False
             if stop or (cancel_event is not None and cancel_event.is_set()):

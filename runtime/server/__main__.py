@@ -56,6 +56,10 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
     add("--max-body-bytes", type=positive, default=DEFAULTS.max_body_bytes, help="request body (%(default)s)")
     add("--max-cfg-scale", type=positive_number, default=DEFAULTS.max_cfg_scale, help="cfg_scale (%(default)s)")
     add(
+        "--max-controlnet-units", type=positive, default=DEFAULTS.max_controlnet_units,
+        help="enabled ControlNet units per request (%(default)s, the extension's unit count)",
+    )  # fmt: skip
+    add(
         "--allowed-hosts", default="", type=_names,
         help="extra Host names this server answers for, comma-separated ('*': any); it always answers for "
         "its --host, localhost and IP addresses (the rest is refused against DNS rebinding)",
@@ -98,6 +102,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(
         max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
         max_images=args.max_images, max_body_bytes=args.max_body_bytes, max_cfg_scale=args.max_cfg_scale,
+        max_controlnet_units=args.max_controlnet_units,
     )  # fmt: skip
     traffic = Traffic(
         header_timeout=getattr(args, "header_timeout", TRAFFIC.header_timeout), body_timeout=args.body_timeout,

@@ -24,6 +24,7 @@ from .auth import BasicAuthMiddleware
 from .body_limit import BodyLimitMiddleware
 from .client_routes import router as client_router
 from .config import ServerConfig
+from .controlnet_routes import router as controlnet_router
 from .guard import RequestGuardMiddleware
 from .jobs import JobFailure, QueueFull, Unavailable, Worker
 from .models import ModelSet
@@ -189,6 +190,7 @@ def build_app(models: ModelSet, config: ServerConfig, backend: Backend) -> FastA
     _install_error_handlers(app)
     app.include_router(router, responses=COMMON_ERRORS)
     app.include_router(client_router, responses=COMMON_ERRORS)
+    app.include_router(controlnet_router, responses=COMMON_ERRORS)
     # The last middleware added runs first: the guard (Host, Origin, Content-Type, room), auth,
     # the body limit, then the app; a bug anywhere inside is one logged 500.
     app.add_middleware(InternalErrorMiddleware)

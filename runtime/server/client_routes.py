@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..graphs.lora import resident_bytes
+from .controlnet import SCRIPT as CONTROLNET_SCRIPT
 from .responses import error_response
 from .routes import Context
 from .schemas import PromptStyleItem
@@ -52,13 +53,17 @@ async def memory(ctx: Context) -> dict[str, Any]:
 
 @router.get("/sdapi/v1/scripts")
 async def scripts() -> dict[str, list[str]]:
-    """No scripts are supported yet (script_name and alwayson_scripts are refused)."""
-    return {"txt2img": [], "img2img": []}
+    """A1111's lower-case script titles: the one always-on script, ControlNet (no selectable scripts:
+    script_name is refused)."""
+    return {"txt2img": [CONTROLNET_SCRIPT], "img2img": [CONTROLNET_SCRIPT]}
 
 
 @router.get("/sdapi/v1/script-info")
 async def script_info() -> list[dict[str, Any]]:
-    return []
+    """ControlNet's entries; its `args` are the units of alwayson_scripts.controlnet.args, described
+    by the extension's API rather than as UI components."""
+    return [{"name": CONTROLNET_SCRIPT, "is_alwayson": True, "is_img2img": img2img, "args": []}
+            for img2img in (False, True)]  # fmt: skip
 
 
 @router.get("/sdapi/v1/prompt-styles", response_model=list[PromptStyleItem])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..limits import LORA_CACHE_MB, MAX_PIXELS
+from ..limits import LORA_CACHE_MB, MAX_CONTROLNET_UNITS, MAX_PIXELS
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the GPU to a network is an explicit choice
 DEFAULT_PORT = 7861  # A1111's API-only port (`--nowebui`), so clients find us where they expect
@@ -27,6 +27,7 @@ class Limits:
     max_prompt_chars: int = 32_000  # checked first, so parsing a prompt stays cheap
     max_body_bytes: int = MiB  # a txt2img body is a few kB; anything near this is abuse
     max_cfg_scale: float = 30.0  # A1111's UI slider stops at 30; far above it the image turns to noise or black
+    max_controlnet_units: int = MAX_CONTROLNET_UNITS  # enabled ControlNet units per request (the extension's 3)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidRequestError
 from ..images.metadata import png_bytes
 from ..pipeline import to_pil
 
@@ -19,9 +21,26 @@ _LATENT_RGB = np.array(
 )
 
 
+def decode_base64(field: str, text: str) -> bytes:
+    """A1111's decode_base64_to_image input: plain base64 or a data: URL."""
+    if text.startswith("data:"):
+        text = text.split(";", 1)[1].split(",", 1)[-1] if ";" in text else ""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(field, "is not valid base64") from None
+
+
 def png_base64(pixels: np.ndarray, infotext: str) -> str:
     """One decoded image (H, W, 3 floats in [0, 1]) as a base64 PNG carrying its "parameters"."""
     return base64.b64encode(png_bytes(to_pil(pixels), infotext)).decode("ascii")
+
+
+def map_base64(pixels: np.ndarray) -> str:
+    """A uint8 (H, W, 3) image (a ControlNet detected map) as A1111 sends it: a PNG without parameters."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def preview_base64(latents: np.ndarray) -> str | None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import NonFiniteError, OutOfMemoryError, UserError
 from ..pipeline.running import sampler_steps
-from .images import png_base64
+from .images import map_base64, png_base64
 from .mapping import Plan
 from .tasks import JobProgress, ProgressUpdate, TaskBoard
 
@@ -122,6 +122,9 @@ def run_plan(
         if out.interrupted:
             interrupted = True
             break
+    if plan.send_images and not abandoned():
+        # The ControlNet extension's postprocess: the detected maps once, after every image.
+        images.extend(map_base64(item) for item in plan.detected_maps)
     return JobResult(images, infotexts, interrupted, timestamp)
 
 

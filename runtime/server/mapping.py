@@ -20,13 +20,14 @@ Mapping decisions (docs/server.md has the table):
 - n_iter batches continue the seeds: image i of the request uses seed + i.
 - img2img and the hires pass take A1111's step rule (t_enc = int(min(strength, 0.999) * steps),
   the last t_enc + 1 levels; override_settings.img2img_fix_steps honoured), the library's
-  step_rule="a1111"; the library's own default stays diffusers' rule.
+  step_rule="a1111"; the library's own default stays diffusers' rule. The same switch makes
+  ControlNet units' guidance_start/end count steps as the ControlNet extension does.
+- alwayson_scripts.controlnet: the ControlNet extension's units (runtime.server.controlnet); no
+  other always-on script is run, so any other is "not found".
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ from ..registry import sampler_and_scheduler as find_sampler
 from ..registry import scheduler as find_scheduler_named
 from ..text.styles import Style, styled
 from .config import Limits
+from .controlnet import api_field, request_units, script_key
+from .images import decode_base64
 from .schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .settings import Defaults
 
@@ -110,10 +113,18 @@ class Plan:
 
     @property
     def extra_generation_params(self) -> dict[str, Any]:
-        """A1111's Processed.extra_generation_params: the mode's infotext fields."""
+        """A1111's Processed.extra_generation_params: the mode's infotext fields, and the ControlNet
+        extension's."""
         first = self.batches[0]
-        fields = {**(first.init.infotext if first.init else {}), **(first.hires.infotext if first.hires else {})}
+        fields = {**(first.init.infotext if first.init else {}), **(first.hires.infotext if first.hires else {}),
+                  **(first.control.infotext() if first.control else {})}  # fmt: skip
         return {key: value for key, value in fields.items() if value is not None and key != "Denoising strength"}
+
+    @property
+    def detected_maps(self) -> list:
+        """The ControlNet units' detected maps (uint8 arrays), appended once after every batch's images."""
+        control = self.batches[0].control
+        return control.detected_maps if control is not None else []
 
 
 # A1111's values of the hires "same as the first pass" fields (its web UI sends these words).
@@ -143,12 +154,14 @@ def _check_defaults_only(body: GenerationFields) -> None:
 
 def _check_scripts(body: GenerationFields) -> None:
     """A1111's answer for scripts it does not have (api.py's script_name_to_index, a 422 there too):
-    this server has none (GET /sdapi/v1/scripts), so a script name, or any entry of
-    alwayson_scripts, is "not found"; null, "" and {} ask for none."""
+    this server runs no selectable script and one always-on script, ControlNet (GET
+    /sdapi/v1/scripts), so a script name, or any other entry of alwayson_scripts, is "not found";
+    null, "" and {} ask for none."""
     if body.script_name:
         raise InvalidRequestError("script_name", f"Script {body.script_name!r} not found (GET /sdapi/v1/scripts)")
     for name in body.alwayson_scripts:
-        raise InvalidRequestError(f"alwayson_scripts.{name}", f"Script {name!r} not found (GET /sdapi/v1/scripts)")
+        if name != script_key(body):
+            raise InvalidRequestError(f"alwayson_scripts.{name}", f"Script {name!r} not found (GET /sdapi/v1/scripts)")
 
 
 def check_checkpoint_fields(body: GenerationFields, title: str, find: Callable[[str], Any]) -> None:
@@ -237,25 +250,16 @@ def resolve_seed(seed: int, count: int) -> int:
 
 
 @contextmanager
-def _api_field_names() -> Iterator[None]:
+def _api_field_names(body: GenerationFields) -> Iterator[None]:
     """Re-raise the library's InvalidRequestError under the API's name for the field."""
     try:
         yield
     except InvalidRequestError as error:
-        field = _FIELD_NAMES.get(error.field)
+        key = script_key(body)
+        field = _FIELD_NAMES.get(error.field) or (api_field(error.field, key) if key is not None else None)
         if field is None:
             raise
         raise InvalidRequestError(field, error.message) from None
-
-
-def decode_base64(field: str, text: str) -> bytes:
-    """A1111's decode_base64_to_image input: plain base64 or a data: URL."""
-    if text.startswith("data:"):
-        text = text.split(";", 1)[1].split(",", 1)[-1] if ";" in text else ""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError(field, "is not valid base64") from None
 
 
 def _mode_options(body: GenerationFields, styles: list[Style]) -> dict[str, Any]:
@@ -329,6 +333,7 @@ def _prepare_batch(
     ensd: int,
     first_seed: int,
     styles: list[Style],
+    limits: Limits,
 ) -> Prepared:
     vae = _setting(body, defaults, "sd_vae")
     prompt, negative_prompt = styled(body.prompt, body.negative_prompt, styles)
@@ -342,6 +347,7 @@ def _prepare_batch(
         clip_skip=_setting(body, defaults, "CLIP_stop_at_last_layers"),  # None: the export's default
         prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
         step_rule="a1111", img2img_fix_steps=_setting(body, defaults, "img2img_fix_steps"),
+        controlnet=request_units(body), max_controlnet_units=limits.max_controlnet_units,
     )  # fmt: skip
 
 
@@ -371,8 +377,8 @@ def build_plan(
         most = MAX_GENERATOR_SEED - (seed + total - 1)
         raise InvalidRequestError(_FIELD_NAMES["eta_noise_seed_delta"], f"seed + ENSD must stay below 2**64, "
                                   f"so at most {most}")  # fmt: skip
-    with _api_field_names():
-        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed, styles or [])
+    with _api_field_names(body):
+        first = _prepare_batch(pipe, body, defaults, sampler, schedule, rng, ensd, seed, styles or [], limits)
         _check_prompt_length(first, limits)
         _check_sizes(first, limits)
     batches = tuple(first.with_first_seed(seed + index * body.batch_size) for index in range(body.n_iter))

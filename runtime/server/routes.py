@@ -37,8 +37,9 @@ from ..images.metadata import parse_infotext, read_infotext
 from ..registry import A1111_UPSCALER_FILES, SAMPLERS, SCHEDULERS, UPSCALERS
 from ..text.styles import StyleLibrary
 from .config import ServerConfig
+from .images import decode_base64
 from .jobs import JobResult
-from .mapping import Plan, build_plan, check_checkpoint_fields, decode_base64
+from .mapping import Plan, build_plan, check_checkpoint_fields
 from .models import Checkpoint, ModelSet
 from .schemas import (
     EmbeddingsResponse,
