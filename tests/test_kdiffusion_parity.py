@@ -17,6 +17,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from test_a1111_schedules import REFERENCES as A1111_SCHEDULERS  # noqa: E402
+
 import a1111_reference as a1111  # noqa: E402
 import diffusers_reference as reference  # noqa: E402
 import kdiffusion_reference as kd  # noqa: E402
@@ -233,17 +235,20 @@ def test_plms_equals_a1111(diffusers_pipe, runtime_fp32, raw_config):
     assert np.abs(got - expected).max() * 255 <= 1.0
 
 
-@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
+@pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential", "sgm_uniform", "simple", "normal", "ddim"])
 def test_lcm_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, monkeypatch, schedule):
     """A1111's LCM: its denoiser over LCM's 50 levels ("Automatic" its own get_sigmas, the other
-    types over its sigma range), CFG on its outputs, noise from the image generator. The tiny model
-    is no LCM; the arithmetic is the same."""
+    types over its sigma range; SGM Uniform, Simple, Normal and DDIM through its table and its
+    sigma_to_t / t_to_sigma, as A1111's schedulers take the inner model), CFG on its outputs, noise
+    from the image generator. The tiny model is no LCM; the arithmetic is the same."""
     denoiser = a1111.LCMCompVisDenoiser(kd._Wrapped(diffusers_pipe.unet, kd.ldm_alphas_cumprod(raw_config)))
     cond = reference.clip_skip_embeddings(diffusers_pipe, PROMPT)
     model = kd.cfg_model(denoiser, cond, reference.clip_skip_embeddings(diffusers_pipe, NEGATIVE), CFG)
     low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
     if schedule == "automatic":
         sigmas = denoiser.get_sigmas(STEPS)
+    elif schedule in A1111_SCHEDULERS:
+        sigmas = A1111_SCHEDULERS[schedule](STEPS, denoiser)
     else:
         sigmas = getattr(kd.sampling, f"get_sigmas_{schedule}")(STEPS, low, high)
     generator = torch.Generator("cpu").manual_seed(SEED)
@@ -258,26 +263,28 @@ def test_lcm_equals_a1111(diffusers_pipe, runtime_fp32, raw_config, monkeypatch,
     assert np.abs(got - expected).max() * 255 <= 1.0
 
 
-def test_unipc_refuses_img2img_and_hires(runtime_fp32):
-    with pytest.raises(InvalidRequestError) as error:
-        runtime_fp32.prepare(prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.5)
-    assert error.value.field == "sampler" and "txt2img only" in error.value.message
+def test_unipc_img2img_needs_three_steps(runtime_fp32):
+    """A1111's UniPC asserts steps >= order (3): img2img with t_enc = int(strength * steps) below 3
+    is one clear error here, for the hires pass too (its t_enc is its steps - 1)."""
     with pytest.raises(InvalidRequestError) as error:
         runtime_fp32.prepare(
-            prompt=PROMPT, schedule="automatic", enable_hr=True, hires_options={"hr_sampler_name": "UniPC"}
-        )
-    assert error.value.field == "hr_sampler_name"
-
-
-@pytest.mark.parametrize(
-    ("options", "field"),
-    [({"sampler": "lcm", "schedule": "simple"}, "schedule"), ({"sampler": "plms", "num_inference_steps": 2}, "steps")],
-)
-def test_sampler_limits_are_one_clear_error(runtime_fp32, options, field):
-    """LCM with a schedule type built from the inner model's timesteps; PLMS on a one-step grid."""
+            prompt=PROMPT, sampler="unipc", schedule="automatic", image=init_image(), strength=0.3,
+            num_inference_steps=8, step_rule="a1111",
+        )  # fmt: skip
+    assert error.value.field == "steps" and "UniPC" in error.value.message
     with pytest.raises(InvalidRequestError) as error:
-        runtime_fp32.prepare(prompt=PROMPT, **{"schedule": "automatic", **options})
-    assert error.value.field == field
+        runtime_fp32.prepare(
+            prompt=PROMPT, schedule="automatic", enable_hr=True, step_rule="a1111",
+            hires_options={"hr_sampler_name": "UniPC", "hr_second_pass_steps": 3},
+        )  # fmt: skip
+    assert error.value.field == "steps"
+
+
+def test_sampler_limits_are_one_clear_error(runtime_fp32):
+    """PLMS (as every timestep sampler) on a one-timestep grid has no step to run."""
+    with pytest.raises(InvalidRequestError) as error:
+        runtime_fp32.prepare(prompt=PROMPT, schedule="automatic", sampler="plms", num_inference_steps=1)
+    assert error.value.field == "steps"
 
 
 def init_image() -> Image.Image:
@@ -350,3 +357,119 @@ def test_sde_batch_images_equal_single_runs(runtime_fp32):
         second = runtime_fp32(**common, sampler="dpmpp_2m_sde", seed=SEED + 1, rng=rng, output_type="np").images[0]
         assert np.abs(batch[1] - second).max() * 255 <= 1.0
         assert np.abs(batch[0] - batch[1]).max() * 255 > 10  # the trees differ per seed
+
+
+def init_latents(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """(x0, noise, generator): the init image's latent sampled from the VAE's distribution with
+    the image's generator, then the noise from it, as the runtime (and diffusers) draw them."""
+    pixels = torch.from_numpy(np.asarray(init_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels).latent_dist
+        x0 = (dist.mean + dist.std * torch.randn(shape, generator=generator)) * pipe.vae.config.scaling_factor
+    return x0, torch.randn(shape, generator=generator), generator
+
+
+def timestep_img2img(pipe, raw_config, sampler: str, strength: float, steps: int, fix_steps: bool) -> np.ndarray:
+    """A1111's CompVisSampler.sample_img2img (tests/a1111_reference.py): the init latent noised to
+    timesteps[t_enc] with alphas_cumprod, then A1111's DDIM, DDIM CFG++, PLMS or UniPC (is_img2img)
+    over timesteps[:t_enc], on CFG over the UNet's noise prediction."""
+    x0, noise, generator = init_latents(pipe)
+    alphas_cumprod = kd.ldm_alphas_cumprod(raw_config)
+    xi, timesteps = a1111.timesteps_img2img(x0, noise, steps, strength, alphas_cumprod, fix_steps)
+    both = uncond_cond_eps(pipe)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = both(x, t)
+        return uncond + (cond - uncond) * CFG
+
+    with torch.no_grad():
+        if sampler == "ddim":
+            latents = a1111.ddim(eps, xi, timesteps, alphas_cumprod, randn_like=kd.A1111Noise([generator]).randn_like)
+        elif sampler == "ddim_cfgpp":
+            latents = a1111.ddim_cfgpp(a1111.CFGPPModel(both, CFG), xi, timesteps, alphas_cumprod)
+        elif sampler == "plms":
+            latents = a1111.plms(eps, xi, timesteps, alphas_cumprod)
+        else:
+            unipc = a1111.UniPC(eps, a1111.NoiseScheduleVP(alphas_cumprod))
+            latents = unipc.sample(xi, steps=len(timesteps), t_start=a1111.unipc_img2img_start(timesteps))
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+# 8 steps: t_enc 2, 4, 6 (PLMS's t_enc 2 is one step, its look-ahead at the grid's end; UniPC needs 3).
+TIMESTEP_CASES = [
+    *[(sampler, strength, False) for sampler in ("ddim", "ddim_cfgpp", "plms") for strength in (0.3, 0.6, 0.75)],
+    ("unipc", 0.6, False), ("unipc", 0.75, False), ("ddim", 0.6, True), ("unipc", 0.6, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sampler", "strength", "fix_steps"), TIMESTEP_CASES)
+def test_timestep_img2img_a1111_rule_equals_a1111(
+    diffusers_pipe, runtime_fp32, raw_config, sampler, strength, fix_steps
+):
+    steps = 8
+    expected = timestep_img2img(diffusers_pipe, raw_config, sampler, strength, steps, fix_steps)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, sampler=sampler, schedule="automatic", num_inference_steps=steps,
+        guidance_scale=CFG, output_type="np", image=init_image(), strength=strength, step_rule="a1111",
+        img2img_fix_steps=fix_steps,
+    )  # fmt: skip
+    assert np.abs(out.images[0] - expected[0]).max() * 255 <= 1.0
+    assert "Strength rule" not in out.infotexts[0]
+
+
+def test_timestep_samplers_keep_diffusers_rule_on_request(runtime_fp32):
+    """The library's default rule for them is diffusers' get_timesteps on A1111's grid, and says so."""
+    common = {"prompt": PROMPT, "image": init_image(), "strength": 0.6, "num_inference_steps": 8}
+    for sampler in ("ddim", "unipc"):
+        diffusers = runtime_fp32.prepare(**common, sampler=sampler, schedule="automatic")
+        a1111_rule = runtime_fp32.prepare(**common, sampler=sampler, schedule="automatic", step_rule="a1111")
+        assert diffusers.init.infotext["Strength rule"] == "diffusers"
+        assert diffusers.schedule.init_sigma is None and a1111_rule.schedule.init_sigma is not None
+
+
+def test_dpm_adaptive_inpaints_as_a1111(diffusers_pipe, runtime_fp32, raw_config, monkeypatch):
+    """A1111's CFGDenoiser blends the init latent into every denoised prediction outside the mask
+    (init_latent * mask + nmask * denoised) and its img2img sample() the result once more; DPM
+    adaptive runs between sigma_sched[-2] and sigma_sched[0] of A1111's img2img slice. Our output
+    is pasted over the original through the (unblurred) mask: the reference gets that composite.
+    Its step-size controller feeds each error back into the next step: at 6 steps and strength 0.6
+    a 1e-6 change of the init latent moves k-diffusion's own image by 0.7/255; at 0.75 by 0.01/255,
+    so this case compares the arithmetic, not the chaos."""
+    from runtime.images.img2img import apply_overlay
+
+    steps, strength = 6, 0.75
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 16:48] = 255
+    latent_mask = torch.from_numpy(np.around(np.asarray(Image.fromarray(mask).resize((SIZE // 8, SIZE // 8))) / 255))
+    nmask, keep = latent_mask.float(), 1 - latent_mask.float()
+    x0, noise, generator = init_latents(diffusers_pipe)
+    denoiser = kd.compvis_denoiser(diffusers_pipe.unet, raw_config)
+    cond = reference.clip_skip_embeddings(diffusers_pipe, PROMPT)
+    guided = kd.cfg_model(denoiser, cond, reference.clip_skip_embeddings(diffusers_pipe, NEGATIVE), CFG)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, **_: object) -> torch.Tensor:
+        return x0 * keep + nmask * guided(x, sigma)
+
+    torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # the runtime's masked-image draw
+    monkeypatch.setattr(kd.sampling, "torch", kd.A1111Noise([generator]))
+    sigmas = a1111_sigmas(denoiser, "dpm_adaptive", "automatic", steps)
+    schedule = sigmas[steps - int(strength * steps) - 1 :]
+    with torch.no_grad():
+        latents = kd.sampling.sample_dpm_adaptive(
+            model, x0 + noise * schedule[0], schedule[-2].item(), schedule[0].item(), disable=True, eta=1.0
+        )
+        latents = latents * nmask + x0 * keep
+        image = diffusers_pipe.vae.decode(latents / diffusers_pipe.vae.config.scaling_factor).sample
+    decoded = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()[0]
+    got = runtime_fp32.prepare(
+        prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, sampler="dpm_adaptive", schedule="automatic",
+        num_inference_steps=steps, guidance_scale=CFG, image=init_image(), strength=strength, step_rule="a1111",
+        mask_image=Image.fromarray(mask), mask_blur=0,
+    )  # fmt: skip
+    out = runtime_fp32.run(got, output_type="np")
+    expected = apply_overlay(decoded, got.init.overlay)
+    assert np.abs(out.images[0] - expected).max() * 255 <= 1.0
+    assert np.abs(out.images[0] - decoded).max() * 255 > 1.0  # the overlay did paste the original back

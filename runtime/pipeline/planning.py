@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..graphs.model_folder import TEXT_EXTRA, Manifest, read_manifest, read_sche
 from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
-from ..images.img2img import STEP_RULES, check_denoise_sampler, default_size, plan_denoise, plan_init
+from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
@@ -174,13 +175,11 @@ def prepare(
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
 
-        check_denoise_sampler(sampler, "sampler", inpainting=mask_image is not None)
-
-        def make(n: int) -> Any:
-            return make_schedule(scheduler_config, sampler, schedule, n)
+        def make(n: int, t_enc: int | None = None) -> Any:
+            return make_schedule(scheduler_config, sampler, schedule, n, t_enc)
 
         plan = plan_denoise(make, steps, strength, step_rule, bool(img2img_fix_steps))
-        if step_rule == "diffusers" and plan.log_sigmas is not None:
+        if step_rule == "diffusers" and plan.a1111_grid:
             init = replace(init, infotext={**init.infotext, "Strength rule": "diffusers"})
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
@@ -199,7 +198,7 @@ def prepare(
         if image is not None:
             raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
         hires = plan_hires(
-            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            width, height, multiple, partial(_schedule_of, scheduler_config, schedule),
             sampler, prompt, negative_prompt, steps, **(hires_options or {}), step_rule=step_rule,
             max_pixels=max_pixels, upscalers=upscalers,
         )  # fmt: skip
@@ -247,6 +246,11 @@ def check_clip_skip(manifest: Manifest, clip_skip: Any) -> int:
             f"`python -m export --clip-skip {wanted}`",
         )  # fmt: skip
     return value
+
+
+def _schedule_of(config: dict[str, Any], schedule: str, sampler: str, n: int, t_enc: int | None = None) -> Any:
+    """A sampler's schedule by name (plan_hires picks the sampler): make_schedule's order."""
+    return make_schedule(config, sampler, schedule, n, t_enc)
 
 
 def _without_comments(hires_options: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -43,10 +43,11 @@ PLMS_COEFFICIENTS = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 
 StepDenoiser = Callable[[np.ndarray, int], np.ndarray]
 
 
-def unipc_times(steps: int, total: int) -> np.ndarray:
+def unipc_times(steps: int, total: int, start: float = 1.0) -> np.ndarray:
     """UniPC's "time_uniform" grid in DPM-Solver's continuous time (t_n = (n + 1) / total for
-    training step n): ``steps + 1`` points evenly from 1 down to 1 / total."""
-    return np.linspace(1.0, 1.0 / total, steps + 1)
+    training step n): ``steps + 1`` points evenly from `start` (1, or img2img's t_start) down to
+    1 / total."""
+    return np.linspace(start, 1.0 / total, steps + 1)
 
 
 def unipc_coefficients(rks: list[float], hh: float, variant: str) -> tuple[float, np.ndarray, np.ndarray]:
