@@ -166,26 +166,29 @@ def _ldm_sigma_table(cfg: Mapping[str, Any]) -> np.ndarray:
     return sigma_table(training_alphas_cumprod(cfg, ldm_precision=True))
 
 
-def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> Schedule:
+def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int, t_enc: int | None = None) -> Schedule:
     """An A1111 schedule type for a k-diffusion sampler, as A1111's ``KDiffusionSampler.get_sigmas``
     builds it: "automatic" resolved per sampler, one step more and the next-to-last level dropped
     for DPM2 / DPM2 a, timesteps from ``sigma_to_t``; k-diffusion starts from ``noise * sigmas[0]``
-    and hands its last sample to the VAE as it is. "DPM fast" takes the plain levels: its own grid
-    runs between their ends (`runtime.sampling.ksamplers.sample`)."""
+    and hands its last sample to the VAE as it is. With `t_enc`, sample_img2img's slice
+    ``sigmas[n - t_enc - 1:]``. DPM fast and adaptive run their own grid between the schedule's
+    first and next-to-last levels (`runtime.sampling.ksamplers.sample`): for txt2img A1111 passes
+    them the model's sigma range (and fast n = steps), the plain levels' ends; for img2img the slice's."""
     table = _ldm_sigma_table(cfg)
     kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
     if sampler == "lcm":
         table = _lcm_table(table)
-    if sampler in ("dpm_fast", "dpm_adaptive"):
-        kind = "uniform"  # A1111 passes DPM fast / adaptive the model's sigma range (and fast the step count)
+    if sampler in ("dpm_fast", "dpm_adaptive") and t_enc is None:
+        kind = "uniform"
     discard = sampler in DISCARD_PENULTIMATE
     sigmas = a1111_schedules.a1111_sigmas(kind, n + 1 if discard else n, table)
     if discard:
         sigmas = np.append(sigmas[:-2], sigmas[-1])
     log_table = np.log(table)
-    return build_schedule(
+    built = build_schedule(
         sigmas, sigma_to_t(sigmas[:-1], log_table), float(sigmas[0]), rescale_final=False, log_sigmas=log_table
     )
+    return built if t_enc is None else slice_schedule(built, max(built.steps - t_enc - 1, 0))
 
 
 def _lcm_table(table: np.ndarray) -> np.ndarray:
@@ -304,9 +307,7 @@ def make_schedule(
         elif sampler in ("ddim", "ddim_cfgpp", "plms"):
             built = _a1111_ddim(cfg, steps, t_enc)
         else:
-            built = _kdiffusion(cfg, sampler, schedule, steps)
-            if t_enc is not None:
-                built = slice_schedule(built, max(built.steps - t_enc - 1, 0))
+            built = _kdiffusion(cfg, sampler, schedule, steps, t_enc)
         return replace(built, a1111_grid=True)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(
