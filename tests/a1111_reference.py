@@ -310,11 +310,15 @@ class CFGPPModel:
 
 
 @torch.no_grad()
-def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
-    """modules/sd_samplers_timesteps_impl.py ``ddim_cfgpp`` (1.10, lines 44-76) with A1111's eta_ddim 0."""
+def ddim_cfgpp(model, x, timesteps, alphas_cumprod, eta=0.0, randn_like=None):
+    """modules/sd_samplers_timesteps_impl.py ``ddim_cfgpp`` (1.10, lines 44-76); `randn_like` as for
+    `ddim`."""
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * np.sqrt(
+        (1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu()) * (1 - alphas.cpu() / alphas_prev.cpu().numpy())
+    )
     s_in = x.new_ones(x.shape[0])
     s_x = x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
@@ -323,10 +327,12 @@ def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
         last_noise_uncond = model.last_noise_uncond
         a_t = alphas[index].item() * s_x
         a_prev = alphas_prev[index].item() * s_x
+        sigma_t = sigmas[index].item() * s_x
         sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_x
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev).sqrt() * last_noise_uncond
-        x = a_prev.sqrt() * pred_x0 + dir_xt
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * last_noise_uncond
+        noise = sigma_t * (randn_like or torch.randn_like)(x)
+        x = a_prev.sqrt() * pred_x0 + dir_xt + noise
     return x
 
 

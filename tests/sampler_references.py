@@ -14,6 +14,7 @@ draw it (A1111's own draw is unseeded).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,49 +146,54 @@ class Reference:
 
     # -- running A1111's samplers ----------------------------------------------------------------
 
-    def _k_run(
-        self, sampler: str, x: torch.Tensor, sched: torch.Tensor, sigmas: torch.Tensor, denoiser
-    ) -> torch.Tensor:
+    def _k_run(self, sampler: str, x: torch.Tensor, sched: torch.Tensor, sigmas: torch.Tensor, denoiser, params):
         """KDiffusionSampler.sample / sample_img2img's call: `sched` the levels it runs, `sigmas`
-        the whole schedule (the Brownian tree's span); DPM fast and adaptive get its ends."""
+        the whole schedule (the Brownian tree's span); DPM fast and adaptive get its ends. `params`:
+        the keyword arguments A1111 adds (eta, s_churn, s_tmin, s_tmax, s_noise), eta 1 by default."""
+        params = {"eta": 1.0, **params} if "eta" in inspect.signature(self._function(sampler)).parameters else params
         model = kd.cfg_model(denoiser, self.cond, self.uncond, self.setup.cfg)
-        name = K_DIFFUSION[sampler][0]
-        function = getattr(kd.sampling, name, None) or getattr(a1111, name)
+        function = self._function(sampler)
         with torch.no_grad():
             if sampler == "dpm_fast":
-                return function(model, x, sched[-2].item(), sched[0].item(), len(sched) - 1, disable=True, eta=1.0)
+                return function(model, x, sched[-2].item(), sched[0].item(), len(sched) - 1, disable=True, **params)
             if sampler == "dpm_adaptive":
-                return function(model, x, sched[-2].item(), sched[0].item(), disable=True, eta=1.0)
+                return function(model, x, sched[-2].item(), sched[0].item(), disable=True, **params)
             extra = {"solver_type": SOLVER_TYPE[sampler]} if sampler in SOLVER_TYPE else {}
             if sampler in BROWNIAN:
                 low, high = sigmas[sigmas > 0].min(), sigmas.max()
                 extra["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, low, high, seed=[self.setup.seed])
-                extra["eta"] = 1.0
-            return function(model, x, sched, disable=True, **extra)
+            return function(model, x, sched, disable=True, **extra, **params)
 
-    def _timestep_run(self, sampler: str, x: torch.Tensor, timesteps: torch.Tensor, generator, img2img: bool):
+    @staticmethod
+    def _function(sampler: str):
+        name = K_DIFFUSION[sampler][0]
+        return getattr(kd.sampling, name, None) or getattr(a1111, name)
+
+    def _timestep_run(self, sampler: str, x: torch.Tensor, timesteps: torch.Tensor, generator, img2img: bool, eta=0.0):
         eps = self.guided_eps()
+        noise = kd.A1111Noise([generator]).randn_like
         with torch.no_grad():
             if sampler == "ddim":
-                noise = kd.A1111Noise([generator]).randn_like
-                return a1111.ddim(eps, x, timesteps, self.alphas_cumprod, randn_like=noise)
+                return a1111.ddim(eps, x, timesteps, self.alphas_cumprod, eta=eta, randn_like=noise)
             if sampler == "ddim_cfgpp":
                 model = a1111.CFGPPModel(self.uncond_cond_eps(), self.setup.cfg)
-                return a1111.ddim_cfgpp(model, x, timesteps, self.alphas_cumprod)
+                return a1111.ddim_cfgpp(model, x, timesteps, self.alphas_cumprod, eta=eta, randn_like=noise)
             if sampler == "plms":
                 return a1111.plms(eps, x, timesteps, self.alphas_cumprod)
             unipc = a1111.UniPC(eps, a1111.NoiseScheduleVP(self.alphas_cumprod))
             start = a1111.unipc_img2img_start(timesteps) if img2img else None
             return unipc.sample(x, steps=len(timesteps), t_start=start)
 
-    def txt2img(self, sampler: str, schedule: str, steps: int, ensd: int = 0) -> np.ndarray:
-        """(1, H, W, 3) in [0, 1]: A1111's image. `ensd` re-seeds the later noise (ImageRNG.first)."""
+    def txt2img(self, sampler: str, schedule: str, steps: int, ensd: int = 0, **params: float) -> np.ndarray:
+        """(1, H, W, 3) in [0, 1]: A1111's image. `ensd` re-seeds the later noise (ImageRNG.first);
+        `params` are the sampler function's eta / s_churn / s_tmin / s_tmax / s_noise arguments."""
         generator = torch.Generator("cpu").manual_seed(self.setup.seed)
         noise = torch.randn(self.setup.shape, generator=generator)
         if ensd:
             generator = torch.Generator("cpu").manual_seed(self.setup.seed + ensd)
         if sampler in TIMESTEP_SAMPLERS:
-            return decode(self.pipe, self._timestep_run(sampler, noise, a1111.get_timesteps(steps), generator, False))
+            timesteps = a1111.get_timesteps(steps)
+            return decode(self.pipe, self._timestep_run(sampler, noise, timesteps, generator, False, **params))
         denoiser = self.denoiser(sampler)
         # DPM fast / adaptive: A1111 passes the model's sigma range (and fast n = steps), whatever
         # the schedule type: Uniform's ends and length.
@@ -195,7 +201,7 @@ class Reference:
             denoiser, sampler, "uniform" if sampler in ("dpm_fast", "dpm_adaptive") else schedule, steps
         )
         with a1111_noise(generator):
-            return decode(self.pipe, self._k_run(sampler, noise * sigmas[0], sigmas, sigmas, denoiser))
+            return decode(self.pipe, self._k_run(sampler, noise * sigmas[0], sigmas, sigmas, denoiser, params))
 
     def init_latents(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """(x0, noise, generator): the init image's latent sampled with the image's generator, then
@@ -223,4 +229,4 @@ class Reference:
         sigmas = self.sigmas(denoiser, sampler, schedule, total)
         sched = sigmas[total - t_enc - 1 :]
         with a1111_noise(generator):
-            return decode(self.pipe, self._k_run(sampler, x0 + noise * sched[0], sched, sigmas, denoiser))
+            return decode(self.pipe, self._k_run(sampler, x0 + noise * sched[0], sched, sigmas, denoiser, {}))

@@ -118,6 +118,52 @@ def test_ddim_cfgpp_at_cfg_1_equals_a1111(diffusers_pipe, raw_config, runtime_fp
     assert np.abs(got - expected).max() * 255 <= 1.0
 
 
+CHURN = {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 8.0, "s_noise": 0.9}
+PARAM_CASES = [
+    ("euler", CHURN), ("heun", CHURN), ("dpm2", CHURN), ("euler", {"s_churn": 2.0}),
+    ("euler_a", {"eta": 0.5}), ("dpm2_a", {"eta": 0.5, "s_noise": 0.9}), ("dpmpp_2s_a", {"eta": 0.7, "s_noise": 1.1}),
+    ("dpm_fast", {"eta": 0.5, "s_noise": 0.9}), ("dpm_fast", {"eta": 0.0}), ("dpmpp_sde", {"eta": 0.5, "s_noise": 0.9}),
+    ("dpmpp_2m_sde", {"eta": 0.5, "s_noise": 0.9}), ("dpmpp_2m_sde_heun", {"eta": 0.0}),
+    ("dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.9}), ("ddim", {"eta": 0.5}), ("ddim", {"eta": 1.0}),
+    ("ddim_cfgpp", {"eta": 0.5}),
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize(("sampler", "params"), PARAM_CASES, ids=[f"{a}-{b}" for a, b in PARAM_CASES])
+def test_sampler_parameters_equal_a1111(a1111, runtime_fp32, sampler, params):
+    """eta, s_churn, s_tmin, s_tmax and s_noise as A1111 passes them to k-diffusion's functions and
+    its DDIM / DDIM CFG++ (their noise from the image generators, drawn on every step); the
+    infotext names each value that differs from the default."""
+    steps = 6 if sampler in ("ddim", "ddim_cfgpp") else STEPS
+    expected = a1111.txt2img(sampler, "automatic", steps, **params)
+    out = runtime_fp32(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=SIZE, height=SIZE, sampler=sampler, schedule="automatic",
+        num_inference_steps=steps, guidance_scale=CFG, output_type="np", **params,
+    )  # fmt: skip
+    assert np.abs(np.stack(out.images) - expected).max() * 255 <= 1.0
+    default = ours(runtime_fp32, sampler, "automatic", steps)
+    assert np.abs(np.stack(out.images) - default).max() * 255 > 1.0  # the parameters did change the image
+    label = "Eta DDIM" if sampler.startswith("ddim") else "Eta"
+    assert ("eta" in params) == (f"{label}: {params.get('eta')}" in out.infotexts[0])
+
+
+def test_sampler_parameters_are_checked(runtime_fp32):
+    """One clear error each: a negative value, DDIM's eta above 1 (A1111 would give NaN), and a
+    non-default value on diffusers' own schedulers, which do not take them here."""
+    for options, field in (
+        ({"s_noise": -1.0}, "s_noise"), ({"eta": float("nan")}, "eta"), ({"sampler": "ddim", "eta": 1.5}, "eta"),
+        ({"sampler": "euler_a", "schedule": "model", "eta": 0.5}, "schedule"),
+    ):  # fmt: skip
+        with pytest.raises(InvalidRequestError) as error:
+            runtime_fp32.prepare(prompt=PROMPT, **{"sampler": "euler", "schedule": "automatic", **options})
+        assert error.value.field == field
+    # Values a sampler does not take change nothing, as in A1111.
+    plain = runtime_fp32.prepare(prompt=PROMPT, sampler="dpmpp_2m", schedule="automatic")
+    ignored = runtime_fp32.prepare(prompt=PROMPT, sampler="dpmpp_2m", schedule="automatic", eta=0.3, s_churn=1.0)
+    assert ignored.request.sampler_params.keywords("dpmpp_2m") == plain.request.sampler_params.keywords("dpmpp_2m")
+
+
 @pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential", "sgm_uniform", "simple", "normal", "ddim"])
 def test_lcm_equals_a1111(a1111, runtime_fp32, schedule):
     """A1111's LCM: its denoiser over LCM's 50 levels ("Automatic" its own get_sigmas, the other

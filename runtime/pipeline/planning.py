@@ -25,6 +25,7 @@ from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_PIXELS
 from ..registry import UpscalerInfo
+from ..sampling.params import check_for_sampler, check_params
 from ..sampling.schedules import make_schedule
 from ..sampling.timestep_samplers import CFGPP_SAMPLERS
 from ..text.comments import strip_comments
@@ -86,6 +87,11 @@ def prepare(
     upscalers: tuple[UpscalerInfo, ...] = (),
     prompt_comments: bool = True,
     clip_skip: int | None = None,
+    eta: float | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 0.0,
+    s_noise: float = 1.0,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -117,6 +123,11 @@ def prepare(
 
     `clip_skip` is A1111's CLIP_stop_at_last_layers (1 = last layer): one the text encoder was
     exported with (manifest.clip_skips); None is the export's default (its first).
+
+    `eta`, `s_churn`, `s_tmin`, `s_tmax` (0: no bound) and `s_noise` are A1111's sampler
+    parameters, each given to the samplers A1111 gives it to (runtime.sampling.params; eta None:
+    the sampler's own, 1 for the ancestral and SDE samplers, 0 for DDIM); the infotext names the
+    values that differ from the defaults.
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -170,6 +181,8 @@ def prepare(
         raise InvalidRequestError("eta_noise_seed_delta", f"seed + ENSD must stay below 2**64, so at most {most}")
     if step_rule not in STEP_RULES:
         raise InvalidRequestError("step_rule", f"must be one of {', '.join(STEP_RULES)}, not {step_rule!r}")
+    sampler_params = check_params(eta, s_churn, s_tmin, s_tmax, s_noise)
+    check_for_sampler(sampler_params, sampler, schedule)
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
     init = None
     if image is not None:
@@ -183,7 +196,7 @@ def prepare(
             init = replace(init, infotext={**init.infotext, "Strength rule": "diffusers"})
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        seeds, sampler, schedule, rng, delta, pad_conds, check_clip_skip(manifest, clip_skip),
+        seeds, sampler, schedule, rng, delta, pad_conds, check_clip_skip(manifest, clip_skip), sampler_params,
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(
@@ -203,6 +216,7 @@ def prepare(
             max_pixels=max_pixels, upscalers=upscalers,
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
+        check_for_sampler(sampler_params, hires.sampler, schedule)
         hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(
             tokenizer, hires, request, embeddings
         )

@@ -50,6 +50,7 @@ from ..images.tiling import TileSizes, tiled, use_tiling
 from ..images.upscale import ImageResize, truncate, upscale_image, upscale_latents
 from ..limits import LORA_CACHE_MB
 from ..sampling import ksamplers, samplers
+from ..sampling.params import SamplerParams
 from ..sampling.rng import NoiseGenerator, make_generator
 from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
 from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
@@ -269,6 +270,7 @@ class Pipeline(Planner):
             "Pad conds": True if prepared.padded else None,
             **(prepared.init.infotext if prepared.init is not None else {}),
             **(prepared.hires.infotext if prepared.hires is not None else {}),
+            **request.sampler_params.infotext(request.sampler),
             "Lora hashes": self.loras.hashes(list(prepared.loras)),
             "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
             "Version": f"acertain-onnx {__version__}",
@@ -348,7 +350,9 @@ class Pipeline(Planner):
                 noise = brownian_noise(request.seeds, request.rng, shape[1:], schedule)
             else:
                 noise = per_image_noise(generators, shape)
-            x = run_sampler(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = run_sampler(
+                pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step, request.sampler_params
+            )
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
@@ -448,19 +452,25 @@ class _Pass:
 
 
 def run_sampler(
-    name: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule, noise: Any, callback: Any
+    name: str,
+    denoise: Denoiser,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Any,
+    callback: Any,
+    params: SamplerParams | None = None,
 ) -> np.ndarray:
     """k-diffusion samplers on A1111 schedules (the model asked at any level); diffusers' on
     diffusers' schedules and A1111's DDIM (the model asked at the schedule's steps)."""
     if schedule.log_sigmas is not None:
-        return ksamplers.sample(name, denoise, x, schedule, noise, callback)
+        return ksamplers.sample(name, denoise, x, schedule, noise, callback, params)
 
     def at_step(x_in: np.ndarray, step: int) -> np.ndarray:
         # PLMS's look-ahead on a run's last step asks at sigmas[-1], whose timestep ends the grid
         timestep = schedule.timesteps[step] if step < schedule.steps else schedule.end_timestep
         return denoise(x_in, float(schedule.sigmas[step]), float(timestep))
 
-    return samplers.sample(name, at_step, x, schedule, noise, callback)
+    return samplers.sample(name, at_step, x, schedule, noise, callback, params)
 
 
 def step_ends(name: str, schedule: Schedule) -> np.ndarray:
