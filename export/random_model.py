@@ -37,15 +37,26 @@ def _perturb_norms(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def build_random_pipeline(arch: str = "tiny", seed: int = 0) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline of the shipped architecture `arch` with seeded random weights."""
+def build_random_pipeline(
+    arch: str = "tiny", seed: int = 0, overrides: dict[str, dict] | None = None
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of the shipped architecture `arch` with seeded random weights.
+    `overrides` changes config keys per component ({"unet": {"block_out_channels": [...]}, "vae":
+    ..., "text_encoder": ...}): another model of the same family, one no test has seen."""
     configs = config_dir(arch)
+    overrides = overrides or {}
+    unknown = set(overrides) - {"unet", "vae", "text_encoder"}
+    if unknown:
+        raise ValueError(f"overrides for unknown components: {', '.join(sorted(unknown))}")
+
+    def config(component: str, file: str = "config.json") -> dict:
+        return {**_read_json(configs / component / file), **overrides.get(component, {})}
+
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(_read_json(configs / "unet" / "config.json"))
-    vae = AutoencoderKL.from_config(_read_json(configs / "vae" / "config.json"))
-    text_config = _read_json(configs / "text_encoder" / "config.json")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    unet = UNet2DConditionModel.from_config(config("unet"))
+    vae = AutoencoderKL.from_config(config("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder")))
     for module in (unet, vae, text_encoder):
         _perturb_norms(module, generator)
         module.eval()
@@ -80,10 +91,12 @@ def save_single_file(pipe: StableDiffusionPipeline, path: Path) -> Path:
     return path
 
 
-def build_and_save(arch: str, out_dir: Path, seed: int = 0, single_file: bool = True) -> dict[str, Path]:
+def build_and_save(
+    arch: str, out_dir: Path, seed: int = 0, single_file: bool = True, overrides: dict[str, dict] | None = None
+) -> dict[str, Path]:
     """Build once, save both layouts under out_dir: {'diffusers': folder, 'single_file': file}."""
-    log.info("building random-weight %s pipeline (seed %d)", arch, seed)
-    pipe = build_random_pipeline(arch, seed)
+    log.info("building random-weight %s pipeline (seed %d%s)", arch, seed, ", with overrides" if overrides else "")
+    pipe = build_random_pipeline(arch, seed, overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"diffusers": save_diffusers_folder(pipe, out_dir / f"{arch}-diffusers", arch)}
     if single_file:

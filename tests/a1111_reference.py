@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import numpy as np
 import torch
 
 from kdiffusion_reference import external, sampling
@@ -204,9 +205,10 @@ class UniPC:
             x_t = x_t_ - expand_dims(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * D1_t)
         return x_t, model_t
 
-    def sample(self, x, steps, order=3, lower_order_final=True):
+    def sample(self, x, steps, t_start=None, order=3, lower_order_final=True):
+        assert steps >= order, "UniPC order must be < sampling steps"
         t_0 = 1.0 / self.noise_schedule.total_N
-        t_T = self.noise_schedule.T
+        t_T = self.noise_schedule.T if t_start is None else t_start
         timesteps = torch.linspace(t_T, t_0, steps + 1)  # skip_type "time_uniform"
         vec_t = timesteps[0].expand(x.shape[0])
         model_prev_list = [self.model_fn(x, vec_t)]
@@ -232,6 +234,66 @@ class UniPC:
         return x
 
 
+def setup_img2img_steps(steps, denoising_strength, img2img_fix_steps=False):
+    """modules/sd_samplers_common.py ``setup_img2img_steps`` (1.10), the request's steps and
+    strength and the img2img_fix_steps option passed in."""
+    if img2img_fix_steps:
+        requested_steps = steps
+        steps = int(requested_steps / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0
+        t_enc = requested_steps - 1
+    else:
+        t_enc = int(min(denoising_strength, 0.999) * steps)
+    return steps, t_enc
+
+
+def get_timesteps(steps):
+    """modules/sd_samplers_timesteps.py ``CompVisSampler.get_timesteps`` (1.10), no discard."""
+    return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
+
+
+def timesteps_img2img(x, noise, steps, denoising_strength, alphas_cumprod, img2img_fix_steps=False):
+    """modules/sd_samplers_timesteps.py ``CompVisSampler.sample_img2img`` (1.10, lines 95-111) up to
+    the sampler call, without the extra-noise option: (xi, timesteps_sched) that DDIM, DDIM CFG++
+    and PLMS get; UniPC also gets is_img2img (its t_start from timesteps_sched[-1])."""
+    steps, t_enc = setup_img2img_steps(steps, denoising_strength, img2img_fix_steps)
+    timesteps = get_timesteps(steps)
+    timesteps_sched = timesteps[:t_enc]
+    sqrt_alpha_cumprod = torch.sqrt(alphas_cumprod[timesteps[t_enc]])
+    sqrt_one_minus_alpha_cumprod = torch.sqrt(1 - alphas_cumprod[timesteps[t_enc]])
+    xi = x * sqrt_alpha_cumprod + noise * sqrt_one_minus_alpha_cumprod
+    return xi, timesteps_sched
+
+
+def unipc_img2img_start(timesteps):
+    """sd_samplers_timesteps_impl.unipc's t_start for is_img2img (1.10)."""
+    return timesteps[-1] / 1000 + 1 / 1000
+
+
+@torch.no_grad()
+def ddim(model, x, timesteps, alphas_cumprod, eta=0.0, randn_like=None):
+    """modules/sd_samplers_timesteps_impl.py ``ddim`` (1.10, lines 11-41); `model(x, t)` is the CFG
+    noise prediction, `randn_like` k-diffusion's (A1111's TorchHijack), drawn on every step."""
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * np.sqrt(
+        (1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu()) * (1 - alphas.cpu() / alphas_prev.cpu().numpy())
+    )
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in)
+        a_t = alphas[index].item() * s_in
+        a_prev = alphas_prev[index].item() * s_in
+        sigma_t = sigmas[index].item() * s_in
+        sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_in
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+        noise = sigma_t * (randn_like or torch.randn_like)(x)
+        x = a_prev.sqrt() * pred_x0 + dir_xt + noise
+    return x
+
+
 class CFGPPModel:
     """A1111's CFGDenoiser as ddim_cfgpp sets it up: the scale times cond_scale_miltiplier (1 / 12.5),
     and the uncond noise prediction kept (need_last_noise_uncond)."""
@@ -248,11 +310,15 @@ class CFGPPModel:
 
 
 @torch.no_grad()
-def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
-    """modules/sd_samplers_timesteps_impl.py ``ddim_cfgpp`` (1.10, lines 44-76) with A1111's eta_ddim 0."""
+def ddim_cfgpp(model, x, timesteps, alphas_cumprod, eta=0.0, randn_like=None):
+    """modules/sd_samplers_timesteps_impl.py ``ddim_cfgpp`` (1.10, lines 44-76); `randn_like` as for
+    `ddim`."""
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * np.sqrt(
+        (1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu()) * (1 - alphas.cpu() / alphas_prev.cpu().numpy())
+    )
     s_in = x.new_ones(x.shape[0])
     s_x = x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
@@ -261,10 +327,12 @@ def ddim_cfgpp(model, x, timesteps, alphas_cumprod):
         last_noise_uncond = model.last_noise_uncond
         a_t = alphas[index].item() * s_x
         a_prev = alphas_prev[index].item() * s_x
+        sigma_t = sigmas[index].item() * s_x
         sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_x
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev).sqrt() * last_noise_uncond
-        x = a_prev.sqrt() * pred_x0 + dir_xt
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * last_noise_uncond
+        noise = sigma_t * (randn_like or torch.randn_like)(x)
+        x = a_prev.sqrt() * pred_x0 + dir_xt + noise
     return x
 
 

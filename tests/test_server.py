@@ -320,8 +320,10 @@ BAD_BODIES = [
     ({"override_settings": []}, 422, "override_settings"),
     ({"enable_hr": True, "hr_scale": 4}, 422, "hr_scale"),  # 256x256 hires output: over the pixel limit
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "alwayson_scripts.ADetailer"),
-    ({"eta": 0.5, "sampler_name": "Euler a"}, 422, "eta"),
-    ({"eta": 0.5, "sampler_name": "DPM++ 2M SDE"}, 422, "eta"),
+    ({"eta": -0.5, "sampler_name": "Euler a"}, 422, "eta"),
+    ({"eta": 1.5, "sampler_name": "DDIM"}, 422, "eta"),  # DDIM's noise term has no real root above 1
+    ({"s_noise": -1}, 422, "s_noise"),
+    ({"override_settings": {"s_churn": -1}}, 422, "override_settings.s_churn"),
     ({"prompt": "word " * 3000}, 422, "prompt"),  # 40 chunks of 75 tokens: over the chunk limit
     ({"prompt": "[cat:" + "word " * 3000 + ":0.5]"}, 422, "prompt"),  # the edited-in text is over it
     ({"negative_prompt": "[a|" + "word " * 3000 + "]"}, 422, "negative_prompt"),
@@ -329,6 +331,24 @@ BAD_BODIES = [
     ({"prompt": " AND ".join("x" * 17)}, 422, "prompt"),  # more AND parts than MAX_AND_PARTS
     ({"prompt": "[(a:" + "9" * 400 + "):b:2]"}, 422, "prompt"),  # weights are checked in every edited text
 ]
+
+
+def test_sampler_parameters_are_a1111s(tight: Server) -> None:
+    """webuiapi sends eta 1, s_churn 0, s_tmax 0, s_tmin 0, s_noise 1 with every request: DDIM then
+    runs with eta 1, as in A1111 (infotext "Eta DDIM: 1.0"), Euler a with its default (no field);
+    a non-default override_settings.s_noise wins over the request's, as A1111's options do."""
+    webuiapi = {**VALID, "seed": 5, "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1}
+    with tight.client() as client:
+        ddim = post(client, {**webuiapi, "sampler_name": "DDIM"})
+        euler_a = post(client, {**webuiapi, "sampler_name": "Euler a"})
+        plain = post(client, {**VALID, "seed": 5, "sampler_name": "Euler a"})
+        churned = post(client, {**webuiapi, "sampler_name": "Euler", "s_churn": 1, "s_noise": 0.5,
+                                "override_settings": {"s_noise": 0.9}})  # fmt: skip
+    assert ddim.status_code == euler_a.status_code == churned.status_code == 200, ddim.text
+    assert "Eta DDIM: 1.0," in json.loads(ddim.json()["info"])["infotexts"][0]
+    assert "Eta" not in json.loads(euler_a.json()["info"])["infotexts"][0]
+    assert euler_a.json()["images"] == plain.json()["images"]
+    assert "Sigma churn: 1.0, Sigma noise: 0.9" in json.loads(churned.json()["info"])["infotexts"][0]
 
 
 def test_edited_prompts_are_served_and_written_as_given(tight: Server) -> None:

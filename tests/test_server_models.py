@@ -178,7 +178,7 @@ def test_options_refuse_as_a1111_and_apply_the_keys_acted_on(server: Server, exp
         np.testing.assert_array_equal(_image(client.post("/sdapi/v1/txt2img", json=JOB)), expected["tiny-a"])
         assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
         # A known A1111 setting this runtime does not use is kept and echoed; trailing slashes work.
-        assert client.post("/sdapi/v1/options/", json={"eta_ddim": 0.5, "samples_format": "jpg"}).status_code == 200
+        assert client.post("/sdapi/v1/options/", json={"jpeg_quality": 90, "samples_format": "jpg"}).status_code == 200
         assert client.get("/sdapi/v1/options/").json()["samples_format"] == "jpg"
         # Settings acted on become every request's default: ENSD only reaches ancestral samplers (A1111).
         ancestral = {**JOB, "sampler_name": "Euler a"}

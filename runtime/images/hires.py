@@ -12,7 +12,7 @@ from .. import registry
 from ..errors import InvalidRequestError
 from ..registry import UpscalerInfo
 from ..sampling.schedules import Schedule
-from .img2img import check_denoise_sampler, plan_denoise
+from .img2img import plan_denoise
 from .inputs import check_strength, check_whole_number
 from .metadata import infotext_number
 from .model_upscale import check_upscale
@@ -79,7 +79,6 @@ def plan_hires(
         scale = max(to_x / width, to_y / height)
         check_upscale(width, height, scale, upscaler, max_pixels, "hr_upscaler")
     # A1111 passes the hires pass its step count, so it always takes the img2img_fix_steps rule.
-    check_denoise_sampler(sampler, "hr_sampler_name")
     schedule = plan_denoise(partial(make_schedule, sampler), second_steps or steps, strength, step_rule, True)
     # A1111's init() order: sampler, prompts, then the size, steps and upscaler.
     info: dict[str, Any] = {"Denoising strength": infotext_number(strength)}
@@ -95,7 +94,7 @@ def plan_hires(
         info["Hires resize"] = f"{resize_x}x{resize_y}"
     info["Hires steps"] = second_steps or None
     info["Hires upscaler"] = upscaler.name
-    info["Strength rule"] = "diffusers" if step_rule == "diffusers" and schedule.log_sigmas is not None else None
+    info["Strength rule"] = "diffusers" if step_rule == "diffusers" and schedule.a1111_grid else None
     return HiresPlan(
         upscaler, (to_y, to_x), (truncate_x, truncate_y), latent_w * factor, latent_h * factor, sampler, schedule,
         strength, hr_prompt or prompt, hr_negative_prompt or negative_prompt, info,

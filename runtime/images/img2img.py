@@ -2,22 +2,24 @@
 steps run() applies (noising the init latents, blending them in outside the mask, pasting the
 result over the original).
 
-The latent process follows diffusers' StableDiffusionImg2ImgPipeline and, for masks, the
-4-channel-UNet path of StableDiffusionInpaintPipeline (the noised init latents are blended in
-outside the mask after every step); the pixel-side options (mask blur, masked content, "only
-masked" crop, overlay of the original) follow A1111's img2img.
+The latent process follows diffusers' StableDiffusionImg2ImgPipeline (or A1111's step rule) and,
+for masks, the 4-channel-UNet path of StableDiffusionInpaintPipeline (the noised init latents are
+blended in outside the mask after every step; DPM adaptive blends as A1111 does); the pixel-side
+options (mask blur, masked content, "only masked" crop, overlay of the original) follow A1111's
+img2img.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import InvalidRequestError
-from ..sampling.schedules import Schedule
+from ..sampling.schedules import Schedule, slice_schedule
 from . import inputs
 
 FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = range(4)  # A1111's inpainting_fill
@@ -137,43 +139,30 @@ def a1111_steps(steps: int, strength: float, fix_steps: bool) -> tuple[int, int]
     return steps, int(capped * steps)
 
 
-# Samplers whose A1111 img2img start this runtime does not reproduce: UniPC starts its own time
-# grid at ``t_start = timesteps[t_enc - 1] / 1000 + 1 / 1000`` from a sample noised to another level.
-TXT2IMG_ONLY_SAMPLERS = ("unipc",)
-
-
-def check_denoise_sampler(sampler: str, field: str, inpainting: bool = False) -> None:
-    """One clear error for a sampler that cannot run an img2img or hires pass here, or inpainting:
-    DPM adaptive's levels are only known as it runs, and the per-step blend needs each step's level."""
-    if sampler in TXT2IMG_ONLY_SAMPLERS:
-        raise InvalidRequestError(
-            field, f"sampler {sampler!r} runs txt2img only here (A1111's img2img start for it is not reproduced)"
-        )
-    if inpainting and sampler == "dpm_adaptive":
-        raise InvalidRequestError(field, "sampler 'dpm_adaptive' cannot inpaint here; choose another sampler")
-
-
 def plan_denoise(make: Any, steps: int, strength: float, rule: str, fix_steps: bool = False) -> Schedule:
-    """The schedule an img2img (or hires) pass runs at `strength`: `make(n)` builds an n-step
-    schedule. "a1111" slices it as A1111's KDiffusionSampler.sample_img2img does
-    (``sigmas[steps - t_enc - 1:]``) for k-diffusion schedules; "diffusers" (and A1111's DDIM,
-    whose timestep loop this runtime runs as diffusers' DDIM) keeps diffusers' get_timesteps."""
+    """The schedule an img2img (or hires) pass runs at `strength`: `make(n, t_enc=None)` builds an
+    n-step schedule, or with t_enc A1111's img2img run of it (`runtime.sampling.schedules.make_schedule`).
+    "a1111" is A1111's rule for A1111's grids (k-diffusion schedules and the timestep samplers);
+    "diffusers" (and diffusers' own schedules, which have no A1111 form) keeps diffusers'
+    get_timesteps."""
     if rule == "a1111":
         total, t_enc = a1111_steps(steps, strength, fix_steps)
-        schedule = make(max(total, 1))
-        if schedule.log_sigmas is not None:
-            return slice_schedule(schedule, max(schedule.steps - t_enc - 1, 0))
+        schedule = make(max(total, 1), t_enc)
+        if schedule.a1111_grid:
+            return schedule
     schedule = make(steps)
     return slice_schedule(schedule, start_step(schedule.steps, strength))
 
 
-def slice_schedule(schedule: Schedule, start: int) -> Schedule:
-    return replace(
-        schedule,
-        sigmas=schedule.sigmas[start:],
-        timesteps=schedule.timesteps[start:],
-        sigmas_to=None if schedule.sigmas_to is None else schedule.sigmas_to[start:],
-    )
+def noised_init(x0: np.ndarray, noise: np.ndarray, schedule: Schedule) -> np.ndarray:
+    """The init latents noised for the run's first step, in VE space at ``sigmas[0]``: x0 + noise *
+    sigmas[0]; for A1111's timestep samplers noised to ``init_sigma`` (one grid step higher), and
+    that VP latent read at ``sigmas[0]`` (scaled by sqrt(sigmas[0]**2 + 1) / sqrt(init_sigma**2 + 1))."""
+    if schedule.init_sigma is None:
+        return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32)
+    level, start = schedule.init_sigma, float(schedule.sigmas[0])
+    scale = math.sqrt(start * start + 1.0) / math.sqrt(level * level + 1.0)
+    return ((x0 + noise * np.float32(level)) * np.float32(scale)).astype(np.float32)
 
 
 def encode_sample(moments: np.ndarray, draws: list[np.ndarray], scaling: float) -> np.ndarray:
@@ -194,6 +183,17 @@ def fill_latents(x0: np.ndarray, noise: np.ndarray, plan: InitPlan) -> np.ndarra
     if plan.fill == LATENT_NOTHING:
         return x0 * keep
     return x0
+
+
+# Samplers that inpaint as A1111 does (its CFGDenoiser blends the init latents into every denoised
+# prediction, its img2img sample() once more into the result): DPM adaptive picks its levels as it
+# runs, so the per-step blend below, which noises the init latents to each step's end, has no level.
+DENOISER_MASK_SAMPLERS = ("dpm_adaptive",)
+
+
+def keep_known(latents: np.ndarray, x0: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A1111's inpainting blend: the init latents outside the mask, `latents` inside."""
+    return (x0 * (1 - mask) + mask * latents).astype(np.float32)
 
 
 def blend(x: np.ndarray, x0: np.ndarray, noise: np.ndarray, sigma: float, mask: np.ndarray) -> np.ndarray:

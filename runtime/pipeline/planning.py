@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from ..graphs.residuals import no_controlnet_error
 from ..graphs.upscalers import upscaler_models
 from ..graphs.vaes import resolve_vae
 from ..images.hires import HiresPlan, plan_hires
-from ..images.img2img import STEP_RULES, check_denoise_sampler, default_size, plan_denoise, plan_init
+from ..images.img2img import STEP_RULES, default_size, plan_denoise, plan_init
 from ..images.inputs import check_strength, load_image
 from ..images.tiling import VAE_TILING
 from ..limits import MAX_CONTROLNET_UNITS, MAX_PIXELS
 from ..registry import UpscalerInfo
+from ..sampling.params import check_for_sampler, check_params
 from ..sampling.schedules import make_schedule
 from ..sampling.timestep_samplers import CFGPP_SAMPLERS
 from ..text.comments import strip_comments
@@ -98,6 +100,11 @@ def prepare(
     clip_skip: int | None = None,
     controlnet: Any = None,
     max_controlnet_units: int | None = MAX_CONTROLNET_UNITS,
+    eta: float | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 0.0,
+    s_noise: float = 1.0,
     **init_options: Any,
 ) -> Prepared:
     """Every parameter checked (one InvalidRequestError naming the field) before any work runs;
@@ -134,6 +141,10 @@ def prepare(
     of the export's ControlNets, in txt2img, img2img, inpainting and hires fix; at most
     `max_controlnet_units` enabled (None: no bound). `step_rule` also says how their guidance_start
     and guidance_end count steps (runtime.control.injection).
+    `eta`, `s_churn`, `s_tmin`, `s_tmax` (0: no bound) and `s_noise` are A1111's sampler
+    parameters, each given to the samplers A1111 gives it to (runtime.sampling.params; eta None:
+    the sampler's own, 1 for the ancestral and SDE samplers, 0 for DDIM); the infotext names the
+    values that differ from the defaults.
 
     `max_pixels` bounds width * height (and the hires size): a huge size would otherwise run for
     minutes and end in an allocation failure (100000x100000 asks for terabytes); None lifts it.
@@ -188,22 +199,22 @@ def prepare(
     if step_rule not in STEP_RULES:
         raise InvalidRequestError("step_rule", f"must be one of {', '.join(STEP_RULES)}, not {step_rule!r}")
     units = check_controlnet(manifest, controlnet, max_controlnet_units, image is not None)
+    sampler_params = check_params(eta, s_churn, s_tmin, s_tmax, s_noise)
+    check_for_sampler(sampler_params, sampler, schedule)
     plan = make_schedule(scheduler_config, sampler, schedule, steps)
     init = None
     if image is not None:
         init = plan_init(loaded, mask_image, width, height, strength=strength, latent_factor=multiple, **init_options)
 
-        check_denoise_sampler(sampler, "sampler", inpainting=mask_image is not None)
-
-        def make(n: int) -> Any:
-            return make_schedule(scheduler_config, sampler, schedule, n)
+        def make(n: int, t_enc: int | None = None) -> Any:
+            return make_schedule(scheduler_config, sampler, schedule, n, t_enc)
 
         plan = plan_denoise(make, steps, strength, step_rule, bool(img2img_fix_steps))
-        if step_rule == "diffusers" and plan.log_sigmas is not None:
+        if step_rule == "diffusers" and plan.a1111_grid:
             init = replace(init, infotext={**init.infotext, "Strength rule": "diffusers"})
     request = GenerationRequest(
         prompt, negative_prompt, steps, float(guidance_scale), width, height,
-        seeds, sampler, schedule, rng, delta, pad_conds, check_clip_skip(manifest, clip_skip),
+        seeds, sampler, schedule, rng, delta, pad_conds, check_clip_skip(manifest, clip_skip), sampler_params,
     )  # fmt: skip
     cond_plan = ConditioningPlan.build(text_prompt, negative_prompt, steps)
     pieces, chunks, padded, counts = plan_conditioning(
@@ -218,11 +229,12 @@ def prepare(
         if image is not None:
             raise InvalidRequestError("enable_hr", "hires fix is for txt2img; img2img has no second pass")
         hires = plan_hires(
-            width, height, multiple, lambda name, n: make_schedule(scheduler_config, name, schedule, n),
+            width, height, multiple, partial(_schedule_of, scheduler_config, schedule),
             sampler, prompt, negative_prompt, steps, **(hires_options or {}), step_rule=step_rule,
             max_pixels=max_pixels, upscalers=upscalers,
         )  # fmt: skip
         check_pixels("hr_scale", hires.width, hires.height, max_pixels)
+        check_for_sampler(sampler_params, hires.sampler, schedule)
         hires_conditioning, hires_chunks, padded_hr, hr_counts = _hires_conditioning(
             tokenizer, hires, request, embeddings
         )
@@ -284,6 +296,11 @@ def check_clip_skip(manifest: Manifest, clip_skip: Any) -> int:
             f"`python -m export --clip-skip {wanted}`",
         )  # fmt: skip
     return value
+
+
+def _schedule_of(config: dict[str, Any], schedule: str, sampler: str, n: int, t_enc: int | None = None) -> Any:
+    """A sampler's schedule by name (plan_hires picks the sampler): make_schedule's order."""
+    return make_schedule(config, sampler, schedule, n, t_enc)
 
 
 def _without_comments(hires_options: dict[str, Any] | None) -> dict[str, Any] | None:

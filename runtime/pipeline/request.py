@@ -14,6 +14,7 @@ from ..control.planning import ControlPlan
 from ..errors import InvalidRequestError, NonFiniteError
 from ..images.hires import HiresPlan
 from ..images.img2img import InitPlan
+from ..sampling.params import SamplerParams
 from ..sampling.schedules import Schedule
 from ..text.conditioning import PromptChunks
 from ..text.embeddings import ExtraRows
@@ -42,6 +43,7 @@ class GenerationRequest:
     eta_noise_seed_delta: int
     pad_conds: bool = False  # A1111's "Pad prompt/negative prompt" (pad_cond_uncond), off there by default
     clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers, one of the export's (prepare() puts its default)
+    sampler_params: SamplerParams = field(default_factory=SamplerParams)  # A1111's eta, s_churn, ... s_noise
 
 
 def require_int(field_name: str, value: Any) -> int:

@@ -36,13 +36,22 @@ from ..graphs.sessions import GraphSession, SessionConfig, Sessions, load_sessio
 from ..graphs.upscalers import UpscalerSessions
 from ..graphs.vaes import resolve_vae, vae_choices, vae_label
 from ..images.hires import HiresPlan
-from ..images.img2img import apply_overlay, blend, encode_sample, fill_latents
+from ..images.img2img import (
+    DENOISER_MASK_SAMPLERS,
+    apply_overlay,
+    blend,
+    encode_sample,
+    fill_latents,
+    keep_known,
+    noised_init,
+)
 from ..images.metadata import format_infotext, infotext_number
 from ..images.model_upscale import resize_with_model
 from ..images.tiling import TileSizes, tiled, use_tiling
 from ..images.upscale import ImageResize, truncate, upscale_image, upscale_latents
 from ..limits import LORA_CACHE_MB
 from ..sampling import ksamplers, samplers
+from ..sampling.params import SamplerParams
 from ..sampling.rng import NoiseGenerator, make_generator
 from ..sampling.schedules import AUTOMATIC, Schedule, final_latents
 from ..sampling.timestep_samplers import CFGPP_SAMPLERS, CFGPP_SCALE_DIVISOR
@@ -278,6 +287,7 @@ class Pipeline(Planner):
             **(prepared.init.infotext if prepared.init is not None else {}),
             **(prepared.hires.infotext if prepared.hires is not None else {}),
             **(prepared.control.infotext() if prepared.control is not None else {}),
+            **request.sampler_params.infotext(request.sampler),
             "Lora hashes": self.loras.hashes(list(prepared.loras)),
             "TI hashes": ti_hashes(prepared.extra.used) if prepared.extra is not None else None,
             "Version": f"acertain-onnx {__version__}",
@@ -293,8 +303,8 @@ class Pipeline(Planner):
         """(latents for the VAE, interrupted): the first pass, then the hires pass if asked."""
         request = prepared.request
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
-        x, after_step = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
-        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step)
+        x, after_step, masked = self._initial(prepared, generators, self._latent_shape(request.width, request.height))
+        pass_ = _Pass(request.sampler, prepared.schedule, prepared.conditioning, prepared.chunks, after_step, masked)
         # A1111 counts a txt2img pass in requested steps, an img2img one in the steps that run.
         control = self.controlnets.for_pass(
             prepared.control, self.sessions, False, request.steps if prepared.init is None else None
@@ -306,9 +316,9 @@ class Pipeline(Planner):
         # A1111: the second pass draws its noise from fresh generators of the same seeds.
         generators = [make_generator(request.rng, seed) for seed in request.seeds]
         noise = np.concatenate([g.randn((1, *x0.shape[1:])) for g in generators])
-        x = (x0 + noise * np.float32(prepared.hires.schedule.sigmas[0])).astype(np.float32)
+        x = noised_init(x0, noise, prepared.hires.schedule)
         hires = prepared.hires
-        pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks, None)
+        pass_ = _Pass(hires.sampler, hires.schedule, prepared.hires_conditioning, prepared.hires_chunks)
         control = self.controlnets.for_pass(prepared.control, self.sessions, True, None)
         return self._loop(request, pass_, x, generators, callback, cancel_event, control)
 
@@ -348,6 +358,8 @@ class Pipeline(Planner):
 
         def tracked(x_in: np.ndarray, sigma: float, timestep: float) -> Any:
             out = denoise(x_in, sigma, timestep)
+            if pass_.masked is not None:  # A1111's CFGDenoiser: the known latents outside the mask
+                out = pass_.masked(out)
             last_denoised["x"] = out[0] if isinstance(out, tuple) else out
             return out
 
@@ -366,11 +378,15 @@ class Pipeline(Planner):
                 noise = brownian_noise(request.seeds, request.rng, shape[1:], schedule)
             else:
                 noise = per_image_noise(generators, shape)
-            x = run_sampler(pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step)
+            x = run_sampler(
+                pass_.sampler, tracked, x.astype(np.float32), schedule, noise, on_step, request.sampler_params
+            )
         except _Stop:
             log.info("generation interrupted; decoding the last prediction")
             # A clean-image prediction sits at noise level 0: nothing to rescale.
             return last_denoised.get("x", x), True
+        if pass_.masked is not None:  # and once more on the result, as A1111's img2img sample()
+            x = pass_.masked(x)
         latents = final_latents(x, schedule)
         check_finite(latents, "the sampled latents")
         return latents, False
@@ -393,31 +409,35 @@ class Pipeline(Planner):
 
     def _initial(
         self, prepared: Prepared, generators: list[NoiseGenerator], shape: tuple[int, ...]
-    ) -> tuple[np.ndarray, Callable[[int, np.ndarray], np.ndarray] | None]:
-        """The first sample x (VE space) and what to do to x after each step. Each image's
+    ) -> tuple[np.ndarray, _Blend | None, _Blend | None]:
+        """The first sample x (VE space), what to do to x after each step (diffusers' inpainting)
+        and to each denoised prediction and the result (A1111's, for DPM adaptive). Each image's
         generator draws as diffusers' pipelines do: txt2img the noise; img2img the VAE sample,
         then the noise; inpainting also a (discarded) sample for the masked image."""
         schedule, init = prepared.schedule, prepared.init
         if init is None:
-            return np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma), None
+            x = np.concatenate([g.randn(shape) for g in generators]) * np.float32(schedule.init_noise_sigma)
+            return x, None, None
         moments = self.encode_pixels(init.pixels, prepared.vae_tiling)
         x0 = encode_sample(moments, [g.randn(shape) for g in generators], self.manifest.vae_scaling_factor)
         noise = np.concatenate([g.randn(shape) for g in generators])
         if init.latent_mask is None:
-            return (x0 + noise * np.float32(schedule.sigmas[0])).astype(np.float32), None
+            return noised_init(x0, noise, schedule), None, None
         for g in generators:
             g.randn(shape)  # diffusers encodes the masked image with each generator: same draws
         x0, mask = fill_latents(x0, noise, init), init.latent_mask
-        ends = step_ends(prepared.request.sampler, schedule)
         if init.strength == 1.0:  # diffusers starts from pure noise at full strength
-            x = noise * np.float32(schedule.init_noise_sigma)
+            x = (noise * np.float32(schedule.init_noise_sigma)).astype(np.float32)
         else:
-            x = x0 + noise * np.float32(schedule.sigmas[0])
+            x = noised_init(x0, noise, schedule)
+        if prepared.request.sampler in DENOISER_MASK_SAMPLERS:
+            return x, None, partial(keep_known, x0=x0, mask=mask)
+        ends = step_ends(prepared.request.sampler, schedule)
 
         def after_step(step: int, latents: np.ndarray) -> np.ndarray:
             return blend(latents, x0, noise, float(ends[step]), mask)
 
-        return x.astype(np.float32), after_step
+        return x, after_step, None
 
     def encode_pixels(self, pixels: np.ndarray, tiling: str = "auto") -> np.ndarray:
         """(1, 3, H, W) pixels in [-1, 1] -> the latent distribution's (mean, logvar) stacked;
@@ -446,27 +466,39 @@ class _Stop(Exception):
     """Raised inside the sampler loop to leave it at a step boundary."""
 
 
+_Blend = Callable[..., np.ndarray]
+
+
 @dataclass(frozen=True, eq=False)
 class _Pass:
     sampler: str
     schedule: Schedule
     conditioning: tuple[CondPiece, ...]
     chunks: dict[str, PromptChunks]
-    after_step: Callable[[int, np.ndarray], np.ndarray] | None
+    after_step: _Blend | None = None  # (step, x) -> x: diffusers' inpainting blend after each step
+    masked: _Blend | None = None  # latents -> latents: A1111's, on each prediction and the result
 
 
 def run_sampler(
-    name: str, denoise: Denoiser, x: np.ndarray, schedule: Schedule, noise: Any, callback: Any
+    name: str,
+    denoise: Denoiser,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Any,
+    callback: Any,
+    params: SamplerParams | None = None,
 ) -> np.ndarray:
     """k-diffusion samplers on A1111 schedules (the model asked at any level); diffusers' on
     diffusers' schedules and A1111's DDIM (the model asked at the schedule's steps)."""
     if schedule.log_sigmas is not None:
-        return ksamplers.sample(name, denoise, x, schedule, noise, callback)
+        return ksamplers.sample(name, denoise, x, schedule, noise, callback, params)
 
     def at_step(x_in: np.ndarray, step: int) -> np.ndarray:
-        return denoise(x_in, float(schedule.sigmas[step]), float(schedule.timesteps[step]))
+        # PLMS's look-ahead on a run's last step asks at sigmas[-1], whose timestep ends the grid
+        timestep = schedule.timesteps[step] if step < schedule.steps else schedule.end_timestep
+        return denoise(x_in, float(schedule.sigmas[step]), float(timestep))
 
-    return samplers.sample(name, at_step, x, schedule, noise, callback)
+    return samplers.sample(name, at_step, x, schedule, noise, callback, params)
 
 
 def step_ends(name: str, schedule: Schedule) -> np.ndarray:

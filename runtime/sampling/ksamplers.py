@@ -5,9 +5,10 @@ x and a decreasing list of noise levels; unlike `runtime.sampling.samplers` (dif
 the model may be asked at levels between two of them (Heun, DPM2, DPM++ 2S a, DPM fast).
 `noise()` draws fresh standard-normal noise from the per-image generators, as A1111's TorchHijack
 makes k-diffusion's ``torch.randn_like`` do; a sampler draws exactly where k-diffusion does.
-A1111's defaults apply: eta 1 for the ancestral and SDE samplers (``eta_ancestral``), s_noise 1,
-no churn. The SDE samplers (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) take their noise between two
-levels from A1111's Brownian tree (`runtime.sampling.brownian`) instead. Restart (A1111's own,
+A1111's defaults apply unless the request says otherwise (`runtime.sampling.params`: eta 1 for
+the ancestral and SDE samplers, ``eta_ancestral``; s_noise 1; no churn). The SDE samplers (DPM++
+SDE, 2M SDE, 2M SDE Heun, 3M SDE) take their noise between two levels from A1111's Brownian tree
+(`runtime.sampling.brownian`) instead. Restart (A1111's own,
 modules/sd_samplers_extra.py) is Heun steps with jumps back up to a higher level.
 
 A little over 500 lines on purpose: it mirrors k-diffusion's sampling.py one function to one,
@@ -27,6 +28,7 @@ import numpy as np
 from .a1111_schedules import karras, sigma_to_t
 from .dpm_adaptive import sample_dpm_adaptive
 from .lcm import lcm_boundary, lcm_timestep, sample_lcm
+from .params import SamplerParams
 from .steps import NoiseSource, StepCallback, as_f32, notify
 
 if TYPE_CHECKING:
@@ -64,23 +66,42 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return math.sqrt(sigma_to**2 - up**2), up
 
 
-def sample_euler(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
-    """Karras et al. (2022) Algorithm 2 with Euler steps and no churn."""
+def churn(x: np.ndarray, sigma: float, steps: int, noise: NoiseSource | None, **params: float) -> tuple:
+    """(x, sigma_hat): Karras et al. (2022) Algorithm 2's churn before a step of Euler, Heun or DPM2.
+    With s_churn, gamma = min(s_churn / steps, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, and
+    x gets noise (times s_noise) up to sigma_hat = sigma (1 + gamma). k-diffusion draws that noise
+    on every step, gamma 0 or not; without s_churn the draws change nothing, so none is made."""
+    s_churn = params.get("s_churn", 0.0)
+    if not s_churn or noise is None:
+        return x, sigma
+    level = np.float32(sigma)
+    gamma = min(s_churn / steps, 2**0.5 - 1) if params["s_tmin"] <= level <= params["s_tmax"] else 0.0
+    eps = noise() * np.float32(params["s_noise"])
+    sigma_hat = level * np.float32(gamma + 1)
+    if gamma > 0:
+        x = as_f32(x + eps * np.sqrt(sigma_hat * sigma_hat - level * level))
+    return x, float(sigma_hat)
+
+
+def sample_euler(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None, **params: float) -> np.ndarray:
+    """Karras et al. (2022) Algorithm 2 with Euler steps (`churn`: s_churn, s_tmin, s_tmax, s_noise)."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
-        sigma = float(sigmas[i])
+        x, sigma = churn(x, float(sigmas[i]), len(sigmas) - 1, noise, **params)
         x = as_f32(x + _derivative(x, sigma, denoise(x, sigma)) * np.float32(float(sigmas[i + 1]) - sigma))
         x = notify(callback, i, x)
     return x
 
 
-def sample_euler_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+def sample_euler_ancestral(
+    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, eta: float = 1.0
+) -> np.ndarray:
     """An Euler step down to sigma_down, then noise times sigma_up (none into the last level 0)."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
-        down, up = ancestral_step(sigma, sigma_next)
+        down, up = ancestral_step(sigma, sigma_next, eta)
         x = x + _derivative(x, sigma, denoised) * np.float32(down - sigma)
         if sigma_next > 0:
             x = x + noise() * np.float32(up)
@@ -99,12 +120,13 @@ def heun_step(denoise: SigmaDenoiser, x: np.ndarray, sigma: float, sigma_next: f
     return as_f32(x + (d + d_2) / np.float32(2) * dt)
 
 
-def sample_heun(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
-    """Karras et al. (2022) Algorithm 2 with Heun steps and no churn (two model calls a step, one
-    for the last step into 0)."""
+def sample_heun(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None, **params: float) -> np.ndarray:
+    """Karras et al. (2022) Algorithm 2 with Heun steps (two model calls a step, one for the last
+    step into 0) and `churn`."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
-        x = notify(callback, i, heun_step(denoise, x, float(sigmas[i]), float(sigmas[i + 1])))
+        x, sigma = churn(x, float(sigmas[i]), len(sigmas) - 1, noise, **params)
+        x = notify(callback, i, heun_step(denoise, x, sigma, float(sigmas[i + 1])))
     return x
 
 
@@ -160,11 +182,12 @@ def _dpm2_step(denoise: SigmaDenoiser, x, sigma: float, target: float, d: np.nda
     return as_f32(x + d_2 * np.float32(target - sigma))
 
 
-def sample_dpm_2(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -> np.ndarray:
-    """DPM2: DPM-Solver-2 steps, Euler into the last level 0."""
+def sample_dpm_2(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None, **params: float) -> np.ndarray:
+    """DPM2: DPM-Solver-2 steps, Euler into the last level 0, after `churn`."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x, sigma = churn(x, float(sigmas[i]), len(sigmas) - 1, noise, **params)
+        sigma_next = float(sigmas[i + 1])
         d = _derivative(x, sigma, denoise(x, sigma))
         if sigma_next == 0:
             x = as_f32(x + d * np.float32(sigma_next - sigma))
@@ -174,17 +197,19 @@ def sample_dpm_2(denoise: SigmaDenoiser, x, sigmas, noise=None, callback=None) -
     return x
 
 
-def sample_dpm_2_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+def sample_dpm_2_ancestral(
+    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, eta: float = 1.0, s_noise: float = 1.0
+) -> np.ndarray:
     """DPM2 a: a DPM-Solver-2 step down to sigma_down, then noise times sigma_up."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _derivative(x, sigma, denoise(x, sigma))
-        down, up = ancestral_step(sigma, sigma_next)
+        down, up = ancestral_step(sigma, sigma_next, eta)
         if down == 0:
             x = as_f32(x + d * np.float32(down - sigma))
         else:
-            x = as_f32(_dpm2_step(denoise, x, sigma, down, d) + noise() * np.float32(up))
+            x = as_f32(_dpm2_step(denoise, x, sigma, down, d) + noise() * np.float32(s_noise) * np.float32(up))
         x = notify(callback, i, x)
     return x
 
@@ -222,13 +247,15 @@ def _exp_step(x: np.ndarray, sigma: float, sigma_next: float, denoised: np.ndarr
     return as_f32(np.float32(sigma_next / sigma) * x - np.float32(math.expm1(-h)) * denoised)
 
 
-def sample_dpmpp_2s_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None) -> np.ndarray:
+def sample_dpmpp_2s_ancestral(
+    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, eta: float = 1.0, s_noise: float = 1.0
+) -> np.ndarray:
     """DPM-Solver++(2S) steps (midpoint r = 1/2) down to sigma_down, then noise times sigma_up."""
     x = as_f32(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
-        down, up = ancestral_step(sigma, sigma_next)
+        down, up = ancestral_step(sigma, sigma_next, eta)
         if down == 0:
             x = as_f32(x + _derivative(x, sigma, denoised) * np.float32(down - sigma))
         else:
@@ -236,7 +263,7 @@ def sample_dpmpp_2s_ancestral(denoise: SigmaDenoiser, x, sigmas, noise: NoiseSou
             x_2 = _exp_step(x, sigma, sigma_mid, denoised)
             x = _exp_step(x, sigma, down, denoise(x_2, sigma_mid))
         if sigma_next > 0:
-            x = as_f32(x + noise() * np.float32(up))
+            x = as_f32(x + noise() * np.float32(s_noise) * np.float32(up))
         x = notify(callback, i, x)
     return x
 
@@ -273,7 +300,7 @@ def _f32_exp(value: float) -> np.float32:
 
 
 def sample_dpmpp_sde(
-    denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0, r: float = 0.5
+    denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta=1.0, s_noise=1.0, r: float = 0.5
 ) -> np.ndarray:
     """DPM-Solver++ (stochastic): a first-order ancestral step to the point a fraction r along the
     step in t = -log(sigma), then the whole step from the blend of both predictions; two model
@@ -292,18 +319,25 @@ def sample_dpmpp_sde(
             level, level_s, level_next = _f32_exp(-t), _f32_exp(-s), _f32_exp(-t_next)
             down, up = ancestral_step(float(level), float(level_s), eta)
             x_2 = _exp_step(x, float(level), down, denoised)
-            x_2 = as_f32(x_2 + noise(level, level_s) * np.float32(up))
+            x_2 = as_f32(x_2 + noise(level, level_s) * np.float32(s_noise) * np.float32(up))
             denoised_2 = as_f32(denoise(x_2, float(level_s)))
             down, up = ancestral_step(float(level), float(level_next), eta)
             blended = np.float32(1 - fac) * denoised + np.float32(fac) * denoised_2
             x = _exp_step(x, float(level), down, blended)
-            x = as_f32(x + noise(level, level_next) * np.float32(up))
+            x = as_f32(x + noise(level, level_next) * np.float32(s_noise) * np.float32(up))
         x = notify(callback, i, x)
     return x
 
 
 def sample_dpmpp_2m_sde(
-    denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0, solver_type="midpoint"
+    denoise: SigmaDenoiser,
+    x,
+    sigmas,
+    noise: BrownianSource,
+    callback=None,
+    eta=1.0,
+    s_noise=1.0,
+    solver_type: str = "midpoint",
 ) -> np.ndarray:
     """DPM-Solver++(2M) SDE: the data-prediction SDE step with a second-order correction from the
     last prediction ("midpoint" or "heun" form), plus Brownian noise; the step into 0 returns the
@@ -325,7 +359,7 @@ def sample_dpmpp_2m_sde(
                 weight = (decay / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * decay
                 x = x + np.float32(weight * h / h_last) * (denoised - old_denoised)
             if eta:
-                scale = sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
+                scale = sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
                 x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
             x = as_f32(x)
             h_last = h
@@ -334,7 +368,7 @@ def sample_dpmpp_2m_sde(
     return x
 
 
-def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta: float = 1.0):
+def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE: the SDE step corrected by the first and second differences of the last
     three predictions (one and two after the first steps), plus Brownian noise."""
     x = as_f32(x)
@@ -361,7 +395,7 @@ def sample_dpmpp_3m_sde(denoise: SigmaDenoiser, x, sigmas, noise: BrownianSource
                 denoised_1, h_1 = history[0]
                 x = x + np.float32(phi_2) * ((denoised - denoised_1) / np.float32(h_1 / h))
             if eta:
-                scale = sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
+                scale = sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
                 x = x + noise(sigmas[i], sigmas[i + 1]) * np.float32(scale)
             x = as_f32(x)
         history = [(denoised, h), *history[:1]]
@@ -407,7 +441,7 @@ def _dpm_solver_step(denoise: SigmaDenoiser, x, t: float, t_next: float, order: 
 
 
 def sample_dpm_fast(
-    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, *, orders: list[int], eta: float = 1.0
+    denoise: SigmaDenoiser, x, sigmas, noise: NoiseSource, callback=None, *, orders: list[int], eta=1.0, s_noise=1.0
 ) -> np.ndarray:
     """DPM-Solver-Fast over the levels and orders of `dpm_fast_grid`. A1111 runs it with eta 1
     (``eta_ancestral``): each step aims at the ancestral sigma_down (not below the grid's end), then
@@ -423,7 +457,7 @@ def sample_dpm_fast(
         else:
             t_target, up = -math.log(sigma_next), 0.0
         x = _dpm_solver_step(denoise, x, -math.log(sigma), t_target, order)
-        x = as_f32(x + np.float32(up) * noise())
+        x = as_f32(x + np.float32(up) * np.float32(s_noise) * noise())
         x = notify(callback, i, x)
     return x
 
@@ -465,6 +499,7 @@ def sample(
     schedule: Schedule,
     noise: NoiseSource | BrownianSource | None = None,
     callback: StepCallback | None = None,
+    params: SamplerParams | None = None,
 ) -> np.ndarray:
     """Run k-diffusion sampler `name` over a k-diffusion `schedule` (one with ``log_sigmas``).
 
@@ -473,7 +508,8 @@ def sample(
     `denoise(x, sigma, timestep)` is the model; each level the sampler asks for gets its timestep
     from ``sigma_to_t``, as k-diffusion's ``CompVisDenoiser`` does. DPM fast runs its own grid
     between the schedule's first and next-to-last levels with one model call per step of it, as
-    A1111 passes it ``sigma_max``, ``sigma_min`` and ``n``.
+    A1111 passes it ``sigma_max``, ``sigma_min`` and ``n``. `params`: A1111's eta / s_churn /
+    s_tmin / s_tmax / s_noise, each given to the samplers A1111 gives it to.
     """
     if name not in K_SAMPLERS:
         raise ValueError(f"unknown k-diffusion sampler {name!r}; choose one of {', '.join(K_SAMPLERS)}")
@@ -493,9 +529,10 @@ def sample(
             return np.float32(c_out) * denoise(x_in, sigma, float(timestep)) + np.float32(c_skip) * x_in
 
         return sample_lcm(lcm_model, x, sigmas, noise, callback)
-    if name == "dpm_adaptive":  # as DPM fast: between the schedule's ends, A1111's eta 1
-        return sample_dpm_adaptive(at_sigma, x, float(sigmas[-2]), float(sigmas[0]), noise, callback)
+    keywords = (params or SamplerParams()).keywords(name)
+    if name == "dpm_adaptive":  # as DPM fast: between the schedule's ends
+        return sample_dpm_adaptive(at_sigma, x, float(sigmas[-2]), float(sigmas[0]), noise, callback, **keywords)
     if name == "dpm_fast":
         levels, orders = dpm_fast_grid(float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1)
-        return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders)
-    return K_SAMPLERS[name](at_sigma, x, sigmas, noise, callback)
+        return sample_dpm_fast(at_sigma, x, levels, noise, callback, orders=orders, **keywords)
+    return K_SAMPLERS[name](at_sigma, x, sigmas, noise, callback, **keywords)

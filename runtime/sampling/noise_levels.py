@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,13 @@ class Schedule:
     any level, its timestep found by ``sigma_to_t`` over this table (``CompVisDenoiser``), and
     `runtime.sampling.ksamplers.sample` runs it. `sigma_range` is its (smallest positive, largest)
     level before any img2img slicing: the span of A1111's Brownian tree for the SDE samplers.
+
+    `a1111_grid` marks every schedule but diffusers' own (schedule "model"): A1111's img2img step
+    rule has a form for it. `init_sigma` is where A1111's timestep samplers (DDIM, DDIM CFG++, PLMS,
+    UniPC) noise an img2img init latent: ``timesteps[t_enc]``, one grid step above ``sigmas[0]``,
+    where their loop starts nevertheless (A1111's sample_img2img); None: at ``sigmas[0]``.
+    `end_timestep` is the UNet timestep of ``sigmas[-1]`` on A1111's DDIM grid, where PLMS's first
+    step asks the model once more when it is also the last.
     """
 
     sigmas: np.ndarray
@@ -59,6 +66,9 @@ class Schedule:
     rescale_final: bool = True
     log_sigmas: np.ndarray | None = None
     sigma_range: tuple[float, float] | None = None
+    a1111_grid: bool = False
+    init_sigma: float | None = None
+    end_timestep: float | None = None
 
     @property
     def steps(self) -> int:
@@ -159,6 +169,7 @@ def build_schedule(
     clip_denoised: float | None = None,
     rescale_final: bool = True,
     log_sigmas: np.ndarray | None = None,
+    end_timestep: float | None = None,
 ) -> Schedule:
     def frozen(values: np.ndarray) -> np.ndarray:
         array = np.array(values, dtype=np.float32)  # a private copy, read-only like the dataclass
@@ -175,4 +186,15 @@ def build_schedule(
         rescale_final=rescale_final,
         log_sigmas=None if log_sigmas is None else frozen(log_sigmas),
         sigma_range=None if log_sigmas is None else (float(levels[levels > 0].min()), float(levels.max())),
+        end_timestep=end_timestep,
+    )
+
+
+def slice_schedule(schedule: Schedule, start: int) -> Schedule:
+    """The run from step `start` on: an img2img pass's tail of a full schedule."""
+    return replace(
+        schedule,
+        sigmas=schedule.sigmas[start:],
+        timesteps=schedule.timesteps[start:],
+        sigmas_to=None if schedule.sigmas_to is None else schedule.sigmas_to[start:],
     )

@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .params import DDIM_ETA, SamplerParams
 from .schedules import Schedule
 from .steps import NoiseSource, StepCallback, as_f32, notify
-from .timestep_samplers import sample_ddim_cfgpp, sample_plms, sample_unipc
+from .timestep_samplers import ddim_noise, sample_ddim_cfgpp, sample_plms, sample_unipc
 
 __all__ = [
     "SAMPLER_FUNCTIONS",
@@ -162,8 +163,10 @@ def sample_ddim(
     *,
     sigmas_to: np.ndarray | None = None,
     clip_denoised: float | None = None,
+    eta: float = 0.0,
 ) -> np.ndarray:
-    """DDIM with eta = 0, as `DDIMScheduler.step` (and A1111's ``ddim``). Deterministic.
+    """DDIM with eta = 0, as `DDIMScheduler.step` (and A1111's ``ddim``). Deterministic, but for
+    A1111's eta (`runtime.sampling.timestep_samplers.ddim_noise`: A1111's grids only, where `sigmas_to` is None).
 
     diffusers' VP update ``z' = sqrt(a') x0 + sqrt(1 - a') eps`` divided by ``sqrt(a')`` is
     ``x' = denoised + sigma' * eps``: in VE space DDIM is the Euler step. The result may stay
@@ -183,6 +186,10 @@ def sample_ddim(
         eps = (x - denoised) / sigma
         if clip_denoised is not None:
             denoised = np.clip(denoised, -clip_denoised, clip_denoised)
+        if eta:
+            x = ddim_noise(denoised, eps, float(sigma), float(target), eta, noise)
+            x = notify(callback, i, x)
+            continue
         x = as_f32(denoised + eps * target)
         if target != sigmas[i + 1]:
             scale = math.sqrt(float(sigmas[i + 1]) ** 2 + 1.0) / math.sqrt(float(target) ** 2 + 1.0)
@@ -215,12 +222,16 @@ def sample(
     schedule: Schedule,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
+    params: SamplerParams | None = None,
 ) -> np.ndarray:
-    """Run sampler `name` over `schedule`, passing DDIM the schedule's extra fields.
+    """Run sampler `name` over `schedule`, passing DDIM the schedule's extra fields and DDIM and
+    DDIM CFG++ A1111's eta (`params`; planning refuses it on diffusers' own schedules).
 
     `x` is the initial VE sample (noise times ``schedule.init_noise_sigma``); the result is in VE
     space too: `runtime.sampling.schedules.final_latents` gives the latent to decode.
     """
+    # Only A1111's DDIM and DDIM CFG++ take one of A1111's sampler parameters (eta) among these.
+    keywords = (params or SamplerParams()).keywords(name) if name in DDIM_ETA else {}
     if name not in SAMPLER_FUNCTIONS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_FUNCTIONS)}")
     if name == "ddim":
@@ -232,7 +243,8 @@ def sample(
             callback,
             sigmas_to=schedule.sigmas_to,
             clip_denoised=schedule.clip_denoised,
+            **keywords,
         )
     if name == "euler_a" and noise is None:
         raise ValueError("euler_a needs a noise source")
-    return SAMPLER_FUNCTIONS[name](denoise, x, schedule.sigmas, noise, callback)
+    return SAMPLER_FUNCTIONS[name](denoise, x, schedule.sigmas, noise, callback, **keywords)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from .noise_levels import (
     build_schedule,
     sigma_of_alpha,
     sigma_table,
+    slice_schedule,
     training_alphas_cumprod,
     unsupported,
     vp_init,
@@ -60,6 +62,7 @@ __all__ = [
     "final_latents",
     "make_schedule",
     "resolve_config",
+    "slice_schedule",
     "training_alphas_cumprod",
 ]
 
@@ -163,84 +166,110 @@ def _ldm_sigma_table(cfg: Mapping[str, Any]) -> np.ndarray:
     return sigma_table(training_alphas_cumprod(cfg, ldm_precision=True))
 
 
-def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int) -> Schedule:
+def _kdiffusion(cfg: Mapping[str, Any], sampler: str, schedule: str, n: int, t_enc: int | None = None) -> Schedule:
     """An A1111 schedule type for a k-diffusion sampler, as A1111's ``KDiffusionSampler.get_sigmas``
     builds it: "automatic" resolved per sampler, one step more and the next-to-last level dropped
     for DPM2 / DPM2 a, timesteps from ``sigma_to_t``; k-diffusion starts from ``noise * sigmas[0]``
-    and hands its last sample to the VAE as it is. "DPM fast" takes the plain levels: its own grid
-    runs between their ends (`runtime.sampling.ksamplers.sample`)."""
+    and hands its last sample to the VAE as it is. With `t_enc`, sample_img2img's slice
+    ``sigmas[n - t_enc - 1:]``. DPM fast and adaptive run their own grid between the schedule's
+    first and next-to-last levels (`runtime.sampling.ksamplers.sample`): for txt2img A1111 passes
+    them the model's sigma range (and fast n = steps), the plain levels' ends; for img2img the slice's."""
     table = _ldm_sigma_table(cfg)
     kind = {"a1111": "uniform", "automatic": AUTOMATIC.get(sampler, "uniform")}.get(schedule, schedule)
     if sampler == "lcm":
-        table = _lcm_table(table, kind)
-    if sampler in ("dpm_fast", "dpm_adaptive"):
-        kind = "uniform"  # A1111 passes DPM fast / adaptive the model's sigma range (and fast the step count)
+        table = _lcm_table(table)
+    if sampler in ("dpm_fast", "dpm_adaptive") and t_enc is None:
+        kind = "uniform"
     discard = sampler in DISCARD_PENULTIMATE
     sigmas = a1111_schedules.a1111_sigmas(kind, n + 1 if discard else n, table)
     if discard:
         sigmas = np.append(sigmas[:-2], sigmas[-1])
     log_table = np.log(table)
-    return build_schedule(
+    built = build_schedule(
         sigmas, sigma_to_t(sigmas[:-1], log_table), float(sigmas[0]), rescale_final=False, log_sigmas=log_table
     )
+    return built if t_enc is None else slice_schedule(built, max(built.steps - t_enc - 1, 0))
 
 
-# Schedule types A1111 builds from the inner model's timestep mapping, which LCM's denoiser changes.
-LCM_REFUSED = ("sgm_uniform", "simple", "normal", "ddim")
-
-
-def _lcm_table(table: np.ndarray, kind: str) -> np.ndarray:
-    """LCM's denoiser knows only LCM's 50 levels: "Uniform" (its "Automatic") spreads the steps
-    over them, the range-based types run between their ends, as A1111 does."""
-    if kind in LCM_REFUSED:
-        raise InvalidRequestError(
-            "schedule", f"schedule type {kind!r} with LCM is not reproduced; use automatic, karras or exponential"
-        )
+def _lcm_table(table: np.ndarray) -> np.ndarray:
+    """LCM's denoiser knows only LCM's 50 levels, and A1111 hands it to every schedule type:
+    "Uniform" (its "Automatic") spreads the steps over them, the range-based types run between
+    their ends, and SGM Uniform, Simple, Normal and DDIM read its table and its timestep mapping,
+    which on the 50 levels (t = 20 i + 19, interpolated as (t - 19) / 20) is the table's own."""
     if len(table) != LCM_TRAIN_STEPS:
         raise unsupported(f"A1111's LCM assumes {LCM_TRAIN_STEPS} training timesteps, this model has {len(table)}")
     return lcm_sigma_table(table)
 
 
-def _a1111_ddim(cfg: Mapping[str, Any], n: int, least: int = 1) -> Schedule:
+def _ddim_grid(total: int, n: int) -> np.ndarray:
+    """A1111's timestep samplers' grid (CompVisSampler.get_timesteps): clip(range(0, T, T // n) + 1,
+    0, T - 1); its length is not always n (6 steps give 7 timesteps)."""
+    return np.clip(np.arange(0, total, total // n) + 1, 0, total - 1)
+
+
+def _a1111_ddim(cfg: Mapping[str, Any], n: int, t_enc: int | None = None) -> Schedule:
     """A1111's DDIM (``sd_samplers_timesteps``; eta 0 by default).
 
-    ``timesteps = clip(range(0, T, T // n) + 1, 0, T - 1)``; the loop visits indices ``len - 1 .. 1``
-    and steps from ``alphas_cumprod[timesteps[i]]`` to ``alphas_cumprod[timesteps[i - 1]]``, so it
-    makes ``len(timesteps) - 1`` model calls (49 for 50 steps, 28 for 28) and ends at timestep 1's
+    The loop over `_ddim_grid` visits indices ``len - 1 .. 1`` and steps from
+    ``alphas_cumprod[timesteps[i]]`` to ``alphas_cumprod[timesteps[i - 1]]``, so it makes
+    ``len(timesteps) - 1`` model calls (49 for 50 steps, 28 for 28) and ends at timestep 1's
     level, which the VAE decodes as-is. The initial latent is unscaled unit noise (VP). DDIM CFG++
-    and PLMS run on the same grid; PLMS needs `least` = 2 steps (its first asks the model at the
-    next step's timestep, which A1111 reads past the grid's end for a single step).
+    and PLMS run on the same grid. With `t_enc` it is A1111's img2img (`_timestep_img2img`).
     """
     total = int(cfg["num_train_timesteps"])
-    grid = np.clip(np.arange(0, total, total // n) + 1, 0, total - 1)
-    if len(grid) < least + 1:
+    grid = _ddim_grid(total, n)
+    if t_enc is None and len(grid) < 2:
         raise InvalidRequestError(
             "steps",
             f"A1111's timestep grid has len(range(0, {total}, {total} // steps)) - 1 steps: {len(grid) - 1} for "
-            f"steps={n}; this sampler needs at least {least} (use more steps)",
+            f"steps={n}; this sampler needs at least 1 (use more steps)",
         )
     alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True)
     sigmas = sigma_of_alpha(alphas_cumprod[grid[::-1]]).astype(np.float32)
-    return build_schedule(sigmas, grid[:0:-1], vp_init(sigmas[0]))
+    schedule = build_schedule(sigmas, grid[:0:-1], vp_init(sigmas[0]), end_timestep=float(grid[0]))
+    return schedule if t_enc is None else _timestep_img2img(schedule, t_enc)
 
 
-def _a1111_unipc(cfg: Mapping[str, Any], n: int) -> Schedule:
+def _timestep_img2img(schedule: Schedule, t_enc: int) -> Schedule:
+    """A1111's CompVisSampler.sample_img2img on a DDIM grid: the sampler gets ``timesteps[:t_enc]``,
+    so it runs from ``timesteps[t_enc - 1]`` down to ``timesteps[0]`` (t_enc - 1 steps), from the
+    init latent noised to ``timesteps[t_enc]``, one grid step noisier than where it starts (A1111
+    reads that sample as if it were at ``timesteps[t_enc - 1]``). t_enc 0 or 1 runs no step."""
+    levels = len(schedule.sigmas)  # the grid's length, top first
+    t_enc = min(t_enc, levels - 1)  # timesteps[t_enc] must exist (strength 0 with img2img_fix_steps)
+    start = min(levels - t_enc, levels - 1)
+    return replace(slice_schedule(schedule, start), init_sigma=float(schedule.sigmas[levels - 1 - t_enc]))
+
+
+def _a1111_unipc(cfg: Mapping[str, Any], n: int, t_enc: int | None = None) -> Schedule:
     """A1111's UniPC (``sd_samplers_timesteps_impl.unipc``): as many steps as A1111's DDIM grid has
     timesteps (``len(range(0, T, T // n))``), on UniPC's own "time_uniform" grid in continuous time,
     where log(alpha_t) interpolates ``0.5 * log(alphas_cumprod)`` linearly (NoiseScheduleVP
     "discrete") and the UNet gets the fractional timestep ``(t - 1 / T) * T``. It starts from unit
-    noise (VP) and ends at t = 1 / T, the first training level, which the VAE decodes as-is."""
+    noise (VP) and ends at t = 1 / T, the first training level, which the VAE decodes as-is.
+
+    img2img (`t_enc`, A1111's sample_img2img with is_img2img): t_enc steps from
+    ``t_start = timesteps[t_enc - 1] / T + 1 / T`` (the level of grid timestep t_enc - 1) on the same
+    kind of grid, from the init latent noised to ``timesteps[t_enc]``, as for DDIM."""
     total = int(cfg["num_train_timesteps"])
-    steps = len(range(0, total, total // n))
+    grid = _ddim_grid(total, n)
+    steps = len(grid) if t_enc is None else min(t_enc, len(grid) - 1)
     if steps < UNIPC_ORDER:
+        what = "steps" if t_enc is None else "img2img steps (t_enc = int(strength * steps))"
         raise InvalidRequestError(
-            "steps", f"A1111's UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} steps, got {steps}"
+            "steps", f"A1111's UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} {what}, got {steps}"
         )
     alphas_cumprod = training_alphas_cumprod(cfg, ldm_precision=True).astype(np.float32)
-    times = unipc_times(steps, total)
+    start, init_sigma = 1.0, None
+    if t_enc is not None:
+        # float32, as A1111 computes it on the int64 timesteps tensor
+        start = float(np.float32(np.float32(grid[steps - 1]) / np.float32(total)) + np.float32(1.0 / total))
+        init_sigma = float(sigma_of_alpha(alphas_cumprod[grid[steps]]))
+    times = unipc_times(steps, total, start)
     log_alpha = np.interp(times, np.arange(1, total + 1) / total, 0.5 * np.log(alphas_cumprod.astype(np.float64)))
     sigmas = np.sqrt(np.expm1(-2.0 * log_alpha))  # sigma_t / alpha_t, the VE level
-    return build_schedule(sigmas, (times[:-1] - 1.0 / total) * total, vp_init(sigmas[0]))
+    schedule = build_schedule(sigmas, (times[:-1] - 1.0 / total) * total, vp_init(sigmas[0]))
+    return replace(schedule, init_sigma=init_sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,9 +277,17 @@ def _a1111_unipc(cfg: Mapping[str, Any], n: int) -> Schedule:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: str, steps: int) -> Schedule:
+def make_schedule(
+    scheduler_config: Mapping[str, Any], sampler: str, schedule: str, steps: int, t_enc: int | None = None
+) -> Schedule:
     """Build the schedule for `sampler` (one of `SAMPLERS`) with discretization `schedule` (one of
     `SCHEDULES`) and `steps` steps, from the model's ``scheduler_config.json`` as a plain dict.
+
+    `t_enc` asks for A1111's img2img run of an n-step schedule (sd_samplers_common's t_enc, see
+    `runtime.images.img2img.a1111_steps`): the last t_enc + 1 levels for the k-diffusion samplers
+    (KDiffusionSampler.sample_img2img), ``timesteps[:t_enc]`` for the timestep samplers
+    (CompVisSampler.sample_img2img). Diffusers' own schedules ("model") have no such form and come
+    back whole (``a1111_grid`` False): the caller applies diffusers' rule.
 
     Raises `InvalidRequestError` with field "sampler", "schedule" or "steps" for bad requests, and
     with field "scheduler" for model configs this runtime cannot reproduce (v-prediction etc.).
@@ -266,10 +303,12 @@ def make_schedule(scheduler_config: Mapping[str, Any], sampler: str, schedule: s
     if schedule != "model":
         # A1111's DDIM, DDIM CFG++, PLMS and UniPC are timestep samplers: their own grids whatever the schedule type.
         if sampler == "unipc":
-            return _a1111_unipc(cfg, steps)
-        if sampler in ("ddim", "ddim_cfgpp", "plms"):
-            return _a1111_ddim(cfg, steps, 2 if sampler == "plms" else 1)
-        return _kdiffusion(cfg, sampler, schedule, steps)
+            built = _a1111_unipc(cfg, steps, t_enc)
+        elif sampler in ("ddim", "ddim_cfgpp", "plms"):
+            built = _a1111_ddim(cfg, steps, t_enc)
+        else:
+            built = _kdiffusion(cfg, sampler, schedule, steps, t_enc)
+        return replace(built, a1111_grid=True)
     if sampler not in DIFFUSERS_SAMPLERS:
         raise InvalidRequestError(
             "schedule",

@@ -22,6 +22,7 @@ __all__ = [
     "PLMS_COEFFICIENTS",
     "UNIPC_ORDER",
     "UNIPC_VARIANT",
+    "ddim_noise",
     "sample_ddim_cfgpp",
     "sample_plms",
     "sample_unipc",
@@ -43,10 +44,11 @@ PLMS_COEFFICIENTS = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 
 StepDenoiser = Callable[[np.ndarray, int], np.ndarray]
 
 
-def unipc_times(steps: int, total: int) -> np.ndarray:
+def unipc_times(steps: int, total: int, start: float = 1.0) -> np.ndarray:
     """UniPC's "time_uniform" grid in DPM-Solver's continuous time (t_n = (n + 1) / total for
-    training step n): ``steps + 1`` points evenly from 1 down to 1 / total."""
-    return np.linspace(1.0, 1.0 / total, steps + 1)
+    training step n): ``steps + 1`` points evenly from `start` (1, or img2img's t_start) down to
+    1 / total."""
+    return np.linspace(start, 1.0 / total, steps + 1)
 
 
 def unipc_coefficients(rks: list[float], hh: float, variant: str) -> tuple[float, np.ndarray, np.ndarray]:
@@ -122,20 +124,48 @@ def sample_unipc(
     return x
 
 
+def ddim_noise(
+    denoised: np.ndarray,
+    eps: np.ndarray,
+    sigma: float,
+    sigma_next: float,
+    eta: float,
+    noise: Callable[[], np.ndarray] | None,
+) -> np.ndarray:
+    """A1111's DDIM step with eta > 0 in VE form. Its VP update ``sqrt(a') x0 + sqrt(1 - a' - s_t**2)
+    eps + s_t n`` with ``s_t = eta sqrt((1 - a') / (1 - a) (1 - a / a'))``, divided by sqrt(a'), is
+    ``D + sqrt(sigma'**2 - u**2) eps + u n`` with ``u = s_t / sqrt(a')``; n is drawn from the image
+    generators (A1111's TorchHijack), on every step. DDIM CFG++ passes its uncond eps."""
+    if noise is None:
+        raise ValueError("DDIM with eta needs a noise source")
+    alpha, alpha_next = 1.0 / (1.0 + sigma * sigma), 1.0 / (1.0 + sigma_next * sigma_next)
+    s_t = eta * math.sqrt((1 - alpha_next) / (1 - alpha) * (1 - alpha / alpha_next))
+    u = s_t / math.sqrt(alpha_next)
+    direction = math.sqrt(max(sigma_next * sigma_next - u * u, 0.0))
+    fresh = np.asarray(noise(), dtype=np.float32)
+    return (denoised + eps * np.float32(direction) + fresh * np.float32(u)).astype(np.float32)
+
+
 def sample_ddim_cfgpp(
     denoise: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
     x: np.ndarray,
     sigmas: np.ndarray,
     noise=None,
     callback: StepCallback | None = None,
+    eta: float = 0.0,
 ) -> np.ndarray:
     """DDIM (eta 0, A1111's default eta_ddim) that re-noises the guided prediction along the
     unconditional noise instead of the guided one: ``x' = D + (sigma' / sigma) (x - D_uncond)``,
-    the VE form of ``sqrt(a') x0 + sqrt(1 - a') eps_uncond``. `denoise` returns (guided, uncond)."""
+    the VE form of ``sqrt(a') x0 + sqrt(1 - a') eps_uncond``; with eta, A1111's DDIM noise term
+    (`ddim_noise`). `denoise` returns (guided, uncond)."""
     x = np.asarray(x, dtype=np.float32)
     for i in range(len(sigmas) - 1):
         denoised, uncond = denoise(x, i)
-        x = (denoised + np.float32(float(sigmas[i + 1]) / float(sigmas[i])) * (x - uncond)).astype(np.float32)
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if eta:
+            x = ddim_noise(denoised, (x - uncond) / np.float32(sigma), sigma, sigma_next, eta, noise)
+        else:
+            x = (denoised + np.float32(sigma_next / sigma) * (x - uncond)).astype(np.float32)
         x = notify(callback, i, x)
     return x
 

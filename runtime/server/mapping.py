@@ -18,6 +18,8 @@ Mapping decisions (docs/server.md has the table):
   any ("Euler a", "Restart"), as in A1111 1.10; the infotext names it for A1111's "uses_ensd" ones
   (runtime.pipeline.request.uses_ensd).
 - n_iter batches continue the seeds: image i of the request uses seed + i.
+- eta, s_churn, s_tmin, s_tmax, s_noise: A1111's request fields and settings, resolved as A1111
+  1.10 does (sampler_parameters), reach the samplers A1111 gives them to (runtime.sampling.params).
 - img2img and the hires pass take A1111's step rule (t_enc = int(min(strength, 0.999) * steps),
   the last t_enc + 1 levels; override_settings.img2img_fix_steps honoured), the library's
   step_rule="a1111"; the library's own default stays diffusers' rule. The same switch makes
@@ -41,6 +43,7 @@ from ..pipeline import MAX_GENERATOR_SEED, MAX_SEED, Prepared
 from ..registry import (
     MODEL,
     RNG_SOURCES,
+    TIMESTEP_SAMPLERS,
     SamplerInfo,
     SchedulerInfo,
     library_schedule,
@@ -209,10 +212,21 @@ def _check_overrides(body: GenerationFields, manifest: Manifest, defaults: Defau
     return rng, ensd
 
 
-def _check_eta(body: GenerationFields, sampler: SamplerInfo) -> None:
-    if body.eta is None or sampler.eta is None or body.eta == sampler.eta:
-        return
-    raise InvalidRequestError("eta", f"{sampler.name} runs with eta {sampler.eta:g} only, not {body.eta:g}")
+def sampler_parameters(body: GenerationFields, defaults: Defaults, sampler: SamplerInfo) -> dict[str, Any]:
+    """The library's eta, s_churn, s_tmin, s_tmax, s_noise as A1111 1.10 resolves them
+    (Sampler.initialize): eta is the request's, else the setting of the sampler's kind (eta_ddim
+    for the timestep samplers, eta_ancestral for the others; a default one leaves each sampler its
+    own, also a hires sampler of the other kind); each s_* is the setting when that is not
+    A1111's default (0, or 1 for s_noise), else the request's, else the setting."""
+    setting = "eta_ddim" if sampler.key in TIMESTEP_SAMPLERS else "eta_ancestral"
+    eta = body.eta
+    if eta is None and _setting(body, defaults, setting) != getattr(Defaults(), setting):
+        eta = _setting(body, defaults, setting)
+    values: dict[str, Any] = {"eta": eta}
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+        option, asked = _setting(body, defaults, name), getattr(body, name)
+        values[name] = option if option != getattr(Defaults(), name) or asked is None else asked
+    return values
 
 
 def _check_limits(body: GenerationFields, limits: Limits) -> None:
@@ -348,6 +362,7 @@ def _prepare_batch(
         prompt_comments=_setting(body, defaults, "enable_prompt_comments"),
         step_rule="a1111", img2img_fix_steps=_setting(body, defaults, "img2img_fix_steps"),
         controlnet=request_units(body), max_controlnet_units=limits.max_controlnet_units,
+        **sampler_parameters(body, defaults, sampler),
     )  # fmt: skip
 
 
@@ -368,7 +383,6 @@ def build_plan(
     # "" is A1111's Automatic too (its API: `if not populate.scheduler`).
     sampler, scheduler = find_sampler(body.sampler_name or body.sampler_index, body.scheduler or "Automatic")
     _check_hires_scheduler(body, scheduler)
-    _check_eta(body, sampler)
     _check_limits(body, limits)
     schedule = library_schedule(sampler, scheduler)
     total = body.batch_size * body.n_iter

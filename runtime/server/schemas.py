@@ -54,6 +54,12 @@ class OverrideSettings(BaseModel):
         None, description="img2img runs exactly `steps` steps over a longer schedule (A1111: off)."
     )
     enable_prompt_comments: bool | None = Field(None, description="'#' hides the rest of its line (A1111: on).")
+    eta_ancestral: float | None = Field(None, ge=0, allow_inf_nan=False, description="k-diffusion samplers' eta (1)")
+    eta_ddim: float | None = Field(None, ge=0, allow_inf_nan=False, description="Eta of DDIM and DDIM CFG++ (0)")
+    s_churn: float | None = Field(None, ge=0, allow_inf_nan=False, description="Non-zero: wins over the request's")
+    s_tmin: float | None = Field(None, ge=0, allow_inf_nan=False, description="Non-zero: wins over the request's")
+    s_tmax: float | None = Field(None, ge=0, allow_inf_nan=False, description="Non-zero: wins over the request's")
+    s_noise: float | None = Field(None, ge=0, allow_inf_nan=False, description="Not 1: wins over the request's")
 
     @model_validator(mode="before")
     @classmethod
@@ -87,7 +93,15 @@ class GenerationFields(BaseModel):
         None, max_length=200, description="A1111's task id for POST /internal/progress (default: a new one)"
     )
     save_images: bool = Field(False, description="Accepted and ignored: this server never writes files")
-    eta: float | None = Field(None, allow_inf_nan=False, description="Only the samplers' own eta (1, DDIM 0)")
+    eta: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Samplers that take eta (default: eta_ancestral 1, eta_ddim 0)"
+    )
+    s_churn: float | None = Field(None, ge=0, allow_inf_nan=False, description="Euler, Heun, DPM2 (default 0)")
+    s_tmin: float | None = Field(None, ge=0, allow_inf_nan=False, description="Euler, Heun, DPM2 (default 0)")
+    s_tmax: float | None = Field(None, ge=0, allow_inf_nan=False, description="Euler, Heun, DPM2 (default 0: no bound)")
+    s_noise: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Euler, Heun, DPM2, DPM fast, the ancestral and SDE samplers (1)"
+    )
     styles: list[str] = Field(
         default_factory=list, description="Prompt styles of GET /sdapi/v1/prompt-styles, applied in order as A1111"
     )

@@ -15,6 +15,7 @@ memory for the server's life: a restart begins from the defaults again (A1111 wr
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,17 @@ class Defaults:
     pad_cond_uncond: bool = False
     enable_prompt_comments: bool = True
     img2img_fix_steps: bool = False
+    eta_ancestral: float = 1.0
+    eta_ddim: float = 0.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
     CLIP_stop_at_last_layers: int | None = None  # None: the checkpoint's default (its export's first clip skip)
 
+
+# The sampler parameters' settings (runtime.server.mapping.sampler_parameters reads them).
+SAMPLER_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
 # Settings shown by GET that follow the checkpoint: posting them back is a no-op.
 DERIVED = ("sd_model_checkpoint", "sd_checkpoint_hash")
@@ -70,8 +80,7 @@ KNOWN: dict[str, Any] = {
     "add_model_hash_to_info": True, "add_model_name_to_info": True, "add_user_name_to_info": False,
     "add_version_to_infotext": True, "show_progressbar": True, "live_previews_enable": True,
     "live_previews_image_format": "png", "show_progress_every_n_steps": 10, "show_progress_type": "Approx NN",
-    "live_preview_content": "Prompt", "live_preview_refresh_period": 1000, "eta_ddim": 0.0, "eta_ancestral": 1.0,
-    "ddim_discretize": "uniform", "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,
+    "live_preview_content": "Prompt", "live_preview_refresh_period": 1000, "ddim_discretize": "uniform",
     "k_sched_type": "Automatic", "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
     "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "uni_pc_variant": "bh1",
     "uni_pc_skip_type": "time_uniform", "uni_pc_order": 3, "uni_pc_lower_order_final": True,
@@ -112,6 +121,9 @@ def _check_acted(key: str, value: Any) -> Any:
     elif key == "randn_source":
         if value not in RNG_SOURCES:
             raise OptionError(key, f"must be one of {', '.join(RNG_SOURCES)}, not {value!r}")
+    elif key in SAMPLER_SETTINGS:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise OptionError(key, f"must be a finite number >= 0, not {value!r}")
     elif key == "sd_vae" and not isinstance(value, str):
         raise OptionError(key, f'must be a VAE name (GET /sdapi/v1/sd-vae) or "Automatic", not {value!r}')
     return value
