@@ -918,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = [name for name in SYSTEMS if name in args.systems.split(",")]
     skipped = {}
     if args.quantize == "none":
-        systems.remove("runtime_int8")
+        systems = [name for name in systems if name != "runtime_int8"]
     elif args.provider != "openvino":
         print("error: --quantize int8 goes with --provider openvino (NNCF quantizes OpenVINO IR)", file=sys.stderr)
         return 2
