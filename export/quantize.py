@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from export.modules import clip_skip_reference
-from runtime.graphs.model_folder import UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP
+from runtime.graphs.model_folder import UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, control_residuals
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,18 @@ def collect_unet_inputs(pipe, calibration: Calibration, clip_skip: int) -> list[
     size = calibration.size or default_size(pipe)
     prompts = calibration_prompts(math.ceil(calibration.samples / calibration.steps))
     recorded: list[dict[str, np.ndarray]] = []
+    # The UNet graph's ControlNet residual inputs get zeros, as every txt2img without ControlNet
+    # feeds them (runtime/graphs/residuals.py): the activations calibrated are those of that case.
+    residuals = control_residuals(dict(pipe.unet.config))
 
     def record(_module, args, kwargs) -> None:
         sample, timestep = args[0], args[1]
+        zeros = {residual.name: np.zeros(residual.shape(tuple(sample.shape)), np.float32) for residual in residuals}
         recorded.append({
             UNET_SAMPLE: sample.float().numpy().copy(),
             UNET_TIMESTEP: np.full((sample.shape[0],), float(timestep), dtype=np.float32),
             UNET_CONTEXT: kwargs["encoder_hidden_states"].float().numpy().copy(),
+            **zeros,
         })  # fmt: skip
 
     scheduler = pipe.scheduler
