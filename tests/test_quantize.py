@@ -91,6 +91,8 @@ def test_int8_unet_matches_diffusers_within_the_stated_tolerance(tiny_int8, tiny
     """The int8 IR run by OpenVINO against diffusers' own UNet, on inputs the exporter never saw."""
     from diffusers import UNet2DConditionModel
 
+    from runtime.graphs.model_folder import control_residuals
+
     unet = UNet2DConditionModel.from_pretrained(str(tiny_source["diffusers"] / "unet")).eval()
     generator = torch.Generator().manual_seed(11)
     sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
@@ -101,8 +103,14 @@ def test_int8_unet_matches_diffusers_within_the_stated_tolerance(tiny_int8, tiny
     compiled = ov.Core().compile_model(
         str(tiny_int8 / "unet" / "openvino_model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
-    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-    output = compiled({name: value.numpy() for name, value in inputs.items()})[0]
+    inputs = {
+        name: value.numpy()
+        for name, value in (("sample", sample), ("timestep", timestep), ("encoder_hidden_states", context))
+    }
+    # the ControlNet residual inputs, zeros as txt2img without ControlNet feeds them
+    for residual in control_residuals(dict(unet.config)):
+        inputs[residual.name] = np.zeros(residual.shape(tuple(sample.shape)), np.float32)
+    output = compiled(inputs)[0]
     error = np.abs(output - reference).max() / max(1.0, np.abs(reference).max())
     assert error <= TOLERANCE[HYBRID]
 
