@@ -534,6 +534,9 @@ def test_webuiapi_canny_unit_equals_diffusers_on_opencvs_map(hook, server, base,
         prompt=PROMPT, negative_prompt=NEGATIVE, seed=61, steps=6, cfg_scale=CFG, width=SIZE, height=SIZE,
         sampler_name="Euler a", scheduler="Diffusers", controlnet_units=[unit],
         override_settings={"randn_source": "CPU", "CLIP_stop_at_last_layers": 2},
+        # webuiapi 0.9.17 adds the units to its shared mutable default `alwayson_scripts={}`, so
+        # every later txt2img in this process (other tests' too) would send this unit again
+        alwayson_scripts={},
     )  # fmt: skip
     canny = opencv_canny(source, 100, 200)
     expected = hook.diffusers_controlnet(base, [controlnets[TINY_CONTROLNET]], [canny], [1.0], PROMPT, NEGATIVE, [61],
