@@ -25,8 +25,8 @@ import numpy as np
 
 from ..errors import InvalidRequestError, ModelFolderError
 from . import mapped_files
-from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, ControlResidual, GraphInfo
-from .residuals import ResidualInputs
+from .model_folder import METADATA_PREFIX, UNET_CONTEXT, UNET_SAMPLE, UNET_TIMESTEP, GraphInfo
+from .residuals import ResidualInputs, ResidualsMixin
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +170,13 @@ class OpenVINOGraph:
         mapped_files.release(self._mapped)
 
 
-class OpenVINOUNet(OpenVINOGraph):
+class OpenVINOUNet(ResidualsMixin, OpenVINOGraph):
     """The per-step call: the conditioning is fed once per generation, each step only the latents
     (and a ControlNet's residuals, else the zeros kept per shape: see residuals.py)."""
 
     def __init__(self, core: Any, info: GraphInfo, device: str, properties: dict[str, Any]) -> None:
         super().__init__(core, info, device, properties)
         self.residual_inputs = ResidualInputs(info, self.input_types)
-
-    @property
-    def residuals(self) -> tuple[ControlResidual, ...]:
-        return self.residual_inputs.residuals
-
-    @property
-    def takes_residuals(self) -> bool:
-        return bool(self.residuals)
 
     def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> Callable[..., np.ndarray]:
         """The step function for this conditioning (see UNetSession.bind)."""

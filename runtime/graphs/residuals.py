@@ -111,3 +111,20 @@ class ResidualInputs:
                 )
             feed[residual.name] = np.ascontiguousarray(value, dtype=self.types[residual.name])
         return feed
+
+
+class ResidualsMixin:
+    """What a UNet step class (onnxruntime's UNetSession, OpenVINOUNet) says about its residual
+    inputs, from its `residual_inputs`."""
+
+    residual_inputs: ResidualInputs
+
+    @property
+    def residuals(self) -> tuple[ControlResidual, ...]:
+        """The ControlNet residual inputs in the order a step takes them; () for older exports."""
+        return self.residual_inputs.residuals
+
+    @property
+    def takes_residuals(self) -> bool:
+        """False for exports from before ControlNet support (see no_controlnet_error)."""
+        return bool(self.residuals)

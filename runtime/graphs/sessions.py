@@ -37,11 +37,10 @@ from .model_folder import (
     UNET_SAMPLE,
     UNET_TIMESTEP,
     VAE_DECODER_INPUT,
-    ControlResidual,
     GraphInfo,
     Manifest,
 )
-from .residuals import ResidualInputs
+from .residuals import ResidualInputs, ResidualsMixin
 
 if TYPE_CHECKING:
     from .openvino_sessions import OpenVINOGraph, OpenVINOUNet
@@ -407,7 +406,7 @@ class UNetStep(Protocol):
     ) -> np.ndarray: ...
 
 
-class UNetSession(GraphSession):
+class UNetSession(ResidualsMixin, GraphSession):
     """The per-step call. On CUDA the text conditioning is uploaded once per generation and the
     output buffer is preallocated on the device (IO binding), so each step moves only the small
     latent tensor; with CUDA graphs on, each distinct shape keeps fixed buffers and its own captured
@@ -424,16 +423,6 @@ class UNetSession(GraphSession):
         self.cuda_graph = config.cuda_graph and provider == CUDA
         self._bindings = BindingPool(self.cuda_graph)
         self.residual_inputs = ResidualInputs(info, self.input_types)
-
-    @property
-    def residuals(self) -> tuple[ControlResidual, ...]:
-        """The ControlNet residual inputs in the order a step takes them; () for older exports."""
-        return self.residual_inputs.residuals
-
-    @property
-    def takes_residuals(self) -> bool:
-        """False for exports from before ControlNet support (see residuals.no_controlnet_error)."""
-        return bool(self.residuals)
 
     def bind(self, context: np.ndarray, sample_shape: tuple[int, ...]) -> UNetStep:
         """The step function for this conditioning and latent shape. A step that needs two calls
